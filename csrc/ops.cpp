@@ -1,0 +1,30 @@
+// The op schemas of fusedlr. Kernels live in cpu/ and cuda/; fake (meta) kernels in fusedlr/_ops.py.
+//
+// The step ops skip a parameter whose gradient is None, as torch's optimizers do: its state and
+// step count stay as they were. They mutate every tensor list marked (x!) in place and return nothing. Per-group
+// hyperparameters and schedule programs are float lists: constants of the training run, so they
+// neither force a host sync nor change under CUDA graph capture or torch.compile. What changes from
+// step to step (step counters, plateau state) lives in tensors on the parameters' device.
+
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing fusedlr._C loads this library, whose static initializers register the ops below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+}
+
+TORCH_LIBRARY(fusedlr, m) {
+  m.def(
+      "sgd_step_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] steps, "
+      "int[] tensor_group, float[] hyper, float[] programs, Tensor(d!) group_steps, Tensor plateau_state) -> ()");
+  m.def(
+      "adam_step_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, int[] tensor_group, float[] hyper, float[] programs, "
+      "Tensor(f!) group_steps, Tensor plateau_state) -> ()");
+  m.def("plateau_observe_(Tensor metric, float[] base_lrs, float[] programs, Tensor(a!) plateau_state) -> ()");
+  m.def("evaluate_schedules(float[] programs, float[] base_lrs, Tensor steps, Tensor plateau_state) -> Tensor");
+}

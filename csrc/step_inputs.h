@@ -1,0 +1,73 @@
+#pragma once
+// Host-side checks and bookkeeping shared by the CPU and CUDA backends of the step ops.
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace fusedlr {
+
+// One per-parameter list of optimizer state passed to a step op. Optional lists hold an empty
+// tensor for a parameter that has no such state (no momentum buffer, not amsgrad).
+struct StateList {
+  const char* name;
+  at::TensorList tensors;
+  bool optional;
+};
+
+using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
+
+// The parameters a step updates: those with a gradient.
+struct ActiveTensors {
+  std::vector<int64_t> index;     // into the op's lists
+  std::vector<at::Tensor> grads;  // each in its parameter's layout (copied if it was not)
+};
+
+// Everything a step op checks before it touches anything. A failed check raises, and leaves every
+// tensor of the call as it was.
+ActiveTensors check_step_inputs(const char* op, at::DeviceType device_type, at::TensorList params,
+                                          const OptionalTensorList& grads, const std::vector<StateList>& states,
+                                          at::TensorList steps, at::IntArrayRef tensor_group,
+                                          c10::ArrayRef<double> hyper, int64_t hyper_slots,
+                                          c10::ArrayRef<double> programs, const at::Tensor& group_steps,
+                                          const at::Tensor& plateau_state);
+
+void check_schedule_inputs(const char* op, c10::ArrayRef<double> programs, int64_t groups,
+                           const at::Tensor& steps, const at::Tensor& plateau_state);
+
+// The dtype of optimizer state for a parameter dtype: float32 for the low-precision types.
+at::ScalarType state_dtype(at::ScalarType param_dtype);
+
+template <typename Param, typename Math>
+struct TypePair {
+  using param_t = Param;
+  using math_t = Math;
+};
+
+// Calls fn(TypePair<param type, math type>{}) for a parameter dtype that check_step_inputs accepted.
+template <typename Fn>
+void dispatch_param_dtype(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kDouble: fn(TypePair<double, double>{}); break;
+    case at::kFloat: fn(TypePair<float, float>{}); break;
+    case at::kBFloat16: fn(TypePair<at::BFloat16, float>{}); break;
+    case at::kHalf: fn(TypePair<at::Half, float>{}); break;
+    default: TORCH_CHECK(false, "fusedlr: unsupported parameter dtype ", dtype);
+  }
+}
+
+// Calls fn(std::bool_constant<flag>{}): turns a runtime flag into a template argument.
+template <typename Fn>
+void dispatch_bool(bool flag, Fn&& fn) {
+  if (flag) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
+}
+
+}  // namespace fusedlr

@@ -1,0 +1,76 @@
+"""Typed wrappers of the fusedlr ops and their fake kernels (for torch.compile and meta tensors).
+
+The dispatcher picks the CPU or CUDA kernel from the tensors' device. Schemas: csrc/ops.cpp.
+Per-group hyperparameters are laid out as csrc/update_math.h's sgd_slot / adam_slot say.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loads the library that registers the ops)
+
+_ops = torch.ops.fusedlr
+
+SGD_SLOTS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+ADAM_SLOTS = ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize", "decoupled")
+PLATEAU_SLOTS = 4  # plateau_slot::kCount: lr, best, num_bad, cooldown_counter
+
+
+def initial_plateau_state(groups: int, device: torch.device) -> Tensor:
+    """ReduceLROnPlateau state before any metric: lr and best unset (NaN), counters at 0."""
+    state = torch.zeros(groups, PLATEAU_SLOTS, dtype=torch.float64, device=device)
+    state[:, :2] = math.nan
+    return state
+
+
+def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor | None], momentum_buffers: Sequence[Tensor],
+              steps: Sequence[Tensor], tensor_group: Sequence[int], hyper: Sequence[float],
+              programs: Sequence[float], group_steps: Tensor, plateau_state: Tensor) -> None:
+    _ops.sgd_step_(params, grads, momentum_buffers, steps, tensor_group, hyper, programs, group_steps,
+                   plateau_state)
+
+
+def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor | None], exp_avgs: Sequence[Tensor],
+               exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor],
+               tensor_group: Sequence[int], hyper: Sequence[float], programs: Sequence[float],
+               group_steps: Tensor, plateau_state: Tensor) -> None:
+    _ops.adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, tensor_group, hyper, programs,
+                    group_steps, plateau_state)
+
+
+def plateau_observe_(metric: Tensor, base_lrs: Sequence[float], programs: Sequence[float],
+                     plateau_state: Tensor) -> None:
+    _ops.plateau_observe_(metric, base_lrs, programs, plateau_state)
+
+
+def evaluate_schedules(programs: Sequence[float], base_lrs: Sequence[float], steps: Tensor,
+                       plateau_state: Tensor) -> Tensor:
+    """[groups, 2] float64: each group's (lr, momentum) at its step; momentum NaN where not cycled."""
+    return _ops.evaluate_schedules(programs, base_lrs, steps, plateau_state)
+
+
+@torch.library.register_fake("fusedlr::sgd_step_")
+def _sgd_step_fake(params, grads, momentum_buffers, steps, tensor_group, hyper, programs, group_steps,
+                   plateau_state):
+    return None
+
+
+@torch.library.register_fake("fusedlr::adam_step_")
+def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, tensor_group, hyper, programs,
+                    group_steps, plateau_state):
+    return None
+
+
+@torch.library.register_fake("fusedlr::plateau_observe_")
+def _plateau_observe_fake(metric, base_lrs, programs, plateau_state):
+    return None
+
+
+@torch.library.register_fake("fusedlr::evaluate_schedules")
+def _evaluate_schedules_fake(programs, base_lrs, steps, plateau_state):
+    return plateau_state.new_empty((len(base_lrs), 2))

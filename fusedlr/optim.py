@@ -1,0 +1,540 @@
+"""fusedlr.SGD, fusedlr.Adam, fusedlr.AdamW: torch.optim optimizers whose learning-rate schedule
+runs inside the fused step.
+
+Each ``step()`` is one op call over every parameter of every group: the kernel reads each group's
+step counter (an int64 tensor on the parameters' device), evaluates the group's schedule from it,
+updates all parameters and advances the counters. There is no scheduler to step: the group's
+``lr`` is the base lr the schedule scales (torch's ``initial_lr``), and ``last_lr()`` gives, as a
+device tensor, the lr the next step will use (torch's ``scheduler.get_last_lr()``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import _ops
+from .schedules import ReduceLROnPlateau, Schedule, compile_programs, from_spec
+
+__all__ = ["SGD", "Adam", "AdamW"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _state_dtype(param: Tensor) -> torch.dtype:
+    """Optimizer state is float32 for low-precision parameters (csrc/step_inputs.cpp, state_dtype)."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"Invalid {name}: {value!r} (a finite number is required)")
+    return float(value)
+
+
+def _check_range(name: str, value: Any, low: float, high: float = math.inf, high_open: bool = False) -> float:
+    value = _as_float(name, value)
+    if value < low or value > high or (high_open and value == high):
+        raise ValueError(f"Invalid {name}: {value} (must be in [{low}, {high}{')' if high_open else ']'})")
+    return value
+
+
+def _check_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r} (must be True or False)")
+    return value
+
+
+def _check_unsupported(foreach, fused, differentiable) -> None:
+    if foreach:
+        raise ValueError("foreach=True: fusedlr always runs its own fused step; leave foreach unset")
+    if fused is False:
+        raise ValueError("fused=False: fusedlr always runs its own fused step; leave fused unset or True")
+    if differentiable:
+        raise ValueError("differentiable=True is not supported by the fused step")
+
+
+class _StepLists:
+    """The op's per-parameter lists for every parameter that has optimizer state."""
+
+    def __init__(self):
+        self.params: list[Tensor] = []
+        self.tensor_group: list[int] = []
+        self.steps: list[Tensor] = []
+        self.states: dict[str, list[Tensor]] = {}
+        self.stateless: list[Tensor] = []  # parameters not yet given state (never had a gradient)
+
+
+class _FusedOptimizer(Optimizer):
+    """What SGD, Adam and AdamW share: groups, device step counters, state_dict, the step path."""
+
+    _HYPER_SLOTS: tuple[str, ...]
+    _STATE_KEYS: tuple[str, ...]  # tensor state besides "step", in the op's argument order
+
+    def __init__(self, params, defaults: dict):
+        self._device: torch.device | None = None
+        self._group_steps: Tensor | None = None    # int64 [groups]: completed steps of each group
+        self._plateau_state: Tensor | None = None  # float64 [groups, 4]: ReduceLROnPlateau state
+        self._lists: _StepLists | None = None
+        self._hyper_key: list[float] | None = None
+        self._programs_key: list[Schedule | None] = []
+        self._programs: list[float] = []
+        self._placeholders: dict[Tensor, Tensor] = {}
+        super().__init__(params, defaults)
+
+    # -- groups ----------------------------------------------------------------------------------
+
+    def _check_group(self, group: dict) -> None:
+        """Raise ValueError, naming the argument, for a hyperparameter torch would refuse."""
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict) -> None:
+        schedule = param_group.get("schedule", self.defaults.get("schedule"))
+        if schedule is not None and not isinstance(schedule, Schedule):
+            raise ValueError(f"schedule must be a fusedlr.schedules schedule or None, got {type(schedule).__name__}")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._check_group(group)
+            self._check_params(group["params"])
+        except Exception:
+            self.param_groups.pop()
+            raise
+        if self._group_steps is None:
+            self._group_steps = torch.zeros(1, dtype=torch.int64, device=self._device)
+            self._plateau_state = _ops.initial_plateau_state(1, self._device)
+        else:
+            self._group_steps = torch.cat([self._group_steps, self._group_steps.new_zeros(1)])
+            self._plateau_state = torch.cat([self._plateau_state, _ops.initial_plateau_state(1, self._device)])
+        self._lists = None
+
+    def _check_params(self, params: list[Tensor]) -> None:
+        devices = {p.device for p in params}
+        if self._device is not None:
+            devices.add(self._device)
+        if len(devices) > 1:
+            raise ValueError(f"parameters on mixed devices ({', '.join(sorted(map(str, devices)))}); "
+                             "a fusedlr optimizer updates parameters of one device")
+        for p in params:
+            if p.is_complex():
+                raise ValueError("complex parameters are not supported by fusedlr")
+            if p.dtype not in _FLOAT_DTYPES:
+                raise ValueError(f"parameter dtype {p.dtype} is not supported (float32, float64, bfloat16, float16)")
+        if self._device is None and params:
+            self._device = params[0].device
+
+    # -- the step path ---------------------------------------------------------------------------
+
+    def _hyper(self) -> list[float]:
+        hyper: list[float] = []
+        for group in self.param_groups:
+            hyper.extend(self._group_hyper(group))
+        return hyper
+
+    def _group_hyper(self, group: dict) -> list[float]:
+        raise NotImplementedError
+
+    def _programs_now(self) -> list[float]:
+        schedules = [g["schedule"] for g in self.param_groups]
+        if len(schedules) != len(self._programs_key) or any(a is not b for a, b in zip(schedules, self._programs_key)):
+            for s in schedules:
+                if s is not None and not isinstance(s, Schedule):
+                    raise ValueError(f"schedule must be a fusedlr.schedules schedule or None, got {type(s).__name__}")
+            self._programs = compile_programs(schedules)
+            self._programs_key = schedules
+        return self._programs
+
+    def _new_state(self, param: Tensor, group: dict) -> dict:
+        raise NotImplementedError
+
+    def _ensure_state(self, param: Tensor, group: dict, state: dict) -> None:
+        """Adds state the group's settings now need (a momentum buffer, max_exp_avg_sq)."""
+
+    def _placeholder(self, param: Tensor) -> Tensor:
+        """An empty tensor standing for optional state a parameter does not have."""
+        empty = self._placeholders.get(param)
+        if empty is None:
+            empty = self._placeholders[param] = param.new_empty(0, dtype=_state_dtype(param))
+        return empty
+
+    def _build_lists(self) -> _StepLists:
+        lists = _StepLists()
+        lists.states = {key: [] for key in self._STATE_KEYS}
+        for g, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    lists.stateless.append(p)
+                    continue
+                self._ensure_state(p, group, state)
+                lists.params.append(p)
+                lists.tensor_group.append(g)
+                lists.steps.append(state["step"])
+                for key in self._STATE_KEYS:
+                    value = state.get(key)
+                    lists.states[key].append(self._placeholder(p) if value is None else value)
+        return lists
+
+    def _prepare(self) -> tuple[_StepLists, list[Tensor]]:
+        """The lists of this step, creating state for parameters with their first gradient.
+        Returns them and the parameters whose state was created here (undone if the step fails)."""
+        hyper = self._hyper()
+        if hyper != self._hyper_key:
+            self._hyper_key = hyper
+            self._lists = None
+        lists = self._lists
+        fresh: list[Tensor] = []
+        if lists is None or any(p.grad is not None for p in lists.stateless):
+            first_grads = [(p, group) for group in self.param_groups for p in group["params"]
+                           if p.grad is not None and not self.state.get(p)]
+            for p, _ in first_grads:
+                if p.grad.layout != torch.strided:
+                    raise RuntimeError(f"fusedlr optimizers take dense gradients only, got a {p.grad.layout} gradient")
+                if p.grad.is_complex():
+                    raise RuntimeError("fusedlr optimizers do not support complex gradients")
+            for p, group in first_grads:
+                self.state[p] = self._new_state(p, group)
+                fresh.append(p)
+            lists = self._lists = self._build_lists()
+        return lists, fresh
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """One fused update of every parameter that has a gradient, at each group's scheduled lr."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        lists, fresh = self._prepare()
+        grads = [p.grad for p in lists.params]
+        try:
+            self._run(lists, grads, self._hyper_key, self._programs_now())
+        except Exception:
+            for p in fresh:
+                del self.state[p]
+            if fresh:
+                self._lists = None
+            raise
+        return loss
+
+    def _run(self, lists: _StepLists, grads: list[Tensor | None], hyper: list[float], programs: list[float]):
+        raise NotImplementedError
+
+    # -- schedules -------------------------------------------------------------------------------
+
+    def observe(self, metric: Tensor | float) -> None:
+        """Feed a metric to the groups whose schedule is ReduceLROnPlateau (torch's scheduler.step(metric)).
+
+        A tensor metric stays on the device: no host sync. Groups with other schedules ignore it.
+        """
+        if not any(isinstance(g["schedule"], ReduceLROnPlateau) for g in self.param_groups):
+            raise ValueError("observe(): no param group has a ReduceLROnPlateau schedule")
+        if isinstance(metric, Tensor):
+            if metric.numel() != 1 or not metric.is_floating_point():
+                raise ValueError(f"observe(): the metric must be a one-element floating-point tensor or a number, "
+                                 f"got {metric.dtype} of shape {tuple(metric.shape)}")
+            metric = metric.detach().to(self._device)
+        else:
+            metric = torch.tensor(_as_float("metric", metric), dtype=torch.float64, device=self._device)
+        _ops.plateau_observe_(metric, [g["lr"] for g in self.param_groups], self._programs_now(),
+                              self._plateau_state)
+
+    def _schedule_values(self) -> Tensor:
+        return _ops.evaluate_schedules(self._programs_now(), [float(g["lr"]) for g in self.param_groups],
+                                       self._group_steps, self._plateau_state)
+
+    def last_lr(self) -> Tensor:
+        """float64 [groups] device tensor: the lr each group's next step will use (torch's
+        scheduler.get_last_lr()). Converting it to a float is a host sync, the caller's choice."""
+        return self._schedule_values()[:, 0]
+
+    def last_momentum(self) -> Tensor:
+        """float64 [groups] device tensor: the momentum (SGD) or beta1 (Adam) of each group's next step."""
+        cycled = self._schedule_values()[:, 1]
+        static = torch.tensor([self._static_momentum(g) for g in self.param_groups], dtype=torch.float64,
+                              device=cycled.device)
+        return torch.where(torch.isnan(cycled), static, cycled)
+
+    def _static_momentum(self, group: dict) -> float:
+        raise NotImplementedError
+
+    def schedule_steps(self) -> Tensor:
+        """int64 [groups] device tensor: the optimizer steps each group has completed."""
+        return self._group_steps
+
+    # -- state_dict ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """torch's layout (per-parameter "step", "exp_avg", ...; "step" as int64), schedules as plain
+        data, and the device schedule state under "schedule_state"."""
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            schedule = group.get("schedule")
+            group["schedule"] = schedule.spec() if isinstance(schedule, Schedule) else schedule
+        state_dict["schedule_state"] = {"group_steps": self._group_steps.clone(),
+                                        "plateau_state": self._plateau_state.clone()}
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a fusedlr or torch.optim state_dict of the same parameter layout.
+
+        Everything is checked before anything changes: a state_dict of another layout raises and
+        leaves the optimizer as it was. From a torch checkpoint (no "schedule_state") each group keeps
+        its schedule, takes torch's "initial_lr" as its lr when there is one, and resumes its schedule
+        at the largest step count of its parameters.
+        """
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups = self.param_groups
+        saved_groups = state_dict["param_groups"]
+        if len(groups) != len(saved_groups):
+            raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, the optimizer {len(groups)}")
+        for g, (group, saved) in enumerate(zip(groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(f"loaded state dict's group {g} has {len(saved['params'])} parameters, "
+                                 f"the optimizer's {len(group['params'])}")
+        id_map = {saved_id: p for group, saved in zip(groups, saved_groups)
+                  for saved_id, p in zip(saved["params"], group["params"])}
+
+        new_state: dict[Tensor, dict] = {}
+        for saved_id, saved_state in state_dict["state"].items():
+            param = id_map.get(saved_id)
+            if param is None:
+                raise ValueError(f"loaded state dict has state for parameter {saved_id!r}, which no group holds")
+            new_state[param] = self._load_param_state(param, saved_state, saved_id)
+
+        new_groups = []
+        for g, (group, saved) in enumerate(zip(groups, saved_groups)):
+            new_group = {k: v for k, v in saved.items() if k != "params"}
+            new_group["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                new_group["param_names"] = group["param_names"]
+            schedule = saved.get("schedule", group["schedule"])
+            new_group["schedule"] = from_spec(schedule) if isinstance(schedule, dict) else schedule
+            if "schedule" not in saved and "initial_lr" in saved:
+                new_group["lr"] = saved["initial_lr"]
+            for key, value in group.items():
+                new_group.setdefault(key, value)
+            self._check_group(new_group)
+            new_groups.append(new_group)
+
+        schedule_state = state_dict.get("schedule_state")
+        if schedule_state is not None:
+            group_steps = schedule_state["group_steps"].to(device=self._device, dtype=torch.int64)
+            plateau_state = schedule_state["plateau_state"].to(device=self._device, dtype=torch.float64)
+            if group_steps.shape != self._group_steps.shape or plateau_state.shape != self._plateau_state.shape:
+                raise ValueError("loaded schedule_state does not match the optimizer's number of groups")
+        else:
+            group_steps = torch.tensor(
+                [max((int(new_state[p]["step"]) for p in group["params"] if p in new_state), default=0)
+                 for group in groups], dtype=torch.int64, device=self._device)
+            plateau_state = _ops.initial_plateau_state(len(groups), self._device)
+
+        self.state.clear()
+        self.state.update(new_state)
+        self.param_groups = new_groups
+        self._group_steps, self._plateau_state = group_steps.clone(), plateau_state.clone()
+        self._lists = None
+        self._hyper_key = None
+        self._programs_key = []
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_param_state(self, param: Tensor, saved: dict, saved_id) -> dict:
+        state: dict[str, Any] = {}
+        if "step" not in saved:
+            raise ValueError(f"loaded state of parameter {saved_id!r} has no 'step'")
+        step = saved["step"]
+        step = float(step) if isinstance(step, Tensor) else step
+        if not isinstance(step, numbers.Real) or not math.isfinite(step) or step < 0 or step != int(step):
+            raise ValueError(f"loaded state of parameter {saved_id!r} has an invalid step {saved['step']!r}")
+        state["step"] = torch.tensor(int(step), dtype=torch.int64, device=param.device)
+        for key, value in saved.items():
+            if key == "step" or value is None:
+                continue
+            if key not in self._STATE_KEYS:
+                raise ValueError(f"loaded state of parameter {saved_id!r} has an unknown entry {key!r}")
+            if not isinstance(value, Tensor) or value.shape != param.shape:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"loaded {key} of parameter {saved_id!r} has shape {shape}, the parameter "
+                                 f"{tuple(param.shape)}: a state_dict from a different parameter layout")
+            state[key] = torch.empty_like(param, dtype=_state_dtype(param)).copy_(value)
+        return state
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_group_steps"] = self._group_steps
+        state["_plateau_state"] = self._plateau_state
+        state["_device"] = self._device
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._lists = None
+        self._hyper_key = None
+        self._programs_key = []
+        self._programs = []
+        self._placeholders = {}
+
+
+_SCHEDULE_DOC = """
+    schedule (fusedlr.schedules.Schedule, optional): the learning-rate schedule, evaluated in the
+        step from the device step counter; also accepted per param group. None: constant lr."""
+
+
+class SGD(_FusedOptimizer):
+    r"""Stochastic gradient descent (torch.optim.SGD) with the schedule fused into the step.
+
+    .. math::
+        g \leftarrow \pm\nabla + \lambda\theta, \quad
+        b \leftarrow \mu b + (1 - \tau) g \;(b = g \text{ at first}), \quad
+        g \leftarrow g + \mu b \text{ (nesterov) or } b, \quad
+        \theta \leftarrow \theta - \gamma_t g
+
+    with :math:`\gamma_t` the scheduled lr and :math:`\mu` the momentum (cycled by OneCycleLR and
+    CyclicLR when they cycle it). Arguments as torch.optim.SGD, plus:
+    """ + _SCHEDULE_DOC
+
+    _HYPER_SLOTS = _ops.SGD_SLOTS
+    _STATE_KEYS = ("momentum_buffer",)
+
+    def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
+                 schedule: Schedule | None = None):
+        _check_unsupported(foreach, fused, differentiable)
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, schedule=schedule)
+        self._check_group(defaults)
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict) -> None:
+        group["lr"] = _check_range("learning rate (lr)", group["lr"], 0.0)
+        _check_range("momentum", group["momentum"], 0.0)
+        _check_range("dampening", group["dampening"], -math.inf)
+        _check_range("weight_decay", group["weight_decay"], 0.0)
+        _check_flag("nesterov", group["nesterov"])
+        _check_flag("maximize", group["maximize"])
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("nesterov momentum requires a momentum and zero dampening")
+
+    @staticmethod
+    def _uses_momentum(group: dict) -> bool:
+        schedule = group["schedule"]
+        return group["momentum"] != 0 or (schedule is not None and schedule.cycles_momentum)
+
+    def _group_hyper(self, group: dict) -> list[float]:
+        return [group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
+                float(group["nesterov"]), float(group["maximize"])]
+
+    def _static_momentum(self, group: dict) -> float:
+        return float(group["momentum"])
+
+    def _new_state(self, param: Tensor, group: dict) -> dict:
+        state = {"step": torch.zeros((), dtype=torch.int64, device=param.device)}
+        self._ensure_state(param, group, state)
+        return state
+
+    def _ensure_state(self, param: Tensor, group: dict, state: dict) -> None:
+        if self._uses_momentum(group) and state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = torch.zeros_like(param, dtype=_state_dtype(param))
+
+    def _run(self, lists, grads, hyper, programs):
+        _ops.sgd_step_(lists.params, grads, lists.states["momentum_buffer"], lists.steps, lists.tensor_group,
+                       hyper, programs, self._group_steps, self._plateau_state)
+
+
+class Adam(_FusedOptimizer):
+    r"""Adam (torch.optim.Adam) with the schedule fused into the step.
+
+    .. math::
+        g \leftarrow \pm\nabla + \lambda\theta, \quad
+        m \leftarrow \beta_1 m + (1 - \beta_1) g, \quad
+        v \leftarrow \beta_2 v + (1 - \beta_2) g^2, \quad
+        \theta \leftarrow \theta - \frac{\gamma_t}{1 - \beta_1^k}
+            \frac{m}{\sqrt{\hat v} / \sqrt{1 - \beta_2^k} + \epsilon}
+
+    with :math:`\gamma_t` the scheduled lr, k the parameter's step count, :math:`\hat v = v` or
+    its running maximum (amsgrad), and :math:`\beta_1` cycled by OneCycleLR and CyclicLR when they
+    cycle momentum. With ``decoupled_weight_decay=True`` (AdamW) the decay is
+    :math:`\theta \leftarrow \theta (1 - \gamma_t \lambda)` instead of the L2 term. Arguments as
+    torch.optim.Adam, plus:
+    """ + _SCHEDULE_DOC
+
+    _HYPER_SLOTS = _ops.ADAM_SLOTS
+    _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *,
+                 foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
+                 differentiable: bool = False, fused: bool | None = None, decoupled_weight_decay: bool = False,
+                 schedule: Schedule | None = None):
+        _check_unsupported(foreach, fused, differentiable)
+        _check_flag("capturable", capturable)  # the fused step is always capturable: counters live on the device
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, schedule=schedule)
+        self._check_group(defaults)
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict) -> None:
+        group["lr"] = _check_range("learning rate (lr)", group["lr"], 0.0)
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas!r} (a pair of numbers in [0, 1) is required)")
+        group["betas"] = (_check_range("beta parameter at index 0 (betas[0])", betas[0], 0.0, 1.0, high_open=True),
+                          _check_range("beta parameter at index 1 (betas[1])", betas[1], 0.0, 1.0, high_open=True))
+        _check_range("epsilon value (eps)", group["eps"], 0.0)
+        _check_range("weight_decay", group["weight_decay"], 0.0)
+        _check_flag("amsgrad", group["amsgrad"])
+        _check_flag("maximize", group["maximize"])
+        _check_flag("decoupled_weight_decay", group["decoupled_weight_decay"])
+
+    def _group_hyper(self, group: dict) -> list[float]:
+        beta1, beta2 = group["betas"]
+        return [group["lr"], beta1, beta2, group["eps"], group["weight_decay"], float(group["amsgrad"]),
+                float(group["maximize"]), float(group["decoupled_weight_decay"])]
+
+    def _static_momentum(self, group: dict) -> float:
+        return float(group["betas"][0])
+
+    def _new_state(self, param: Tensor, group: dict) -> dict:
+        state = {"step": torch.zeros((), dtype=torch.int64, device=param.device),
+                 "exp_avg": torch.zeros_like(param, dtype=_state_dtype(param)),
+                 "exp_avg_sq": torch.zeros_like(param, dtype=_state_dtype(param))}
+        self._ensure_state(param, group, state)
+        return state
+
+    def _ensure_state(self, param: Tensor, group: dict, state: dict) -> None:
+        if group["amsgrad"] and state.get("max_exp_avg_sq") is None:
+            state["max_exp_avg_sq"] = torch.zeros_like(param, dtype=_state_dtype(param))
+
+    def _run(self, lists, grads, hyper, programs):
+        _ops.adam_step_(lists.params, grads, lists.states["exp_avg"], lists.states["exp_avg_sq"],
+                        lists.states["max_exp_avg_sq"], lists.steps, lists.tensor_group, hyper, programs,
+                        self._group_steps, self._plateau_state)
+
+
+class AdamW(Adam):
+    r"""AdamW (torch.optim.AdamW): Adam with decoupled weight decay
+    :math:`\theta \leftarrow \theta (1 - \gamma_t \lambda)`, the schedule fused into the step.
+    Arguments as torch.optim.AdamW (weight_decay defaults to 1e-2), plus:
+    """ + _SCHEDULE_DOC
+
+    def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
+                 differentiable: bool = False, fused: bool | None = None, schedule: Schedule | None = None):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable,
+                         fused=fused, decoupled_weight_decay=True, schedule=schedule)

@@ -1,0 +1,655 @@
+"""Learning-rate schedules evaluated inside the optimizer step.
+
+A schedule is a small immutable value: its arguments, checked when it is built. Passed to a fusedlr
+optimizer (``schedule=``, per param group too) it is compiled into a program of doubles that the
+CPU and CUDA kernels evaluate from the device step counter, so no Python runs per step. The same
+C++ formula evaluates it on the host: ``sched(t)`` is the lr of update ``t`` for a group whose lr
+is ``base_lr``, and ``sched.momentum(t)`` the momentum (SGD) or beta1 (Adam) a cycling schedule sets.
+
+Each schedule carries the name and the constructor arguments of its ``torch.optim.lr_scheduler``
+twin, minus the optimizer. Relative schedules scale the group's ``lr``; OneCycleLR and CyclicLR set
+absolute values, as in torch. Time ``t`` counts completed optimizer steps; a schedule that torch
+users step once per epoch takes ``steps_per_epoch`` and sees ``t // steps_per_epoch``.
+
+    >>> from fusedlr import schedules as S
+    >>> warmup_cosine = S.SequentialLR(
+    ...     [S.LinearLR(start_factor=0.01, total_iters=500), S.CosineAnnealingLR(T_max=9_500, eta_min=3e-5)],
+    ...     milestones=[500])
+    >>> warmup_cosine(0, base_lr=3e-4), warmup_cosine(500, base_lr=3e-4)
+    (3e-06, 0.0003)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from . import _ops
+
+__all__ = [
+    "Schedule",
+    "ConstantLR",
+    "LinearLR",
+    "StepLR",
+    "MultiStepLR",
+    "ExponentialLR",
+    "ExponentialDecay",
+    "CosineAnnealingLR",
+    "CosineAnnealingWarmRestarts",
+    "PolynomialLR",
+    "InverseSqrt",
+    "WarmupStableDecay",
+    "OneCycleLR",
+    "CyclicLR",
+    "ReduceLROnPlateau",
+    "SequentialLR",
+    "StepDecay",
+    "CosineAnnealing",
+    "from_spec",
+]
+
+# Node kinds: csrc/schedule_math.h, enum class ScheduleKind.
+_CONSTANT, _CONSTANT_LR, _LINEAR_LR, _STEP_LR, _MULTI_STEP_LR, _EXPONENTIAL_LR, _EXPONENTIAL_DECAY = range(7)
+_COSINE, _WARM_RESTARTS, _POLYNOMIAL, _INVERSE_SQRT, _WSD, _ONE_CYCLE, _CYCLIC, _PLATEAU, _SEQUENTIAL = range(7, 16)
+_MAX_DEPTH = 16  # kMaxScheduleDepth
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks: each raises ValueError naming the argument.
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_float(name: str, value: Any, low: float = -math.inf, high: float = math.inf,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < low or (low_open and value == low) or value > high or (high_open and value == high):
+        bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {bounds}, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Base class. Subclasses are frozen dataclasses whose fields are the schedule's arguments."""
+
+    def __post_init__(self) -> None:
+        if "steps_per_epoch" in {f.name for f in dataclasses.fields(self)} and not isinstance(self, OneCycleLR):
+            _check_int("steps_per_epoch", self.steps_per_epoch, 1)
+        self._validate()
+
+    def _validate(self) -> None:
+        pass
+
+    # -- the program the kernels run ----------------------------------------------------------
+
+    def _node(self) -> tuple[int, list[float]]:
+        """The node kind and its args, as csrc/schedule_math.h lays them out."""
+        raise NotImplementedError
+
+    def _time_divisor(self) -> int:
+        return getattr(self, "steps_per_epoch", 1)
+
+    def _encode(self, program: list[float]) -> int:
+        """Appends this schedule's nodes to `program`; returns the index of its root node."""
+        kind, args = self._node()
+        at = len(program)
+        program.extend([float(kind), float(self._time_divisor()), *map(float, args)])
+        return at
+
+    @property
+    def cycles_momentum(self) -> bool:
+        """Whether the schedule also sets SGD's momentum or Adam's beta1."""
+        return False
+
+    @property
+    def absolute(self) -> bool:
+        """Whether the schedule sets the lr itself rather than scaling the group's lr."""
+        return False
+
+    # -- host evaluation, same C++ formula as the kernels --------------------------------------
+
+    def values(self, steps: Sequence[int] | torch.Tensor, base_lr: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lr, momentum) at each of `steps`, float64; momentum is NaN where the schedule does not set it."""
+        steps = torch.as_tensor(steps, dtype=torch.int64).reshape(-1)
+        if steps.numel() and int(steps.min()) < 0:
+            raise ValueError(f"steps must be >= 0, got {int(steps.min())}")
+        program = compile_programs([self] * steps.numel())
+        plateau = _ops.initial_plateau_state(steps.numel(), torch.device("cpu"))
+        out = _ops.evaluate_schedules(program, [float(base_lr)] * steps.numel(), steps, plateau)
+        return out[:, 0], out[:, 1]
+
+    def __call__(self, t: int, base_lr: float = 1.0) -> float:
+        """The lr of update `t` (0-based count of completed steps) for a group whose lr is `base_lr`."""
+        return float(self.values([t], base_lr)[0][0])
+
+    def momentum(self, t: int) -> float | None:
+        """The momentum / beta1 set at update `t`, or None if the schedule does not cycle it."""
+        value = float(self.values([t])[1][0])
+        return None if math.isnan(value) else value
+
+    # -- state_dict form: plain data only, so torch.load(weights_only=True) reads it -----------
+
+    def spec(self) -> dict:
+        args = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple) and value and isinstance(value[0], Schedule):
+                value = [v.spec() for v in value]
+            elif isinstance(value, tuple):
+                value = list(value)
+            args[f.name] = value
+        return {"name": type(self).__name__, "args": args}
+
+
+def from_spec(spec: dict) -> Schedule:
+    """The schedule that `Schedule.spec()` described."""
+    if not isinstance(spec, dict) or set(spec) != {"name", "args"}:
+        raise ValueError(f"a schedule spec is a dict with keys 'name' and 'args', got {spec!r}")
+    cls = _BY_NAME.get(spec["name"])
+    if cls is None:
+        raise ValueError(f"unknown schedule {spec['name']!r}")
+    args = dict(spec["args"])
+    if cls is SequentialLR:
+        args["schedulers"] = [from_spec(s) for s in args["schedulers"]]
+    return cls(**args)
+
+
+def compile_programs(schedules: Sequence[Schedule | None]) -> list[float]:
+    """The `programs` argument of the ops: one root offset per group, then the nodes."""
+    program: list[float] = [0.0] * len(schedules)
+    roots: dict[int, int] = {}
+    for g, schedule in enumerate(schedules):
+        key = id(schedule)
+        if key not in roots:
+            roots[key] = _Constant()._encode(program) if schedule is None else schedule._encode(program)
+        program[g] = float(roots[key])
+    return program
+
+
+@dataclass(frozen=True)
+class _Constant(Schedule):
+    """No schedule: the group's lr."""
+
+    def _node(self):
+        return _CONSTANT, []
+
+
+# ---------------------------------------------------------------------------------------------
+# Relative schedules: they scale the group's lr (torch's initial_lr).
+
+
+@dataclass(frozen=True)
+class ConstantLR(Schedule):
+    """lr = base_lr * factor while t < total_iters, then base_lr."""
+
+    factor: float = 1.0 / 3
+    total_iters: int = 5
+    steps_per_epoch: int = 1
+
+    def _validate(self):
+        _check_float("factor", self.factor, 0.0, 1.0)
+        _check_int("total_iters", self.total_iters, 0)
+
+    def _node(self):
+        return _CONSTANT_LR, [self.factor, self.total_iters]
+
+
+@dataclass(frozen=True)
+class LinearLR(Schedule):
+    """lr = base_lr * (start_factor + (end_factor - start_factor) * min(t, total_iters) / total_iters)."""
+
+    start_factor: float = 1.0 / 3
+    end_factor: float = 1.0
+    total_iters: int = 5
+    steps_per_epoch: int = 1
+
+    def _validate(self):
+        _check_float("start_factor", self.start_factor, 0.0, 1.0, low_open=True)
+        _check_float("end_factor", self.end_factor, 0.0, 1.0)
+        _check_int("total_iters", self.total_iters, 1)
+
+    def _node(self):
+        return _LINEAR_LR, [self.start_factor, self.end_factor, self.total_iters]
+
+
+@dataclass(frozen=True)
+class StepLR(Schedule):
+    """lr = base_lr * gamma ** (t // step_size)."""
+
+    step_size: int
+    gamma: float = 0.1
+    steps_per_epoch: int = 1
+
+    def _validate(self):
+        _check_int("step_size", self.step_size, 1)
+        _check_float("gamma", self.gamma, 0.0)
+
+    def _node(self):
+        return _STEP_LR, [self.step_size, self.gamma]
+
+
+def StepDecay(step_size: int, decay_factor: float = 0.1, steps_per_epoch: int = 1) -> StepLR:
+    """StepLR under the name and argument words of step decay: lr = base_lr * decay_factor ** (t // step_size)."""
+    return StepLR(step_size=step_size, gamma=decay_factor, steps_per_epoch=steps_per_epoch)
+
+
+@dataclass(frozen=True)
+class MultiStepLR(Schedule):
+    """lr = base_lr * gamma ** (number of milestones <= t); a repeated milestone counts twice."""
+
+    milestones: tuple[int, ...]
+    gamma: float = 0.1
+    steps_per_epoch: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.milestones, (str, bytes)) or not isinstance(self.milestones, Sequence):
+            raise ValueError(f"milestones must be a sequence of integers, got {self.milestones!r}")
+        object.__setattr__(self, "milestones", tuple(self.milestones))
+        super().__post_init__()
+
+    def _validate(self):
+        for m in self.milestones:
+            _check_int("milestones", m, 0)
+        _check_float("gamma", self.gamma, 0.0)
+
+    def _node(self):
+        return _MULTI_STEP_LR, [self.gamma, len(self.milestones), *self.milestones]
+
+
+@dataclass(frozen=True)
+class ExponentialLR(Schedule):
+    """lr = base_lr * gamma ** t."""
+
+    gamma: float
+    steps_per_epoch: int = 1
+
+    def _validate(self):
+        _check_float("gamma", self.gamma, 0.0)
+
+    def _node(self):
+        return _EXPONENTIAL_LR, [self.gamma]
+
+
+@dataclass(frozen=True)
+class ExponentialDecay(Schedule):
+    """lr = base_lr * exp(-decay_rate * t): ExponentialLR with gamma = exp(-decay_rate)."""
+
+    decay_rate: float
+    steps_per_epoch: int = 1
+
+    def _validate(self):
+        _check_float("decay_rate", self.decay_rate, 0.0)
+
+    def _node(self):
+        return _EXPONENTIAL_DECAY, [self.decay_rate]
+
+
+@dataclass(frozen=True)
+class CosineAnnealingLR(Schedule):
+    """lr = eta_min + (base_lr - eta_min) * (1 + cos(pi * t / T_max)) / 2 for t <= T_max, eta_min after.
+
+    torch's recursive form keeps oscillating past T_max; this one holds eta_min (README, Differences).
+    """
+
+    T_max: int
+    eta_min: float = 0.0
+    steps_per_epoch: int = 1
+
+    def _validate(self):
+        _check_int("T_max", self.T_max, 1)
+        _check_float("eta_min", self.eta_min, 0.0)
+
+    def _node(self):
+        return _COSINE, [self.T_max, self.eta_min]
+
+
+CosineAnnealing = CosineAnnealingLR
+
+
+@dataclass(frozen=True)
+class CosineAnnealingWarmRestarts(Schedule):
+    """Cosine from base_lr to eta_min over each cycle; cycle i lasts T_0 * T_mult ** i steps."""
+
+    T_0: int
+    T_mult: int = 1
+    eta_min: float = 0.0
+    steps_per_epoch: int = 1
+
+    def _validate(self):
+        _check_int("T_0", self.T_0, 1)
+        _check_int("T_mult", self.T_mult, 1)
+        _check_float("eta_min", self.eta_min, 0.0)
+
+    def _node(self):
+        return _WARM_RESTARTS, [self.T_0, self.T_mult, self.eta_min]
+
+
+@dataclass(frozen=True)
+class PolynomialLR(Schedule):
+    """lr = base_lr * (1 - min(t, total_iters) / total_iters) ** power."""
+
+    total_iters: int = 5
+    power: float = 1.0
+    steps_per_epoch: int = 1
+
+    def _validate(self):
+        _check_int("total_iters", self.total_iters, 1)
+        _check_float("power", self.power, 0.0)
+
+    def _node(self):
+        return _POLYNOMIAL, [self.total_iters, self.power]
+
+
+@dataclass(frozen=True)
+class InverseSqrt(Schedule):
+    """Linear warmup, then inverse square root decay: with n = t + 1,
+    lr = base_lr * n / warmup_steps for n < warmup_steps, else base_lr * sqrt(warmup_steps / n).
+    (No torch twin.)"""
+
+    warmup_steps: int
+    steps_per_epoch: int = 1
+
+    def _validate(self):
+        _check_int("warmup_steps", self.warmup_steps, 1)
+
+    def _node(self):
+        return _INVERSE_SQRT, [self.warmup_steps]
+
+
+@dataclass(frozen=True)
+class WarmupStableDecay(Schedule):
+    """Warmup, stable, decay ("WSD"). (No torch twin.) The factor on base_lr is
+    (t + 1) / warmup_steps for t < W; 1 for W <= t < W + S; then, with p = min(1, (t - W - S) / decay_steps),
+    min_lr_ratio + (1 - min_lr_ratio) * shape(p), shape being 1 - p (linear), (1 + cos(pi p)) / 2
+    (cosine) or 1 - sqrt(p) (1-sqrt). W = warmup_steps, S = stable_steps."""
+
+    warmup_steps: int
+    stable_steps: int
+    decay_steps: int
+    decay: str = "linear"
+    min_lr_ratio: float = 0.0
+    steps_per_epoch: int = 1
+
+    _SHAPES = ("linear", "cosine", "1-sqrt")
+
+    def _validate(self):
+        _check_int("warmup_steps", self.warmup_steps, 0)
+        _check_int("stable_steps", self.stable_steps, 0)
+        _check_int("decay_steps", self.decay_steps, 1)
+        _check_choice("decay", self.decay, self._SHAPES)
+        _check_float("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+
+    def _node(self):
+        return _WSD, [self.warmup_steps, self.stable_steps, self.decay_steps, self._SHAPES.index(self.decay),
+                      self.min_lr_ratio]
+
+
+# ---------------------------------------------------------------------------------------------
+# Absolute schedules: they set the lr (and momentum) themselves, as in torch.
+
+
+@dataclass(frozen=True)
+class OneCycleLR(Schedule):
+    """The 1cycle policy, phase for phase as torch.optim.lr_scheduler.OneCycleLR.
+
+    initial = max_lr / div_factor, min = initial / final_div_factor. Two phases end at
+    pct_start * N - 1 (initial -> max, momentum max -> base) and N - 1 (max -> min, momentum base -> max);
+    three phases at pct_start * N - 1, 2 * pct_start * N - 2 and N - 1 (initial -> max, max -> initial,
+    initial -> min; momentum max -> base -> max, then held). N = total_steps, or epochs * steps_per_epoch
+    as in torch (here steps_per_epoch only sizes the run: OneCycleLR always counts optimizer steps).
+    Past N - 1 the final value holds, where torch raises.
+    """
+
+    max_lr: float
+    total_steps: int | None = None
+    epochs: int | None = None
+    steps_per_epoch: int | None = None
+    pct_start: float = 0.3
+    anneal_strategy: str = "cos"
+    cycle_momentum: bool = True
+    base_momentum: float = 0.85
+    max_momentum: float = 0.95
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    three_phase: bool = False
+
+    def _validate(self):
+        if self.total_steps is not None:
+            _check_int("total_steps", self.total_steps, 1)
+        elif self.epochs is None or self.steps_per_epoch is None:
+            raise ValueError("total_steps, or both epochs and steps_per_epoch, must be given")
+        else:
+            _check_int("epochs", self.epochs, 1)
+            _check_int("steps_per_epoch", self.steps_per_epoch, 1)
+        _check_float("max_lr", self.max_lr, 0.0)
+        _check_float("pct_start", self.pct_start, 0.0, 1.0)
+        _check_choice("anneal_strategy", self.anneal_strategy, ("cos", "linear"))
+        _check_float("div_factor", self.div_factor, 0.0, low_open=True)
+        _check_float("final_div_factor", self.final_div_factor, 0.0, low_open=True)
+        _check_float("base_momentum", self.base_momentum, 0.0, 1.0)
+        _check_float("max_momentum", self.max_momentum, 0.0, 1.0)
+        start = 0.0
+        for end, *_ in self._phases():
+            if not end > start:
+                raise ValueError(
+                    f"pct_start={self.pct_start} with total_steps={self.n_steps} leaves a phase without steps; "
+                    "give more steps or a pct_start further from 0 and 1")
+            start = end
+
+    @property
+    def n_steps(self) -> int:
+        return self.total_steps if self.total_steps is not None else self.epochs * self.steps_per_epoch
+
+    def _phases(self) -> list[tuple[float, float, float, float, float]]:
+        n, pct = self.n_steps, self.pct_start
+        initial = self.max_lr / self.div_factor
+        minimum = initial / self.final_div_factor
+        low, high = self.base_momentum, self.max_momentum
+        if self.three_phase:
+            return [(float(pct * n) - 1, initial, self.max_lr, high, low),
+                    (float(2 * pct * n) - 2, self.max_lr, initial, low, high),
+                    (n - 1.0, initial, minimum, high, high)]
+        return [(float(pct * n) - 1, initial, self.max_lr, high, low),
+                (n - 1.0, self.max_lr, minimum, low, high)]
+
+    def _time_divisor(self) -> int:
+        return 1
+
+    def _node(self):
+        phases = self._phases()
+        args = [self.n_steps, self.anneal_strategy == "linear", self.cycle_momentum, len(phases)]
+        for phase in phases:
+            args.extend(phase)
+        return _ONE_CYCLE, args
+
+    @property
+    def cycles_momentum(self) -> bool:
+        return bool(self.cycle_momentum)
+
+    @property
+    def absolute(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class CyclicLR(Schedule):
+    """Cyclical learning rate, as torch.optim.lr_scheduler.CyclicLR with its built-in policies.
+
+    With L = up + down, r = up / L, c = floor(1 + t / L), x = 1 + t / L - c,
+    s = x / r if x <= r else (x - 1) / (r - 1): lr = base_lr + (max_lr - base_lr) * s * g and
+    momentum = max_momentum - (max_momentum - base_momentum) * s * g, where g is 1 (triangular),
+    1 / 2 ** (c - 1) (triangular2) or gamma ** t (exp_range). A Python scale_fn cannot run on the
+    device and is refused. scale_mode defaults to the mode's own ('cycle', or 'iterations' for
+    exp_range); given explicitly, it applies (torch ignores it without a scale_fn).
+    """
+
+    base_lr: float
+    max_lr: float
+    step_size_up: int = 2000
+    step_size_down: int | None = None
+    mode: str = "triangular"
+    gamma: float = 1.0
+    scale_fn: Any = None
+    scale_mode: str | None = None
+    cycle_momentum: bool = True
+    base_momentum: float = 0.8
+    max_momentum: float = 0.9
+    steps_per_epoch: int = 1
+
+    _MODES = ("triangular", "triangular2", "exp_range")
+
+    def _validate(self):
+        if self.scale_fn is not None:
+            raise ValueError("scale_fn: a Python function cannot run inside the device kernel; use mode="
+                             "'triangular', 'triangular2' or 'exp_range' (with gamma), or a torch scheduler")
+        _check_float("base_lr", self.base_lr, 0.0)
+        _check_float("max_lr", self.max_lr, 0.0)
+        _check_int("step_size_up", self.step_size_up, 1)
+        if self.step_size_down is not None:
+            _check_int("step_size_down", self.step_size_down, 0)
+        _check_choice("mode", self.mode, self._MODES)
+        _check_float("gamma", self.gamma, 0.0)
+        if self.scale_mode is not None:
+            _check_choice("scale_mode", self.scale_mode, ("cycle", "iterations"))
+        _check_float("base_momentum", self.base_momentum, 0.0, 1.0)
+        _check_float("max_momentum", self.max_momentum, 0.0, 1.0)
+
+    def _node(self):
+        up = float(self.step_size_up)
+        down = float(self.step_size_down) if self.step_size_down is not None else up
+        scale_mode = self.scale_mode or ("iterations" if self.mode == "exp_range" else "cycle")
+        return _CYCLIC, [self.base_lr, self.max_lr, up + down, up / (up + down), self._MODES.index(self.mode),
+                         scale_mode == "cycle", self.gamma, self.cycle_momentum, self.base_momentum,
+                         self.max_momentum]
+
+    @property
+    def cycles_momentum(self) -> bool:
+        return bool(self.cycle_momentum)
+
+    @property
+    def absolute(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class ReduceLROnPlateau(Schedule):
+    """Reduce the lr when a metric stops improving: torch.optim.lr_scheduler.ReduceLROnPlateau with
+    its state (best, bad count, cooldown, current lr) on the device, driven by ``opt.observe(metric)``
+    with a device tensor, without a host sync. ``sched(t)`` on the host is the lr before any reduction.
+    """
+
+    mode: str = "min"
+    factor: float = 0.1
+    patience: int = 10
+    threshold: float = 1e-4
+    threshold_mode: str = "rel"
+    cooldown: int = 0
+    min_lr: float = 0.0
+    eps: float = 1e-8
+
+    def _validate(self):
+        _check_choice("mode", self.mode, ("min", "max"))
+        _check_float("factor", self.factor, 0.0, 1.0, high_open=True)
+        _check_int("patience", self.patience, 0)
+        _check_float("threshold", self.threshold, 0.0)
+        _check_choice("threshold_mode", self.threshold_mode, ("rel", "abs"))
+        _check_int("cooldown", self.cooldown, 0)
+        _check_float("min_lr", self.min_lr, 0.0)
+        _check_float("eps", self.eps, 0.0)
+
+    def _node(self):
+        return _PLATEAU, [self.mode == "max", self.factor, self.patience, self.threshold,
+                          self.threshold_mode == "abs", self.cooldown, self.min_lr, self.eps]
+
+
+# ---------------------------------------------------------------------------------------------
+# Composition
+
+
+@dataclass(frozen=True)
+class SequentialLR(Schedule):
+    """schedulers[i] runs from milestones[i-1] on, seeing time t - milestones[i-1] (torch's SequentialLR).
+
+    Warmup then cosine, the most common schedule in LLM training:
+    ``SequentialLR([LinearLR(start_factor=0.01, total_iters=500), CosineAnnealingLR(T_max=9_500)], milestones=[500])``.
+    """
+
+    schedulers: tuple[Schedule, ...]
+    milestones: tuple[int, ...]
+    steps_per_epoch: int = 1
+
+    def __post_init__(self):
+        for name in ("schedulers", "milestones"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                raise ValueError(f"{name} must be a sequence, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        super().__post_init__()
+
+    def _validate(self):
+        if not self.schedulers:
+            raise ValueError("schedulers must hold at least one schedule")
+        for i, s in enumerate(self.schedulers):
+            if not isinstance(s, Schedule):
+                raise ValueError(f"schedulers[{i}] must be a fusedlr schedule, got {type(s).__name__}")
+            if isinstance(s, ReduceLROnPlateau):
+                raise ValueError(f"schedulers[{i}]: ReduceLROnPlateau cannot be part of a SequentialLR "
+                                 "(as in torch); give it its own param group")
+        if len(self.milestones) != len(self.schedulers) - 1:
+            raise ValueError(f"milestones must hold len(schedulers) - 1 = {len(self.schedulers) - 1} entries, "
+                             f"got {len(self.milestones)}")
+        for m in self.milestones:
+            _check_int("milestones", m, 1)
+        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:])):
+            raise ValueError(f"milestones must be strictly increasing, got {list(self.milestones)}")
+        if self._depth() > _MAX_DEPTH:
+            raise ValueError(f"schedulers: SequentialLR nests deeper than {_MAX_DEPTH} levels")
+
+    def _depth(self) -> int:
+        return 1 + max((s._depth() if isinstance(s, SequentialLR) else 1) for s in self.schedulers)
+
+    def _encode(self, program: list[float]) -> int:
+        at = len(program)
+        n = len(self.schedulers)
+        program.extend([float(_SEQUENTIAL), float(self.steps_per_epoch), float(n), *map(float, self.milestones)])
+        children_at = len(program)
+        program.extend([0.0] * n)
+        for i, s in enumerate(self.schedulers):
+            program[children_at + i] = float(s._encode(program))
+        return at
+
+    @property
+    def cycles_momentum(self) -> bool:
+        return any(s.cycles_momentum for s in self.schedulers)
+
+    @property
+    def absolute(self) -> bool:
+        return all(s.absolute for s in self.schedulers)
+
+    def spec(self) -> dict:
+        return {"name": "SequentialLR", "args": {"schedulers": [s.spec() for s in self.schedulers],
+                                                 "milestones": list(self.milestones),
+                                                 "steps_per_epoch": self.steps_per_epoch}}
+
+
+_BY_NAME = {cls.__name__: cls for cls in (
+    ConstantLR, LinearLR, StepLR, MultiStepLR, ExponentialLR, ExponentialDecay, CosineAnnealingLR,
+    CosineAnnealingWarmRestarts, PolynomialLR, InverseSqrt, WarmupStableDecay, OneCycleLR, CyclicLR,
+    ReduceLROnPlateau, SequentialLR)}
