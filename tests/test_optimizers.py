@@ -1,0 +1,253 @@
+"""fusedlr.SGD / Adam / AdamW + schedule against torch.optim.<Opt>(foreach=False) + its scheduler twin,
+step by step, with fresh random gradients."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import fusedlr
+from fusedlr import schedules as S
+from twins import SCHEDULES, time_unit, torch_twin
+
+warnings.filterwarnings("ignore", message=".*lr_scheduler.step\\(\\)")
+
+# In float64 both sides round the same operations in the same order (csrc/update_math.h, [note:
+# rounding order]); what differs is torch's recursive lr (1e-13 relative drift) and the odd ulp.
+# Over 200 steps that stays below 1e-11; a wrong formula is off by far more than 1e-9.
+F64_TOL = dict(rtol=1e-9, atol=1e-11)
+
+OPTIMIZERS = {
+    "sgd": (fusedlr.SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-3)),
+    "adam": (fusedlr.Adam, torch.optim.Adam, dict(lr=0.01, betas=(0.8, 0.99), weight_decay=1e-2)),
+    "adamw": (fusedlr.AdamW, torch.optim.AdamW, dict(lr=0.01, weight_decay=0.1)),
+}
+VARIANTS = {
+    "sgd-plain": (fusedlr.SGD, torch.optim.SGD, dict(lr=0.05)),
+    "sgd-nesterov-maximize": (fusedlr.SGD, torch.optim.SGD,
+                              dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=1e-2, maximize=True)),
+    "adam-amsgrad-maximize": (fusedlr.Adam, torch.optim.Adam, dict(lr=0.01, amsgrad=True, maximize=True, eps=1e-6)),
+    "adamw-amsgrad": (fusedlr.AdamW, torch.optim.AdamW, dict(lr=0.01, amsgrad=True, weight_decay=0.05)),
+    "adam-decoupled": (fusedlr.Adam, torch.optim.Adam, dict(lr=0.01, weight_decay=0.05, decoupled_weight_decay=True)),
+}
+SHAPES = [(17, 9), (33,), (4, 3, 5), (1,), (70_000,)]  # the last spans two CPU chunks
+
+
+def make_params(dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) for shape in SHAPES]
+
+
+def compare_state(fused_opt, torch_opt, fused_params, torch_params, tol, where):
+    for i, (p, q) in enumerate(zip(fused_params, torch_params)):
+        torch.testing.assert_close(p, q, **tol, msg=lambda m: f"{where}, param {i}: {m}")
+        fs, ts = fused_opt.state.get(p, {}), torch_opt.state.get(q, {})
+        assert bool(fs) or not ts, f"{where}: param {i} has no state, torch's has"
+        for key, value in ts.items():
+            if key == "step":
+                assert int(fs["step"]) == int(value), f"{where}, param {i}: step"
+            elif value is not None:
+                torch.testing.assert_close(fs[key], value, **tol, msg=lambda m: f"{where}, param {i}, {key}: {m}")
+
+
+def run_parity(fused_cls, torch_cls, kwargs, schedule, steps=200, dtype=torch.float64, tol=F64_TOL, seed=0,
+               drop_grads=True):
+    fused_params = [p.clone().requires_grad_() for p in make_params(dtype, seed)]
+    torch_params = [p.clone().requires_grad_() for p in make_params(dtype, seed)]
+    fused_opt = fused_cls(fused_params, schedule=schedule, **kwargs)
+    torch_opt = torch_cls(torch_params, foreach=False, **kwargs)
+    torch_sched = torch_twin(schedule, torch_opt) if schedule is not None else None
+    unit = time_unit(schedule) if schedule is not None else 1
+    gen = torch.Generator().manual_seed(seed + 1)
+    for k in range(steps):
+        if torch_sched is not None:
+            expected_lr = torch_sched.get_last_lr()[0]
+            assert float(fused_opt.last_lr()[0]) == pytest.approx(expected_lr, rel=1e-9, abs=1e-15), f"lr at {k}"
+        for i, (p, q) in enumerate(zip(fused_params, torch_params)):
+            if drop_grads and i == 2 and k % 7 == 3:
+                p.grad = q.grad = None  # torch skips a parameter without a gradient: state and step stay
+                continue
+            g = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype)
+            p.grad, q.grad = g.clone(), g.clone()
+        fused_opt.step()
+        torch_opt.step()
+        if torch_sched is not None and (k + 1) % unit == 0 and not (
+                isinstance(schedule, S.OneCycleLR) and k + 1 >= schedule.n_steps):
+            torch_sched.step()
+        compare_state(fused_opt, torch_opt, fused_params, torch_params, tol, f"step {k}")
+    assert int(fused_opt.schedule_steps()[0]) == steps
+    return fused_params, torch_params
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_parity_every_schedule_and_optimizer(optimizer, schedule):
+    fused_cls, torch_cls, kwargs = OPTIMIZERS[optimizer]
+    run_parity(fused_cls, torch_cls, kwargs, SCHEDULES[schedule])
+
+
+@pytest.mark.parametrize("schedule", ["none", "OneCycleLR", "CyclicLR-triangular2", "SequentialLR", "StepLR"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_parity_variants(variant, schedule):
+    fused_cls, torch_cls, kwargs = VARIANTS[variant]
+    run_parity(fused_cls, torch_cls, kwargs, SCHEDULES[schedule])
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_parity_float32(optimizer):
+    """float32: the same operations in float32, but ATen's vector kernels fuse some multiply-adds, so
+    each step may round differently by an ulp. Values (momentum buffers included) stay below ~10,
+    where an ulp is 1e-6: 1e-5 is ten ulps, far under any formula error."""
+    fused_cls, torch_cls, kwargs = OPTIMIZERS[optimizer]
+    run_parity(fused_cls, torch_cls, kwargs, SCHEDULES["OneCycleLR"], dtype=torch.float32,
+               tol=dict(rtol=1e-5, atol=1e-5))
+
+
+def test_per_group_schedules_and_hyperparameters():
+    """Each group runs its own schedule, lr, betas and weight decay: the same as one torch optimizer
+    + scheduler per group."""
+    groups = [
+        (S.OneCycleLR(max_lr=0.03, total_steps=200), dict(lr=0.01, betas=(0.9, 0.99), weight_decay=0.1)),
+        (S.SequentialLR([S.LinearLR(start_factor=0.1, total_iters=20), S.ExponentialLR(gamma=0.99)],
+                        milestones=[20]), dict(lr=0.02, betas=(0.8, 0.999), weight_decay=0.0)),
+        (None, dict(lr=0.005, betas=(0.95, 0.98), weight_decay=0.01)),
+    ]
+    params = make_params(torch.float64, 3)[:3]
+    fused_params = [p.clone().requires_grad_() for p in params]
+    torch_params = [p.clone().requires_grad_() for p in params]
+    fused_opt = fusedlr.AdamW([dict(params=[p], schedule=s, **kw) for p, (s, kw) in zip(fused_params, groups)])
+    torch_opts = [torch.optim.AdamW([q], foreach=False, **kw) for q, (s, kw) in zip(torch_params, groups)]
+    torch_scheds = [torch_twin(s, o) if s is not None else None for o, (s, kw) in zip(torch_opts, groups)]
+    gen = torch.Generator().manual_seed(5)
+    for k in range(200):
+        expected = [sch.get_last_lr()[0] if sch else kw["lr"] for sch, (s, kw) in zip(torch_scheds, groups)]
+        assert fused_opt.last_lr().tolist() == pytest.approx(expected, rel=1e-9)
+        for p, q in zip(fused_params, torch_params):
+            g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            p.grad, q.grad = g.clone(), g.clone()
+        fused_opt.step()
+        for o, sch in zip(torch_opts, torch_scheds):
+            o.step()
+            if sch is not None and k < 199:
+                sch.step()
+        for p, q in zip(fused_params, torch_params):
+            torch.testing.assert_close(p, q, **F64_TOL)
+
+
+def test_last_momentum_follows_cycle():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = fusedlr.Adam([p], betas=(0.9, 0.999), schedule=S.OneCycleLR(max_lr=0.1, total_steps=100))
+    assert float(opt.last_momentum()[0]) == pytest.approx(0.95)
+    plain = fusedlr.Adam([torch.nn.Parameter(torch.zeros(3))], betas=(0.7, 0.999))
+    assert float(plain.last_momentum()[0]) == pytest.approx(0.7)
+
+
+def low_precision_error(dtype, fused):
+    """Max error after 100 AdamW steps of a `dtype` model against the same run in float64."""
+    gen = torch.Generator().manual_seed(11)
+    start = torch.randn(4096, generator=gen, dtype=torch.float64)
+    grads = [torch.randn(4096, generator=gen, dtype=torch.float64) for _ in range(100)]
+    ref = start.clone().requires_grad_()
+    low = start.to(dtype).requires_grad_()
+    schedule = S.OneCycleLR(max_lr=0.01, total_steps=100)
+    ref_opt = fusedlr.AdamW([ref], lr=0.01, schedule=schedule)
+    if fused:
+        low_opt = fusedlr.AdamW([low], lr=0.01, schedule=schedule)
+        low_sched = None
+    else:
+        low_opt = torch.optim.AdamW([low], lr=0.01, foreach=False)
+        low_sched = torch_twin(schedule, low_opt)
+    for k, g in enumerate(grads):
+        ref.grad = g.clone()
+        low.grad = g.to(dtype)
+        ref_opt.step()
+        low_opt.step()
+        if low_sched is not None and k < 99:
+            low_sched.step()
+    return (low.double() - ref.detach()).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_torch_error(dtype):
+    """bf16 / fp16 parameters, fp32 math and state: the error against a float64 run is no larger than
+    twice torch's own error at that precision (torch keeps its state in the low precision too)."""
+    fused_error = low_precision_error(dtype, fused=True)
+    torch_error = low_precision_error(dtype, fused=False)
+    assert 0 < fused_error <= 2 * torch_error, (fused_error, torch_error)
+
+
+def test_parameters_without_gradients_are_skipped():
+    a, b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    opt = fusedlr.Adam([a, b], lr=0.1)
+    a.grad = torch.ones(4)
+    opt.step()
+    assert b not in opt.state and torch.equal(b.detach(), torch.ones(4))
+    assert int(opt.state[a]["step"]) == 1
+    opt.step()  # a keeps its (stale) gradient, b still has none
+    assert int(opt.state[a]["step"]) == 2 and b not in opt.state
+    assert int(opt.schedule_steps()[0]) == 2
+
+
+def test_step_with_no_gradients_still_advances_the_schedule():
+    """torch's scheduler.step() counts steps whether or not any parameter had a gradient."""
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = fusedlr.SGD([p], lr=1.0, schedule=S.StepLR(step_size=1, gamma=0.5))
+    opt.step()
+    opt.step()
+    assert float(opt.last_lr()[0]) == 0.25 and torch.equal(p.detach(), torch.ones(4))
+
+
+def test_closure_and_zero_grad():
+    p = torch.nn.Parameter(torch.tensor([2.0]))
+    opt = fusedlr.SGD([p], lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p ** 2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.item() == 4.0 and p.item() == pytest.approx(2.0 - 0.1 * 4.0)
+    opt.zero_grad()
+    assert p.grad is None
+
+
+def test_add_param_group_mid_run_starts_its_own_schedule():
+    a = torch.nn.Parameter(torch.ones(2))
+    opt = fusedlr.SGD([a], lr=1.0, schedule=S.StepLR(step_size=1, gamma=0.5))
+    a.grad = torch.ones(2)
+    opt.step()
+    b = torch.nn.Parameter(torch.ones(2))
+    opt.add_param_group({"params": [b], "lr": 0.2})
+    b.grad = torch.ones(2)
+    opt.step()
+    # The new group takes the default schedule, counted from its own first step.
+    assert opt.last_lr().tolist() == [0.25, 0.1]
+    assert b.detach().tolist() == pytest.approx([0.8, 0.8])
+    assert opt.schedule_steps().tolist() == [2, 1]
+
+
+def test_channels_last_and_noncontiguous_gradients():
+    p = torch.nn.Parameter(torch.randn(2, 3, 4, 5, dtype=torch.float64).to(memory_format=torch.channels_last))
+    q = torch.nn.Parameter(p.detach().clone())
+    fused = fusedlr.AdamW([p], lr=0.01)
+    ref = torch.optim.AdamW([q], lr=0.01, foreach=False)
+    for _ in range(5):
+        g = torch.randn(2, 3, 4, 5, dtype=torch.float64)  # contiguous: another layout than p
+        p.grad, q.grad = g.clone(), g.clone()
+        fused.step()
+        ref.step()
+    torch.testing.assert_close(p, q, **F64_TOL)
+    assert p.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_deepcopy_keeps_device_state():
+    import copy
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = fusedlr.SGD([p], lr=1.0, schedule=S.StepLR(step_size=1, gamma=0.5))
+    p.grad = torch.ones(2)
+    opt.step()
+    clone = copy.deepcopy(opt)
+    assert clone.last_lr().tolist() == [0.5] and math.isclose(float(opt.last_lr()[0]), 0.5)
