@@ -13,7 +13,17 @@ extern "C" {
 // Importing fusedlr._C loads this library, whose static initializers register the ops below.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+#ifdef FUSEDLR_WITH_CUDA
+  const long cuda_built = 1;
+#else
+  const long cuda_built = 0;
+#endif
+  if (m != nullptr && PyModule_AddIntConstant(m, "cuda_built", cuda_built) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }
 }
 
@@ -26,5 +36,17 @@ TORCH_LIBRARY(fusedlr, m) {
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, int[] tensor_group, float[] hyper, float[] programs, "
       "Tensor(f!) group_steps, Tensor plateau_state) -> ()");
   m.def("plateau_observe_(Tensor metric, float[] base_lrs, float[] programs, Tensor(a!) plateau_state) -> ()");
+  // [groups, 3] float64: lr, momentum, 1 where the schedule sets the momentum (else momentum is 0).
   m.def("evaluate_schedules(float[] programs, float[] base_lrs, Tensor steps, Tensor plateau_state) -> Tensor");
+}
+
+// [note: no autograd]
+// An optimizer step is not differentiable. Autograd's fallback for custom ops would walk every
+// tensor of the call (grad accumulators, edges, a mutex per parameter) on each step: a fallthrough
+// skips it, and the kernels bump the version counters of what they mutate, as in-place ops do, so
+// a graph that saved a parameter still notices that it changed.
+TORCH_LIBRARY_IMPL(fusedlr, Autograd, m) {
+  m.impl("sgd_step_", torch::CppFunction::makeFallthrough());
+  m.impl("adam_step_", torch::CppFunction::makeFallthrough());
+  m.impl("plateau_observe_", torch::CppFunction::makeFallthrough());
 }

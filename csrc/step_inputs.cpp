@@ -113,4 +113,14 @@ ActiveTensors check_step_inputs(const char* op, at::DeviceType device_type, at::
   return active;
 }
 
+void bump_versions(const ActiveTensors& active, std::initializer_list<at::TensorList> mutated,
+                   std::initializer_list<const at::Tensor*> whole) {
+  for (const at::TensorList list : mutated) {
+    for (const int64_t i : active.index) {
+      if (list[i].defined() && list[i].numel() != 0) list[i].unsafeGetTensorImpl()->bump_version();
+    }
+  }
+  for (const at::Tensor* t : whole) t->unsafeGetTensorImpl()->bump_version();
+}
+
 }  // namespace fusedlr

@@ -42,6 +42,11 @@ void check_schedule_inputs(const char* op, c10::ArrayRef<double> programs, int64
 // The dtype of optimizer state for a parameter dtype: float32 for the low-precision types.
 at::ScalarType state_dtype(at::ScalarType param_dtype);
 
+// Bumps the version counter of each tensor a step mutates (ops.cpp, [note: no autograd]): entry i
+// of every list in `mutated` for each active i, and each tensor in `whole`.
+void bump_versions(const ActiveTensors& active, std::initializer_list<at::TensorList> mutated,
+                   std::initializer_list<const at::Tensor*> whole);
+
 template <typename Param, typename Math>
 struct TypePair {
   using param_t = Param;

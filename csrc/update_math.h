@@ -21,11 +21,16 @@ namespace fusedlr {
 namespace sgd_slot { enum : int { kLr, kMomentum, kDampening, kWeightDecay, kNesterov, kMaximize, kCount }; }
 namespace adam_slot { enum : int { kLr, kBeta1, kBeta2, kEps, kWeightDecay, kAmsgrad, kMaximize, kDecoupled, kCount }; }
 
-// torch's lerp: exact at both ends, whichever side of 1/2 the weight is.
+// Square root in the math type: the float overload (unqualified sqrt on a float is the double one).
+FUSEDLR_HD float sqrt_of(float x) { return sqrtf(x); }
+FUSEDLR_HD double sqrt_of(double x) { return sqrt(x); }
+
+// torch's lerp: exact at both ends, whichever side of 1/2 the weight is. `small_weight` is
+// |weight| < 1/2, decided once per tensor: a loop-invariant flag lets the compiler split the loop
+// in two vectorized ones, where a per-element test made it blend both forms.
 template <typename T>
-FUSEDLR_HD T lerp(T start, T end, T weight) {
-  return (weight < T(0.5) && weight > T(-0.5)) ? start + weight * (end - start)
-                                               : end - (end - start) * (T(1) - weight);
+FUSEDLR_HD T lerp(T start, T end, T weight, bool small_weight) {
+  return small_weight ? start + weight * (end - start) : end - (end - start) * (T(1) - weight);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -119,6 +124,7 @@ template <typename T>
 struct AdamCoefficients {
   T one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, neg_step_size,
       bias_correction2_sqrt, grad_sign;
+  bool small_lerp_weight;
 
   FUSEDLR_HD explicit AdamCoefficients(const AdamScalars& s)
       : one_minus_beta1(static_cast<T>(1 - s.beta1)),
@@ -129,7 +135,8 @@ struct AdamCoefficients {
         decay(static_cast<T>(s.decay)),
         neg_step_size(static_cast<T>(-s.step_size)),
         bias_correction2_sqrt(static_cast<T>(s.bias_correction2_sqrt)),
-        grad_sign(static_cast<T>(s.grad_sign)) {}
+        grad_sign(static_cast<T>(s.grad_sign)),
+        small_lerp_weight(one_minus_beta1 < T(0.5) && one_minus_beta1 > T(-0.5)) {}
 };
 
 // kWeightDecay: L2 weight decay (Adam with weight_decay != 0). The decoupled decay of AdamW is a
@@ -140,14 +147,14 @@ FUSEDLR_HD void adam_update(T& param, T grad, T& exp_avg, T& exp_avg_sq, T& max_
   T g = grad * c.grad_sign;
   if (kWeightDecay) g = g + c.weight_decay * param;
   param = param * c.decay;
-  exp_avg = lerp(exp_avg, g, c.one_minus_beta1);
+  exp_avg = lerp(exp_avg, g, c.one_minus_beta1, c.small_lerp_weight);
   exp_avg_sq = exp_avg_sq * c.beta2 + c.one_minus_beta2 * g * g;
   T second_moment = exp_avg_sq;
   if (kAmsgrad) {
     max_exp_avg_sq = max_exp_avg_sq > exp_avg_sq ? max_exp_avg_sq : exp_avg_sq;
     second_moment = max_exp_avg_sq;
   }
-  const T denom = sqrt(second_moment) / c.bias_correction2_sqrt + c.eps;
+  const T denom = sqrt_of(second_moment) / c.bias_correction2_sqrt + c.eps;
   param = param + c.neg_step_size * exp_avg / denom;
 }
 

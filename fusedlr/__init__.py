@@ -11,8 +11,15 @@
         opt.zero_grad()
 """
 
-from . import schedules
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C, schedules
 from .optim import SGD, Adam, AdamW
 
-__all__ = ["SGD", "Adam", "AdamW", "schedules"]
+__all__ = ["SGD", "Adam", "AdamW", "schedules", "cuda_built"]
+
+
+def cuda_built() -> bool:
+    """Whether this build of fusedlr has its CUDA kernels."""
+    return bool(_C.cuda_built)
 __version__ = "0.1.0"

@@ -50,7 +50,8 @@ def plateau_observe_(metric: Tensor, base_lrs: Sequence[float], programs: Sequen
 
 def evaluate_schedules(programs: Sequence[float], base_lrs: Sequence[float], steps: Tensor,
                        plateau_state: Tensor) -> Tensor:
-    """[groups, 2] float64: each group's (lr, momentum) at its step; momentum NaN where not cycled."""
+    """[groups, 3] float64: each group's (lr, momentum, cycled) at its step; where the schedule does not
+    set the momentum, cycled is 0 and so is momentum."""
     return _ops.evaluate_schedules(programs, base_lrs, steps, plateau_state)
 
 
@@ -73,4 +74,4 @@ def _plateau_observe_fake(metric, base_lrs, programs, plateau_state):
 
 @torch.library.register_fake("fusedlr::evaluate_schedules")
 def _evaluate_schedules_fake(programs, base_lrs, steps, plateau_state):
-    return plateau_state.new_empty((len(base_lrs), 2))
+    return plateau_state.new_empty((len(base_lrs), 3))

@@ -259,10 +259,10 @@ class _FusedOptimizer(Optimizer):
 
     def last_momentum(self) -> Tensor:
         """float64 [groups] device tensor: the momentum (SGD) or beta1 (Adam) of each group's next step."""
-        cycled = self._schedule_values()[:, 1]
+        values = self._schedule_values()
         static = torch.tensor([self._static_momentum(g) for g in self.param_groups], dtype=torch.float64,
-                              device=cycled.device)
-        return torch.where(torch.isnan(cycled), static, cycled)
+                              device=values.device)
+        return torch.where(values[:, 2] != 0, values[:, 1], static)
 
     def _static_momentum(self, group: dict) -> float:
         raise NotImplementedError

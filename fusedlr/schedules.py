@@ -51,6 +51,7 @@ __all__ = [
     "StepDecay",
     "CosineAnnealing",
     "from_spec",
+    "torch_scheduler",
 ]
 
 # Node kinds: csrc/schedule_math.h, enum class ScheduleKind.
@@ -133,7 +134,7 @@ class Schedule:
         program = compile_programs([self] * steps.numel())
         plateau = _ops.initial_plateau_state(steps.numel(), torch.device("cpu"))
         out = _ops.evaluate_schedules(program, [float(base_lr)] * steps.numel(), steps, plateau)
-        return out[:, 0], out[:, 1]
+        return out[:, 0], torch.where(out[:, 2] != 0, out[:, 1], math.nan)
 
     def __call__(self, t: int, base_lr: float = 1.0) -> float:
         """The lr of update `t` (0-based count of completed steps) for a group whose lr is `base_lr`."""
@@ -653,3 +654,24 @@ _BY_NAME = {cls.__name__: cls for cls in (
     ConstantLR, LinearLR, StepLR, MultiStepLR, ExponentialLR, ExponentialDecay, CosineAnnealingLR,
     CosineAnnealingWarmRestarts, PolynomialLR, InverseSqrt, WarmupStableDecay, OneCycleLR, CyclicLR,
     ReduceLROnPlateau, SequentialLR)}
+
+
+def torch_scheduler(schedule: Schedule, optimizer: torch.optim.Optimizer):
+    """The torch.optim.lr_scheduler object that steps `optimizer` through the same lrs as `schedule`
+    (stepped once per schedule time unit), for comparisons. InverseSqrt and WarmupStableDecay, which
+    torch lacks, become a LambdaLR over this schedule's own host formula."""
+    from torch.optim import lr_scheduler as L
+
+    args = {k: v for k, v in schedule.spec()["args"].items() if k != "steps_per_epoch"}
+    if isinstance(schedule, SequentialLR):
+        return L.SequentialLR(optimizer, [torch_scheduler(s, optimizer) for s in schedule.schedulers],
+                              milestones=list(schedule.milestones))
+    if isinstance(schedule, ExponentialDecay):
+        return L.ExponentialLR(optimizer, gamma=math.exp(-schedule.decay_rate))
+    if isinstance(schedule, (InverseSqrt, WarmupStableDecay)):
+        return L.LambdaLR(optimizer, lambda t: schedule(t, 1.0))
+    if isinstance(schedule, OneCycleLR):
+        args = {k: v for k, v in schedule.spec()["args"].items() if v is not None}
+    if isinstance(schedule, CyclicLR):
+        args.pop("scale_mode")
+    return getattr(L, type(schedule).__name__)(optimizer, **args)

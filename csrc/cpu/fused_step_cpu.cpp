@@ -11,7 +11,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <limits>
 #include <vector>
 
 #include "../schedule_math.h"
@@ -20,6 +19,15 @@
 
 namespace fusedlr {
 namespace {
+
+// The element loops are compiled for AVX-512, AVX2 and baseline x86-64, picked at load time by the
+// CPU. With -ffp-contract=off (setup.py) every version rounds the same: results do not depend on
+// the machine.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FUSEDLR_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FUSEDLR_CPU_CLONES
+#endif
 
 constexpr int64_t kChunkSize = int64_t{1} << 16;
 constexpr int64_t kSerialBelow = int64_t{1} << 15;
@@ -108,7 +116,7 @@ struct SgdTensor {
 };
 
 template <typename param_t, typename math_t, bool kMomentum, bool kWeightDecay>
-void sgd_range(const SgdTensor& job, int64_t begin, int64_t end) {
+FUSEDLR_CPU_CLONES void sgd_range(const SgdTensor& job, int64_t begin, int64_t end) {
   param_t* __restrict__ param = static_cast<param_t*>(job.param);
   const param_t* __restrict__ grad = static_cast<const param_t*>(job.grad);
   math_t* __restrict__ buffer = static_cast<math_t*>(job.momentum_buffer);
@@ -155,6 +163,7 @@ void sgd_step_cpu(at::TensorList params, const OptionalTensorList& grads, at::Te
     numels[j] = params[i].numel();
   }
   advance_counters(group_steps, steps, active);
+  bump_versions(active, {params, momentum_buffers, steps}, {&group_steps});
   for_each_chunk(numels, [&](int64_t i, int64_t begin, int64_t end) { sgd_chunk(jobs[i], begin, end); });
 }
 
@@ -172,7 +181,7 @@ struct AdamTensor {
 };
 
 template <typename param_t, typename math_t, bool kAmsgrad, bool kWeightDecay>
-void adam_range(const AdamTensor& job, int64_t begin, int64_t end) {
+FUSEDLR_CPU_CLONES void adam_range(const AdamTensor& job, int64_t begin, int64_t end) {
   param_t* __restrict__ param = static_cast<param_t*>(job.param);
   const param_t* __restrict__ grad = static_cast<const param_t*>(job.grad);
   math_t* __restrict__ exp_avg = static_cast<math_t*>(job.exp_avg);
@@ -238,6 +247,7 @@ void adam_step_cpu(at::TensorList params, const OptionalTensorList& grads, at::T
     numels[j] = params[i].numel();
   }
   advance_counters(group_steps, steps, active);
+  bump_versions(active, {params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps}, {&group_steps});
   for_each_chunk(numels, [&](int64_t i, int64_t begin, int64_t end) { adam_chunk(jobs[i], begin, end); });
 }
 
@@ -261,13 +271,14 @@ void plateau_observe_cpu(const at::Tensor& metric, c10::ArrayRef<double> base_lr
     if (static_cast<ScheduleKind>(static_cast<int>(programs[node])) != ScheduleKind::kReduceLROnPlateau) continue;
     plateau_observe(programs.data() + node + kNodeHeader, value, base_lrs[g], state + g * plateau_slot::kCount);
   }
+  plateau_state.unsafeGetTensorImpl()->bump_version();
 }
 
 at::Tensor evaluate_schedules_cpu(c10::ArrayRef<double> programs, c10::ArrayRef<double> base_lrs,
                                   const at::Tensor& steps, const at::Tensor& plateau_state) {
   const int64_t groups = static_cast<int64_t>(base_lrs.size());
   check_schedule_inputs("fusedlr.evaluate_schedules", programs, groups, steps, plateau_state);
-  at::Tensor out = at::empty({groups, 2}, plateau_state.options());
+  at::Tensor out = at::empty({groups, 3}, plateau_state.options());
   double* o = out.data_ptr<double>();
   const int64_t* step = steps.data_ptr<int64_t>();
   const double* plateau = plateau_state.data_ptr<double>();
@@ -275,8 +286,9 @@ at::Tensor evaluate_schedules_cpu(c10::ArrayRef<double> programs, c10::ArrayRef<
     TORCH_CHECK(step[g] >= 0, "fusedlr.evaluate_schedules: step ", step[g], " is negative");
     const ScheduleValue v =
         evaluate_schedule(programs.data(), static_cast<int>(g), step[g], base_lrs[g], plateau + g * plateau_slot::kCount);
-    o[2 * g] = v.lr;
-    o[2 * g + 1] = v.has_momentum ? v.momentum : std::numeric_limits<double>::quiet_NaN();
+    o[3 * g] = v.lr;
+    o[3 * g + 1] = v.has_momentum ? v.momentum : 0.0;
+    o[3 * g + 2] = v.has_momentum ? 1.0 : 0.0;
   }
   return out;
 }
@@ -291,3 +303,15 @@ TORCH_LIBRARY_IMPL(fusedlr, CPU, m) {
 }
 
 }  // namespace fusedlr
+
+// A sparse gradient routes the call to a sparse dispatch key; the same kernel then refuses it with
+// a clear message (check_step_inputs) before touching anything.
+TORCH_LIBRARY_IMPL(fusedlr, SparseCPU, m) {
+  m.impl("sgd_step_", &fusedlr::sgd_step_cpu);
+  m.impl("adam_step_", &fusedlr::adam_step_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fusedlr, SparseCsrCPU, m) {
+  m.impl("sgd_step_", &fusedlr::sgd_step_cpu);
+  m.impl("adam_step_", &fusedlr::adam_step_cpu);
+}

@@ -1,0 +1,348 @@
+"""Step-throughput benchmark: fusedlr against torch's optimizers, each with its lr scheduler.
+
+Every contender updates the same parameters with the same gradients (each keeps its own state), and
+the contenders take turns, round after round, so that drift of the machine hits all of them alike.
+The floor is the time the bytes a step must move take at the memory bandwidth measured in the same
+run (stream_bandwidths).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+import fusedlr
+from fusedlr import schedules as S
+
+# --------------------------------------------------------------------------------------------
+# Presets: parameter shapes only, nothing downloaded.
+
+
+def gpt2_small() -> list[tuple[int, ...]]:
+    d, layers, vocab, context = 768, 12, 50257, 1024
+    shapes = [(vocab, d), (context, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+def resnet50() -> list[tuple[int, ...]]:
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    in_ch = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            shapes += [(width, in_ch, 1, 1), (width,), (width,), (width, width, 3, 3), (width,), (width,),
+                       (4 * width, width, 1, 1), (4 * width,), (4 * width,)]
+            if b == 0:
+                shapes += [(4 * width, in_ch, 1, 1), (4 * width,), (4 * width,)]
+            in_ch = 4 * width
+    return shapes + [(1000, 2048), (1000,)]
+
+
+def llama_1b() -> list[tuple[int, ...]]:
+    d, layers, ffn, vocab, kv = 2048, 16, 8192, 128256, 512
+    shapes = [(vocab, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d, d), (kv, d), (kv, d), (d, d), (d,), (ffn, d), (ffn, d), (d, ffn)]
+    return shapes + [(d,)]
+
+
+PRESETS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
+    "gpt2-124m": gpt2_small,
+    "resnet50": resnet50,
+    "2000x1k": lambda: [(1024,)] * 2000,
+    "20x256": lambda: [(256,)] * 20,
+    "llama-1b": llama_1b,
+}
+CPU_PRESETS = ["gpt2-124m", "resnet50", "2000x1k", "20x256"]
+GPU_PRESETS = ["llama-1b", "gpt2-124m", "resnet50", "2000x1k", "20x256"]
+LARGE = {"gpt2-124m", "resnet50", "llama-1b"}
+
+# --------------------------------------------------------------------------------------------
+# Schedules by name, sized for a run far longer than the benchmark, so none runs out.
+
+HORIZON = 10 ** 9
+SCHEDULES: dict[str, Callable[[float], S.Schedule | None]] = {
+    "none": lambda lr: None,
+    "step": lambda lr: S.StepLR(step_size=1000, gamma=0.5),
+    "cosine": lambda lr: S.CosineAnnealingLR(T_max=HORIZON, eta_min=lr / 100),
+    "warmup-cosine": lambda lr: S.SequentialLR([S.LinearLR(start_factor=0.01, total_iters=5),
+                                                S.CosineAnnealingLR(T_max=HORIZON, eta_min=lr / 100)],
+                                               milestones=[5]),
+    "onecycle": lambda lr: S.OneCycleLR(max_lr=lr, total_steps=HORIZON),
+    "cyclic": lambda lr: S.CyclicLR(base_lr=lr / 10, max_lr=lr, step_size_up=7),
+    "plateau": lambda lr: S.ReduceLROnPlateau(patience=3),
+}
+
+
+def bytes_per_param(optimizer: str, dtype: torch.dtype, momentum: bool) -> int:
+    """What a step must move per parameter: read param and grad and the state, write param and state.
+    fp32 Adam/AdamW: 28 (p, g, m, v read; p, m, v written); SGD with momentum: 16."""
+    p = torch.empty((), dtype=dtype).element_size()
+    state = 8 if dtype == torch.float64 else 4
+    if optimizer == "sgd":
+        return 3 * p + (2 * state if momentum else 0)
+    return 3 * p + 4 * state
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Contender:
+    name: str
+    step: Callable[[], None]
+    samples: list[float] = field(default_factory=list)
+
+
+def optimizer_kwargs(optimizer: str, lr: float) -> dict:
+    if optimizer == "sgd":
+        return dict(lr=lr, momentum=0.9)
+    return dict(lr=lr, weight_decay=0.01)
+
+
+def make_contenders(optimizer: str, schedule_name: str, params, device: torch.device) -> list[Contender]:
+    lr = 1e-3
+    torch_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer]
+    fused_cls = {"sgd": fusedlr.SGD, "adam": fusedlr.Adam, "adamw": fusedlr.AdamW}[optimizer]
+    kwargs = optimizer_kwargs(optimizer, lr)
+    schedule = SCHEDULES[schedule_name](lr)
+    metric = torch.tensor(1.0, device=device)
+    contenders = []
+
+    def torch_contender(name, **impl):
+        opt = torch_cls(params, **kwargs, **impl)
+        sched = S.torch_scheduler(schedule, opt) if schedule is not None else None
+
+        def step():
+            opt.step()
+            if sched is None:
+                return
+            if isinstance(schedule, S.ReduceLROnPlateau):
+                sched.step(1.0)
+            else:
+                sched.step()
+        return Contender(name, step)
+
+    contenders.append(torch_contender("torch for-loop", foreach=False))
+    contenders.append(torch_contender("torch foreach", foreach=True))
+    contenders.append(torch_contender("torch fused", fused=True))
+    if device.type == "cuda" and optimizer != "sgd":
+        kw = dict(kwargs, lr=torch.tensor(lr, device=device))
+        opt = torch_cls(params, **kw, fused=True, capturable=True)
+        sched = S.torch_scheduler(schedule, opt) if schedule is not None and not isinstance(
+            schedule, S.ReduceLROnPlateau) else None
+        contenders.append(Contender("torch fused capturable, tensor lr",
+                                    lambda: (opt.step(), sched.step() if sched else None)))
+    if device.type == "cpu" and optimizer != "sgd":
+        try:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam  # optional: builds its own op with ninja
+            ds = DeepSpeedCPUAdam(params, lr=lr, weight_decay=kwargs["weight_decay"],
+                                  adamw_mode=optimizer == "adamw")
+            ds_sched = S.torch_scheduler(schedule, ds) if schedule is not None and not isinstance(
+                schedule, S.ReduceLROnPlateau) else None
+            contenders.append(Contender("DeepSpeedCPUAdam", lambda: (ds.step(), ds_sched.step() if ds_sched else None)))
+        except Exception:  # not installed, or its op does not build here
+            pass
+
+    opt = fused_cls(params, **kwargs, schedule=schedule)
+    if isinstance(schedule, S.ReduceLROnPlateau):
+        contenders.append(Contender("fusedlr", lambda: (opt.step(), opt.observe(metric))))
+    else:
+        contenders.append(Contender("fusedlr", opt.step))
+    return contenders
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def stream_bandwidths(device: torch.device, megabytes: int) -> dict[str, float]:
+    """Bytes per second of two large streams, median of several runs:
+    "copy": dst.copy_(src), counted as read src + write dst;
+    "in_place": dst.add_(src), counted as read dst and src + write dst, the access pattern of an
+    optimizer step, whose state is updated in place. On CPUs a copy also reads dst before writing
+    it (write-allocate), which the count leaves out, so the copy understates what memory can do;
+    the floor takes the faster of the two."""
+    n = megabytes * 2 ** 20 // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.zeros_like(src)
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(7):
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:])
+
+    nbytes = src.numel() * 4
+    return {"copy": 2 * nbytes / timed(lambda: dst.copy_(src)),
+            "in_place": 3 * nbytes / timed(lambda: dst.add_(src))}
+
+
+class Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done, self.enabled = max(total, 1), 0, enabled
+
+    def advance(self, label: str) -> None:
+        self.done += 1
+        if self.enabled:
+            width = 30
+            filled = width * self.done // self.total
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {label:<40}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def default_rounds(preset: str, device: torch.device) -> int:
+    if device.type == "cuda":
+        return 50 if preset in LARGE else 200
+    return 5 if preset in LARGE else 40
+
+
+def run_preset(preset: str, args, device: torch.device, bandwidth: float, progress: Progress) -> dict:
+    shapes = PRESETS[preset]()
+    dtype = getattr(torch, args.dtype)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    params = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(device=device, dtype=dtype))
+              for s in shapes]
+    for p in params:
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device=device, dtype=dtype)
+    contenders = make_contenders(args.optimizer, args.schedule, params, device)
+    rounds = args.steps or default_rounds(preset, device)
+    warmup = 2
+    for r in range(warmup + rounds):
+        order = contenders[r % len(contenders):] + contenders[:r % len(contenders)]
+        for c in order:
+            synchronize(device)
+            start = time.perf_counter()
+            c.step()
+            synchronize(device)
+            elapsed = time.perf_counter() - start
+            if r >= warmup:
+                c.samples.append(elapsed)
+        progress.advance(f"{preset} round {r + 1}/{warmup + rounds}")
+    n_params = sum(p.numel() for p in params)
+    step_bytes = n_params * bytes_per_param(args.optimizer, dtype, momentum=True)
+    floor = step_bytes / bandwidth
+    fused = statistics.median(next(c for c in contenders if c.name == "torch fused").samples)
+    results = []
+    for c in contenders:
+        median = statistics.median(c.samples)
+        results.append(dict(contender=c.name, median_s=median, min_s=min(c.samples), max_s=max(c.samples),
+                            params_per_s=n_params / median, achieved_gb_s=step_bytes / median / 1e9,
+                            pct_of_floor=100 * floor / median, speedup_vs_torch_fused=fused / median,
+                            samples_s=c.samples))
+    del contenders, params
+    return dict(preset=preset, tensors=len(shapes), params=n_params, bytes_per_step=step_bytes,
+                floor_s=floor, rounds=rounds, results=results)
+
+
+def format_table(report: dict) -> str:
+    lines = [f"\n{report['preset']}: {report['params'] / 1e6:.2f}M parameters in {report['tensors']} tensors, "
+             f"{report['bytes_per_step'] / 1e6:.1f} MB per step, floor {report['floor_s'] * 1e3:.3f} ms"]
+    header = f"{'contender':<34} {'median ms':>10} {'(min-max)':>19} {'Mparam/s':>10} {'GB/s':>7} " \
+             f"{'% floor':>8} {'vs fused':>9}"
+    lines += [header, "-" * len(header)]
+    for r in report["results"]:
+        spread = f"({r['min_s'] * 1e3:.3f}-{r['max_s'] * 1e3:.3f})"
+        lines.append(f"{r['contender']:<34} {r['median_s'] * 1e3:>10.3f} {spread:>19} "
+                     f"{r['params_per_s'] / 1e6:>10.1f} {r['achieved_gb_s']:>7.2f} {r['pct_of_floor']:>7.1f}% "
+                     f"{r['speedup_vs_torch_fused']:>8.2f}x")
+    return "\n".join(lines)
+
+
+def machine_info(device: torch.device) -> dict:
+    info = dict(platform=platform.platform(), processor=platform.processor(), python=platform.python_version(),
+                torch=torch.__version__, fusedlr=fusedlr.__version__, threads=torch.get_num_threads(),
+                cpus=os.cpu_count(), device=str(device), fusedlr_cuda_built=fusedlr.cuda_built())
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def write_plot(reports: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(reports), figsize=(4.2 * len(reports), 4.2), squeeze=False)
+    for ax, report in zip(axes[0], reports):
+        names = [r["contender"] for r in report["results"]]
+        values = [r["pct_of_floor"] for r in report["results"]]
+        bars = ax.bar(range(len(names)), values, color=["#4c72b0" if n != "fusedlr" else "#dd8452" for n in names])
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        ax.set_ylabel("% of memory-bandwidth floor (higher is faster)")
+        ax.set_title(f"{report['preset']} ({report['params'] / 1e6:.1f}M params)", fontsize=10)
+        for bar, r in zip(bars, report["results"]):
+            ax.annotate(f"{r['speedup_vs_torch_fused']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+    fig.suptitle("optimizer step throughput (label: speedup over torch fused)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(args) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not fusedlr.cuda_built():
+        print("fusedlr was built without its CUDA kernels; rebuild with FUSEDLR_CUDA=1", file=sys.stderr)
+        return 2
+    presets = args.preset or (GPU_PRESETS if device.type == "cuda" else CPU_PRESETS)
+    for p in presets:
+        if p not in PRESETS:
+            print(f"unknown preset {p!r}; choose from {', '.join(PRESETS)}", file=sys.stderr)
+            return 2
+    bandwidths = stream_bandwidths(device, 1024)
+    bandwidth = max(bandwidths.values())
+    print(f"fusedlr bench: {args.optimizer}, schedule {args.schedule}, {args.dtype}, on {device} "
+          f"({torch.get_num_threads()} threads); bandwidth: copy {bandwidths['copy'] / 1e9:.2f} GB/s, "
+          f"in-place {bandwidths['in_place'] / 1e9:.2f} GB/s; floor uses {bandwidth / 1e9:.2f} GB/s")
+    total = sum(2 + (args.steps or default_rounds(p, device)) for p in presets)
+    progress = Progress(total, enabled=not args.quiet and sys.stderr.isatty())
+    reports = []
+    for preset in presets:
+        reports.append(run_preset(preset, args, device, bandwidth, progress))
+    progress.close()
+    for report in reports:
+        print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(machine=machine_info(device), optimizer=args.optimizer, schedule=args.schedule,
+                           dtype=args.dtype, bandwidth_bytes_per_s=bandwidths, floor_bandwidth_bytes_per_s=bandwidth,
+                           presets=reports), f, indent=1)
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        write_plot(reports, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--preset", action="append", choices=list(PRESETS),
+                        help="preset to run (repeatable); default: all for the device")
+    parser.add_argument("--optimizer", default="adamw", choices=["sgd", "adam", "adamw"])
+    parser.add_argument("--schedule", default="onecycle", choices=list(SCHEDULES))
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--steps", type=int, default=None, help="timed rounds per preset (default: by preset size)")
+    parser.add_argument("--json", default=None, help="write every figure and raw sample here")
+    parser.add_argument("--plot", default=None, help="write a PNG bar chart here (needs matplotlib)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Sets up .venv with torch (the CUDA build: its headers compile fusedlr's CUDA kernels too) and
+# builds fusedlr in place. Safe to rerun: what is there already is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+.venv/bin/python -m pip install -q "torch>=2.6" numpy pytest expecttest ninja
+.venv/bin/python -m pip install -q --no-build-isolation -e .
+.venv/bin/python -c "import torch, fusedlr; print('fusedlr', fusedlr.__version__, 'on torch', torch.__version__, \
+'(CUDA kernels built)' if fusedlr.cuda_built() else '(CPU kernels only)')"

@@ -1,0 +1,96 @@
+"""Bad input: a clear error, and the parameters, state and step counters exactly as before."""
+
+import pytest
+import torch
+
+import fusedlr
+from fusedlr import schedules as S
+from test_state_dict import assert_unchanged, snapshot, trained_adam
+
+
+@pytest.mark.parametrize("build,argument", [
+    (lambda p: fusedlr.SGD(p, lr=-0.1), "lr"),
+    (lambda p: fusedlr.SGD(p, lr=float("nan")), "lr"),
+    (lambda p: fusedlr.SGD(p, momentum=-0.5), "momentum"),
+    (lambda p: fusedlr.SGD(p, weight_decay=-1e-4), "weight_decay"),
+    (lambda p: fusedlr.SGD(p, nesterov=True), "nesterov"),
+    (lambda p: fusedlr.SGD(p, momentum=0.9, dampening=0.1, nesterov=True), "nesterov"),
+    (lambda p: fusedlr.Adam(p, lr=-1e-3), "lr"),
+    (lambda p: fusedlr.Adam(p, betas=(1.0, 0.999)), "betas"),
+    (lambda p: fusedlr.Adam(p, betas=(0.9, -0.1)), "betas"),
+    (lambda p: fusedlr.Adam(p, betas=(0.9,)), "betas"),
+    (lambda p: fusedlr.Adam(p, eps=-1e-8), "eps"),
+    (lambda p: fusedlr.AdamW(p, weight_decay=-0.1), "weight_decay"),
+    (lambda p: fusedlr.AdamW(p, amsgrad="yes"), "amsgrad"),
+    (lambda p: fusedlr.AdamW(p, foreach=True), "foreach"),
+    (lambda p: fusedlr.AdamW(p, differentiable=True), "differentiable"),
+    (lambda p: fusedlr.AdamW(p, schedule=torch.optim.lr_scheduler.StepLR), "schedule"),
+    (lambda p: fusedlr.AdamW([{"params": p, "lr": -1.0}]), "lr"),
+    (lambda p: fusedlr.AdamW([{"params": p, "schedule": "cosine"}]), "schedule"),
+])
+def test_invalid_hyperparameters_raise_value_error_naming_them(build, argument):
+    with pytest.raises(ValueError, match=argument):
+        build([torch.nn.Parameter(torch.zeros(3))])
+
+
+def test_complex_parameters_are_refused():
+    with pytest.raises(ValueError, match="complex"):
+        fusedlr.Adam([torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_mixed_devices_are_refused():
+    with pytest.raises(ValueError, match="mixed devices"):
+        fusedlr.Adam([torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3, device="cuda"))])
+
+
+def test_mixed_devices_are_refused_meta():
+    """Without a GPU: the meta device stands in for a second device."""
+    with pytest.raises(ValueError, match="mixed devices"):
+        fusedlr.Adam([torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3, device="meta"))])
+    opt = fusedlr.Adam([torch.nn.Parameter(torch.zeros(3))])
+    with pytest.raises(ValueError, match="mixed devices"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3, device="meta"))]})
+    assert len(opt.param_groups) == 1 and opt.schedule_steps().shape == (1,)
+
+
+def bad_gradient_cases():
+    # autograd itself refuses a .grad of another dtype, shape or device; test_ops checks the op's own checks
+    yield "sparse", lambda p: torch.zeros_like(p).to_sparse(), "sparse|dense"
+    yield "sparse-csr", lambda p: torch.zeros(1, p.numel()).to_sparse_csr().reshape(p.shape) if p.dim() == 2 \
+        else torch.zeros_like(p).to_sparse(), "sparse|dense"
+
+
+@pytest.mark.parametrize("name,make_grad,message", list(bad_gradient_cases()))
+@pytest.mark.parametrize("fresh", [False, True], ids=["trained", "new-parameter"])
+def test_bad_gradient_raises_and_changes_nothing(name, make_grad, message, fresh):
+    params, opt = trained_adam()
+    extra = torch.nn.Parameter(torch.randn(4))
+    opt.add_param_group({"params": [extra]})
+    all_params = params + [extra]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    target = extra if fresh else params[1]
+    target.grad = make_grad(target)
+    before = snapshot(opt, all_params)
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=message):
+        opt.step()
+    assert_unchanged(before, opt, all_params)
+    # and once the gradient is fixed, training goes on
+    target.grad = torch.randn_like(target)
+    opt.step()
+    assert int(opt.state[target]["step"]) == (1 if fresh else 4)
+
+
+def test_observe_without_plateau_schedule_is_refused():
+    opt = fusedlr.SGD([torch.nn.Parameter(torch.zeros(2))], schedule=S.StepLR(step_size=3))
+    with pytest.raises(ValueError, match="ReduceLROnPlateau"):
+        opt.observe(1.0)
+
+
+def test_observe_refuses_a_non_scalar_metric():
+    opt = fusedlr.SGD([torch.nn.Parameter(torch.zeros(2))], schedule=S.ReduceLROnPlateau())
+    with pytest.raises(ValueError, match="metric"):
+        opt.observe(torch.ones(3))
+    with pytest.raises(ValueError, match="metric"):
+        opt.observe(float("nan") * 0 + float("inf"))

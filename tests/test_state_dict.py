@@ -1,0 +1,188 @@
+"""Checkpoint and resume: bitwise identical to an uninterrupted run; torch checkpoints in and out."""
+
+import io
+import warnings
+
+import pytest
+import torch
+
+import fusedlr
+from fusedlr import schedules as S
+from twins import SCHEDULES, torch_twin
+
+warnings.filterwarnings("ignore", message=".*lr_scheduler.step\\(\\)")
+
+PLATEAU = S.ReduceLROnPlateau(patience=1, factor=0.5, cooldown=1)
+OPTIMIZERS = {
+    "sgd": lambda params, s: fusedlr.SGD(params, lr=0.05, momentum=0.9, nesterov=True, schedule=s),
+    "adam": lambda params, s: fusedlr.Adam(params, lr=0.01, amsgrad=True, schedule=s),
+    "adamw": lambda params, s: fusedlr.AdamW(params, lr=0.01, weight_decay=0.1, schedule=s),
+}
+
+
+def gradients(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(5, 3, generator=gen), torch.randn(11, generator=gen)] for _ in range(n)]
+
+
+def metric(k):
+    return torch.tensor(float(10 - k % 4 + (k // 9)))  # stalls and worsens: the plateau fires
+
+
+def train(opt, params, grads, observe):
+    for k, gs in enumerate(grads):
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+        if observe:
+            opt.observe(metric(k))
+
+
+def save_load(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer)  # weights_only=True: the state_dict holds plain data only
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES) + ["ReduceLROnPlateau"])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_resume_is_bitwise_identical(optimizer, schedule):
+    s = PLATEAU if schedule == "ReduceLROnPlateau" else SCHEDULES[schedule]
+    observe = schedule == "ReduceLROnPlateau"
+    grads = gradients(60, seed=1)
+    start = [torch.randn(5, 3, generator=torch.Generator().manual_seed(2)), torch.randn(11)]
+
+    straight = [p.clone().requires_grad_() for p in start]
+    straight_opt = OPTIMIZERS[optimizer](straight, s)
+    train(straight_opt, straight, grads, observe)
+
+    first = [p.clone().requires_grad_() for p in start]
+    first_opt = OPTIMIZERS[optimizer](first, s)
+    train(first_opt, first, grads[:23], observe)
+    checkpoint = save_load({"params": [p.detach() for p in first], "opt": first_opt.state_dict()})
+
+    resumed = [p.clone().requires_grad_() for p in checkpoint["params"]]
+    resumed_opt = OPTIMIZERS[optimizer](resumed, S.StepLR(step_size=1000))  # the checkpoint's schedule wins
+    resumed_opt.load_state_dict(checkpoint["opt"])
+    for k in range(23, 60):
+        for p, g in zip(resumed, grads[k]):
+            p.grad = g.clone()
+        resumed_opt.step()
+        if observe:
+            resumed_opt.observe(metric(k))
+
+    for p, q in zip(straight, resumed):
+        assert torch.equal(p, q)
+    for p, q in zip(straight, resumed):
+        for key, value in straight_opt.state[p].items():
+            assert torch.equal(value, resumed_opt.state[q][key]), key
+    assert torch.equal(straight_opt.last_lr(), resumed_opt.last_lr())
+    assert torch.equal(straight_opt.schedule_steps(), resumed_opt.schedule_steps())
+
+
+def test_torch_checkpoint_into_fusedlr_and_back():
+    """torch AdamW + OneCycleLR for 40 steps -> fusedlr for 40 -> torch for 40 matches torch for 120."""
+    grads = gradients(120, seed=7)
+    schedule = S.OneCycleLR(max_lr=0.02, total_steps=120)
+    start = [torch.randn(5, 3, dtype=torch.float64), torch.randn(11, dtype=torch.float64)]
+
+    def torch_run(params, opt, sched, ks):
+        for k in ks:
+            for p, g in zip(params, grads[k]):
+                p.grad = g.double()
+            opt.step()
+            if k < 119:
+                sched.step()
+
+    ref = [p.clone().requires_grad_() for p in start]
+    ref_opt = torch.optim.AdamW(ref, lr=0.02, weight_decay=0.1, foreach=False)
+    ref_sched = torch_twin(schedule, ref_opt)
+    torch_run(ref, ref_opt, ref_sched, range(120))
+
+    a = [p.clone().requires_grad_() for p in start]
+    a_opt = torch.optim.AdamW(a, lr=0.02, weight_decay=0.1, foreach=False)
+    a_sched = torch_twin(schedule, a_opt)
+    torch_run(a, a_opt, a_sched, range(40))
+
+    b = [p.detach().clone().requires_grad_() for p in a]
+    b_opt = fusedlr.AdamW(b, lr=0.02, weight_decay=0.1, schedule=schedule)
+    b_opt.load_state_dict(save_load(a_opt.state_dict()))
+    assert b_opt.schedule_steps().tolist() == [40]
+    assert float(b_opt.last_lr()[0]) == pytest.approx(a_sched.get_last_lr()[0], rel=1e-12)
+    for k in range(40, 80):
+        for p, g in zip(b, grads[k]):
+            p.grad = g.double()
+        b_opt.step()
+
+    c = [p.detach().clone().requires_grad_() for p in b]
+    c_opt = torch.optim.AdamW(c, lr=0.02, weight_decay=0.1, foreach=False)
+    c_sched = torch_twin(schedule, c_opt)
+    c_opt.load_state_dict(save_load(b_opt.state_dict()))
+    c_sched.load_state_dict({**c_sched.state_dict(), "last_epoch": 80, "_step_count": 81})
+    c_sched._update_lr(80)  # put torch's scheduler at step 80 as its own checkpoint would
+    torch_run(c, c_opt, c_sched, range(80, 120))
+
+    for p, q in zip(ref, c):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+    for p, q in zip(ref, c):
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(ref_opt.state[p][key], c_opt.state[q][key], rtol=1e-9, atol=1e-11)
+
+
+def snapshot(opt, params):
+    return ([p.detach().clone() for p in params],
+            {p: {k: v.clone() for k, v in opt.state[p].items()} for p in params if p in opt.state},
+            opt.schedule_steps().clone(), opt.last_lr().clone())
+
+
+def assert_unchanged(before, opt, params):
+    values, state, steps, lr = before
+    for p, v in zip(params, values):
+        assert torch.equal(p.detach(), v)
+    assert set(opt.state.keys()) == set(state.keys())
+    for p in state:
+        for k, v in state[p].items():
+            assert torch.equal(opt.state[p][k], v)
+    assert torch.equal(opt.schedule_steps(), steps)
+    assert torch.equal(opt.last_lr(), lr)
+
+
+def trained_adam():
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(11))]
+    opt = fusedlr.AdamW(params, lr=0.01, schedule=S.StepLR(step_size=2))
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return params, opt
+
+
+def test_state_dict_of_another_layout_raises_and_changes_nothing():
+    params, opt = trained_adam()
+    before = snapshot(opt, params)
+    other_params = [torch.nn.Parameter(torch.randn(3, 5)), torch.nn.Parameter(torch.randn(11))]
+    other = fusedlr.AdamW(other_params, lr=0.01)
+    for p in other_params:
+        p.grad = torch.randn_like(p)
+    other.step()
+    with pytest.raises(ValueError, match="different parameter layout"):
+        opt.load_state_dict(other.state_dict())
+    assert_unchanged(before, opt, params)
+
+    fewer = fusedlr.AdamW([torch.nn.Parameter(torch.randn(5, 3))], lr=0.01)
+    with pytest.raises(ValueError, match="parameters"):
+        opt.load_state_dict(fewer.state_dict())
+    assert_unchanged(before, opt, params)
+
+    two_groups = fusedlr.AdamW([{"params": [torch.nn.Parameter(torch.randn(5, 3))]},
+                                {"params": [torch.nn.Parameter(torch.randn(11))]}], lr=0.01)
+    with pytest.raises(ValueError, match="groups"):
+        opt.load_state_dict(two_groups.state_dict())
+    assert_unchanged(before, opt, params)
+
+    bad_schedule = opt.state_dict()
+    bad_schedule["param_groups"][0]["schedule"] = {"name": "StepLR", "args": {"step_size": 0}}
+    with pytest.raises(ValueError, match="step_size"):
+        opt.load_state_dict(bad_schedule)
+    assert_unchanged(before, opt, params)
