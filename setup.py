@@ -9,12 +9,28 @@ Environment switches:
 
 import glob
 import os
+import shutil
 
-import torch
-from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+
+def find_cuda_home() -> str | None:
+    """The toolkit folder: torch guesses it as the parent of the nvcc on PATH, which is wrong when that
+    nvcc is a link or a wrapper script (/usr/local/bin/nvcc -> /usr/local, no libcudart there)."""
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    for candidate in candidates + ["/usr/local/cuda"]:
+        if os.path.isfile(os.path.join(candidate, "bin", "nvcc")) and glob.glob(
+                os.path.join(candidate, "lib*", "libcudart.so*")):
+            return candidate
+    return None
+
+
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and find_cuda_home():
+    os.environ["CUDA_HOME"] = find_cuda_home()
+
+import torch  # noqa: E402
+from setuptools import setup  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
 def want_cuda() -> bool:
