@@ -6,26 +6,7 @@
 // neither force a host sync nor change under CUDA graph capture or torch.compile. What changes from
 // step to step (step counters, plateau state) lives in tensors on the parameters' device.
 
-#include <Python.h>
 #include <torch/library.h>
-
-extern "C" {
-// Importing fusedlr._C loads this library, whose static initializers register the ops below.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  PyObject* m = PyModule_Create(&module);
-#ifdef FUSEDLR_WITH_CUDA
-  const long cuda_built = 1;
-#else
-  const long cuda_built = 0;
-#endif
-  if (m != nullptr && PyModule_AddIntConstant(m, "cuda_built", cuda_built) != 0) {
-    Py_DECREF(m);
-    return nullptr;
-  }
-  return m;
-}
-}
 
 TORCH_LIBRARY(fusedlr, m) {
   m.def(

@@ -86,7 +86,8 @@ SCHEDULES: dict[str, Callable[[float], S.Schedule | None]] = {
 
 def bytes_per_param(optimizer: str, dtype: torch.dtype, momentum: bool) -> int:
     """What a step must move per parameter: read param and grad and the state, write param and state.
-    fp32 Adam/AdamW: 28 (p, g, m, v read; p, m, v written); SGD with momentum: 16."""
+    fp32 Adam/AdamW: 28 (p, g, m, v read; p, m, v written); SGD with momentum: 20 (p, g, buf read;
+    p, buf written); plain SGD: 12."""
     p = torch.empty((), dtype=dtype).element_size()
     state = 8 if dtype == torch.float64 else 4
     if optimizer == "sgd":

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _ops
+from . import _C, _ops
 from .schedules import ReduceLROnPlateau, Schedule, compile_programs, from_spec
 
 __all__ = ["SGD", "Adam", "AdamW"]
@@ -64,7 +64,8 @@ def _check_unsupported(foreach, fused, differentiable) -> None:
 
 
 class _StepLists:
-    """The op's per-parameter lists for every parameter that has optimizer state."""
+    """The op's per-parameter lists for every parameter that has optimizer state, and the plan that
+    holds them on the C++ side (csrc/python_plan.cpp, [note: step plans])."""
 
     def __init__(self):
         self.params: list[Tensor] = []
@@ -72,6 +73,7 @@ class _StepLists:
         self.steps: list[Tensor] = []
         self.states: dict[str, list[Tensor]] = {}
         self.stateless: list[Tensor] = []  # parameters not yet given state (never had a gradient)
+        self.plan = None
 
 
 class _FusedOptimizer(Optimizer):
@@ -182,6 +184,7 @@ class _FusedOptimizer(Optimizer):
                 for key in self._STATE_KEYS:
                     value = state.get(key)
                     lists.states[key].append(self._placeholder(p) if value is None else value)
+        lists.plan = self._make_plan(lists)
         return lists
 
     def _prepare(self) -> tuple[_StepLists, list[Tensor]]:
@@ -227,6 +230,15 @@ class _FusedOptimizer(Optimizer):
         return loss
 
     def _run(self, lists: _StepLists, grads: list[Tensor | None], hyper: list[float], programs: list[float]):
+        if torch.compiler.is_compiling():
+            self._run_op(lists, grads, hyper, programs)
+        else:
+            lists.plan.step(grads, hyper, programs, self._group_steps, self._plateau_state)
+
+    def _make_plan(self, lists: _StepLists):
+        raise NotImplementedError
+
+    def _run_op(self, lists: _StepLists, grads: list[Tensor | None], hyper: list[float], programs: list[float]):
         raise NotImplementedError
 
     # -- schedules -------------------------------------------------------------------------------
@@ -450,7 +462,10 @@ class SGD(_FusedOptimizer):
         if self._uses_momentum(group) and state.get("momentum_buffer") is None:
             state["momentum_buffer"] = torch.zeros_like(param, dtype=_state_dtype(param))
 
-    def _run(self, lists, grads, hyper, programs):
+    def _make_plan(self, lists):
+        return _C.SgdPlan(lists.params, lists.states["momentum_buffer"], lists.steps, lists.tensor_group)
+
+    def _run_op(self, lists, grads, hyper, programs):
         _ops.sgd_step_(lists.params, grads, lists.states["momentum_buffer"], lists.steps, lists.tensor_group,
                        hyper, programs, self._group_steps, self._plateau_state)
 
@@ -519,7 +534,11 @@ class Adam(_FusedOptimizer):
         if group["amsgrad"] and state.get("max_exp_avg_sq") is None:
             state["max_exp_avg_sq"] = torch.zeros_like(param, dtype=_state_dtype(param))
 
-    def _run(self, lists, grads, hyper, programs):
+    def _make_plan(self, lists):
+        return _C.AdamPlan(lists.params, lists.states["exp_avg"], lists.states["exp_avg_sq"],
+                           lists.states["max_exp_avg_sq"], lists.steps, lists.tensor_group)
+
+    def _run_op(self, lists, grads, hyper, programs):
         _ops.adam_step_(lists.params, grads, lists.states["exp_avg"], lists.states["exp_avg_sq"],
                         lists.states["max_exp_avg_sq"], lists.steps, lists.tensor_group, hyper, programs,
                         self._group_steps, self._plateau_state)

@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
-.venv/bin/python -m pip install -q "torch>=2.6" numpy pytest expecttest ninja
+.venv/bin/python -m pip install -q "torch>=2.6" numpy pytest expecttest ninja matplotlib
 .venv/bin/python -m pip install -q --no-build-isolation -e .
 .venv/bin/python -c "import torch, fusedlr; print('fusedlr', fusedlr.__version__, 'on torch', torch.__version__, \
 '(CUDA kernels built)' if fusedlr.cuda_built() else '(CPU kernels only)')"

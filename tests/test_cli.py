@@ -1,0 +1,78 @@
+"""The command line: the benchmark end to end at a tiny size, its floor arithmetic, and plots."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fusedlr import bench
+
+CLI = [sys.executable, "-m", "fusedlr"]
+
+
+def test_bench_runs_end_to_end_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(CLI + ["bench", "--preset", "20x256", "--preset", "2000x1k", "--steps", "3",
+                                   "--schedule", "warmup-cosine", "--json", str(out), "--quiet"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "torch fused" in result.stdout and "fusedlr" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["machine"]["torch"] == torch.__version__
+    assert report["floor_bandwidth_bytes_per_s"] == max(report["bandwidth_bytes_per_s"].values()) > 0
+    presets = {p["preset"]: p for p in report["presets"]}
+    assert set(presets) == {"20x256", "2000x1k"}
+    small = presets["2000x1k"]
+    assert small["tensors"] == 2000 and small["params"] == 2000 * 1024
+    assert small["bytes_per_step"] == 28 * small["params"]
+    assert small["floor_s"] == pytest.approx(small["bytes_per_step"] / report["floor_bandwidth_bytes_per_s"])
+    names = [r["contender"] for r in small["results"]]
+    assert names[:3] == ["torch for-loop", "torch foreach", "torch fused"] and names[-1] == "fusedlr"
+    for r in small["results"]:
+        assert len(r["samples_s"]) == 3 and all(s > 0 for s in r["samples_s"])
+        assert r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert r["pct_of_floor"] == pytest.approx(100 * small["floor_s"] / r["median_s"])
+        assert r["achieved_gb_s"] == pytest.approx(small["bytes_per_step"] / r["median_s"] / 1e9)
+    fused = next(r for r in small["results"] if r["contender"] == "torch fused")
+    assert fused["speedup_vs_torch_fused"] == 1.0
+
+
+def test_bytes_per_param():
+    assert bench.bytes_per_param("adamw", torch.float32, momentum=True) == 28
+    assert bench.bytes_per_param("adam", torch.float32, momentum=True) == 28
+    # read p, g, buf; write p, buf (design.md says 16, which leaves out one of the buffer's two trips)
+    assert bench.bytes_per_param("sgd", torch.float32, momentum=True) == 20
+    assert bench.bytes_per_param("sgd", torch.float32, momentum=False) == 12
+    assert bench.bytes_per_param("adamw", torch.bfloat16, momentum=True) == 3 * 2 + 4 * 4
+    assert bench.bytes_per_param("adamw", torch.float64, momentum=True) == 56
+
+
+def test_presets_have_the_sizes_they_claim():
+    count = lambda shapes: sum(math.prod(s) for s in shapes)  # noqa: E731
+    assert count(bench.gpt2_small()) == pytest.approx(124.4e6, rel=1e-3)
+    assert count(bench.resnet50()) == pytest.approx(25.56e6, rel=1e-3)
+    assert len(bench.resnet50()) == 161
+    assert count(bench.llama_1b()) == pytest.approx(1.236e9, rel=1e-2)
+
+
+@pytest.mark.parametrize("args", [
+    ["OneCycleLR", "--max_lr", "0.1", "--total_steps", "300", "--torch"],
+    ["CosineAnnealingWarmRestarts", "--T_0", "50", "--T_mult", "2"],
+])
+def test_plot_writes_a_png(tmp_path, args):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "lr.png"
+    result = subprocess.run(CLI + ["plot", *args, "--steps", "300", "-o", str(out)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_plot_refuses_bad_arguments(tmp_path):
+    result = subprocess.run(CLI + ["plot", "StepLR", "--step_size", "0", "-o", str(tmp_path / "x.png")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "step_size" in result.stderr
