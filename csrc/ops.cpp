@@ -24,8 +24,9 @@ TORCH_LIBRARY(fusedlr, m) {
 // [note: no autograd]
 // An optimizer step is not differentiable. Autograd's fallback for custom ops would walk every
 // tensor of the call (grad accumulators, edges, a mutex per parameter) on each step: a fallthrough
-// skips it, and the kernels bump the version counters of what they mutate, as in-place ops do, so
-// a graph that saved a parameter still notices that it changed.
+// skips it, and the kernels bump the version counters of the parameters they update, as in-place
+// ops do, so a graph that saved a parameter still notices that it changed. Optimizer state and
+// step counters are the optimizer's own and never enter a graph.
 TORCH_LIBRARY_IMPL(fusedlr, Autograd, m) {
   m.impl("sgd_step_", torch::CppFunction::makeFallthrough());
   m.impl("adam_step_", torch::CppFunction::makeFallthrough());

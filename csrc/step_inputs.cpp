@@ -69,7 +69,7 @@ ActiveTensors check_step_inputs(const char* op, at::DeviceType device_type, at::
 
   ActiveTensors active;
   active.index.reserve(n);
-  active.grads.reserve(n);
+  active.grad_data.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     const std::optional<at::Tensor> maybe_grad = grads[i];
     if (!maybe_grad.has_value() || !maybe_grad->defined()) continue;
@@ -108,19 +108,18 @@ ActiveTensors check_step_inputs(const char* op, at::DeviceType device_type, at::
     TORCH_CHECK(step.scalar_type() == at::kLong && step.numel() == 1, op, ": the step counter", " of parameter ", i,
                 " must be a one-element int64 tensor, got ", step.scalar_type(), " of shape ", step.sizes());
     active.index.push_back(static_cast<int64_t>(i));
-    active.grads.push_back(grad.strides() == param.strides() ? grad : at::empty_like(param).copy_(grad));
+    if (grad.strides() == param.strides()) {
+      active.grad_data.push_back(grad.const_data_ptr());
+    } else {
+      active.copies.push_back(at::empty_like(param).copy_(grad));
+      active.grad_data.push_back(active.copies.back().const_data_ptr());
+    }
   }
   return active;
 }
 
-void bump_versions(const ActiveTensors& active, std::initializer_list<at::TensorList> mutated,
-                   std::initializer_list<const at::Tensor*> whole) {
-  for (const at::TensorList list : mutated) {
-    for (const int64_t i : active.index) {
-      if (list[i].defined() && list[i].numel() != 0) list[i].unsafeGetTensorImpl()->bump_version();
-    }
-  }
-  for (const at::Tensor* t : whole) t->unsafeGetTensorImpl()->bump_version();
+void bump_versions(const ActiveTensors& active, at::TensorList params) {
+  for (const int64_t i : active.index) params[i].unsafeGetTensorImpl()->bump_version();
 }
 
 }  // namespace fusedlr

@@ -23,8 +23,9 @@ using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
 
 // The parameters a step updates: those with a gradient.
 struct ActiveTensors {
-  std::vector<int64_t> index;     // into the op's lists
-  std::vector<at::Tensor> grads;  // each in its parameter's layout (copied if it was not)
+  std::vector<int64_t> index;          // into the op's lists
+  std::vector<const void*> grad_data;  // each gradient in its parameter's layout...
+  std::vector<at::Tensor> copies;      // ...copied into it, and kept alive here, where it was not
 };
 
 // Everything a step op checks before it touches anything. A failed check raises, and leaves every
@@ -42,10 +43,8 @@ void check_schedule_inputs(const char* op, c10::ArrayRef<double> programs, int64
 // The dtype of optimizer state for a parameter dtype: float32 for the low-precision types.
 at::ScalarType state_dtype(at::ScalarType param_dtype);
 
-// Bumps the version counter of each tensor a step mutates (ops.cpp, [note: no autograd]): entry i
-// of every list in `mutated` for each active i, and each tensor in `whole`.
-void bump_versions(const ActiveTensors& active, std::initializer_list<at::TensorList> mutated,
-                   std::initializer_list<const at::Tensor*> whole);
+// Bumps the version counters of the parameters a step updates (ops.cpp, [note: no autograd]).
+void bump_versions(const ActiveTensors& active, at::TensorList params);
 
 template <typename Param, typename Math>
 struct TypePair {

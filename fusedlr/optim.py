@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim import optimizer as _torch_optimizer
 
 from . import _C, _ops
 from .schedules import ReduceLROnPlateau, Schedule, compile_programs, from_spec
@@ -136,13 +137,10 @@ class _FusedOptimizer(Optimizer):
 
     # -- the step path ---------------------------------------------------------------------------
 
-    def _hyper(self) -> list[float]:
-        hyper: list[float] = []
-        for group in self.param_groups:
-            hyper.extend(self._group_hyper(group))
-        return hyper
+    def _hyper(self) -> tuple[float, ...]:
+        return tuple(value for group in self.param_groups for value in self._group_hyper(group))
 
-    def _group_hyper(self, group: dict) -> list[float]:
+    def _group_hyper(self, group: dict) -> tuple[float, ...]:
         raise NotImplementedError
 
     def _programs_now(self) -> list[float]:
@@ -204,15 +202,26 @@ class _FusedOptimizer(Optimizer):
                     raise RuntimeError(f"fusedlr optimizers take dense gradients only, got a {p.grad.layout} gradient")
                 if p.grad.is_complex():
                     raise RuntimeError("fusedlr optimizers do not support complex gradients")
-            for p, group in first_grads:
-                self.state[p] = self._new_state(p, group)
-                fresh.append(p)
-            lists = self._lists = self._build_lists()
+            with torch.no_grad():
+                for p, group in first_grads:
+                    self.state[p] = self._new_state(p, group)
+                    fresh.append(p)
+                lists = self._lists = self._build_lists()
         return lists, fresh
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         """One fused update of every parameter that has a gradient, at each group's scheduled lr."""
+        # torch wraps every optimizer's step in a profiler range and its step hooks, which costs
+        # more than a fused step of a small model: pay for it only when it does something.
+        if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _torch_optimizer._global_optimizer_pre_hooks
+                or _torch_optimizer._global_optimizer_post_hooks or torch.autograd._profiler_enabled()
+                or torch.compiler.is_compiling()):
+            return self._hooked_step(closure)
+        return self._step(closure)
+
+    step.hooked = True  # torch's Optimizer.__init__ must not wrap it again
+
+    def _step(self, closure: Callable[[], Any] | None = None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -228,6 +237,8 @@ class _FusedOptimizer(Optimizer):
                 self._lists = None
             raise
         return loss
+
+    _hooked_step = Optimizer.profile_hook_step(_step)
 
     def _run(self, lists: _StepLists, grads: list[Tensor | None], hyper: list[float], programs: list[float]):
         if torch.compiler.is_compiling():
@@ -446,9 +457,9 @@ class SGD(_FusedOptimizer):
         schedule = group["schedule"]
         return group["momentum"] != 0 or (schedule is not None and schedule.cycles_momentum)
 
-    def _group_hyper(self, group: dict) -> list[float]:
-        return [group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
-                float(group["nesterov"]), float(group["maximize"])]
+    def _group_hyper(self, group: dict) -> tuple[float, ...]:
+        return (group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
+                float(group["nesterov"]), float(group["maximize"]))
 
     def _static_momentum(self, group: dict) -> float:
         return float(group["momentum"])
@@ -515,10 +526,10 @@ class Adam(_FusedOptimizer):
         _check_flag("maximize", group["maximize"])
         _check_flag("decoupled_weight_decay", group["decoupled_weight_decay"])
 
-    def _group_hyper(self, group: dict) -> list[float]:
+    def _group_hyper(self, group: dict) -> tuple[float, ...]:
         beta1, beta2 = group["betas"]
-        return [group["lr"], beta1, beta2, group["eps"], group["weight_decay"], float(group["amsgrad"]),
-                float(group["maximize"]), float(group["decoupled_weight_decay"])]
+        return (group["lr"], beta1, beta2, group["eps"], group["weight_decay"], float(group["amsgrad"]),
+                float(group["maximize"]), float(group["decoupled_weight_decay"]))
 
     def _static_momentum(self, group: dict) -> float:
         return float(group["betas"][0])

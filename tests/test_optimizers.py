@@ -251,3 +251,29 @@ def test_deepcopy_keeps_device_state():
     opt.step()
     clone = copy.deepcopy(opt)
     assert clone.last_lr().tolist() == [0.5] and math.isclose(float(opt.last_lr()[0]), 0.5)
+
+
+def test_step_hooks_run():
+    """step() skips torch's profiling wrapper when nothing listens, and runs hooks when they exist."""
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = fusedlr.SGD([p], lr=0.5)
+    calls = []
+    pre = opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    post = opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    glob = torch.optim.optimizer.register_optimizer_step_post_hook(lambda o, args, kwargs: calls.append("global"))
+    p.grad = torch.ones(2)
+    opt.step()
+    assert calls == ["pre", "post", "global"] and p.detach().tolist() == [0.5, 0.5]
+    for handle in (pre, post, glob):
+        handle.remove()
+    opt.step()
+    assert calls == ["pre", "post", "global"] and p.detach().tolist() == [0.0, 0.0]
+
+
+def test_step_updates_parameter_version_counters():
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = fusedlr.Adam([p], lr=0.5)
+    p.grad = torch.ones(2)
+    before = p._version
+    opt.step()
+    assert p._version > before

@@ -95,12 +95,12 @@ std::vector<ScheduleValue> evaluate_groups(c10::ArrayRef<double> hyper, int64_t 
 void advance_counters(const at::Tensor& group_steps, at::TensorList steps, const ActiveTensors& active) {
   int64_t* group_step = group_steps.data_ptr<int64_t>();
   for (int64_t g = 0; g < group_steps.numel(); ++g) group_step[g] += 1;
-  for (const int64_t i : active.index) *steps[i].data_ptr<int64_t>() += 1;
+  for (const int64_t i : active.index) *steps[i].mutable_data_ptr<int64_t>() += 1;
 }
 
 template <typename T>
 T* data_or_null(const at::Tensor& t) {
-  return t.numel() == 0 ? nullptr : static_cast<T*>(t.data_ptr());
+  return t.numel() == 0 ? nullptr : static_cast<T*>(t.mutable_data_ptr());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -154,16 +154,17 @@ void sgd_step_cpu(at::TensorList params, const OptionalTensorList& grads, at::Te
   for (size_t j = 0; j < n; ++j) {
     const int64_t i = active.index[j];
     const int64_t g = tensor_group[i];
-    const SgdScalars s = sgd_scalars(hyper.data() + g * sgd_slot::kCount, schedule[g], *steps[i].data_ptr<int64_t>());
+    const SgdScalars s =
+        sgd_scalars(hyper.data() + g * sgd_slot::kCount, schedule[g], *steps[i].const_data_ptr<int64_t>());
     TORCH_CHECK(s.momentum == 0 || momentum_buffers[i].numel() == params[i].numel(), "fusedlr.sgd_step_: parameter ",
                 i, " is updated with momentum ", s.momentum, " but has no momentum_buffer");
-    jobs[j] = {params[i].data_ptr(), active.grads[j].data_ptr(),
+    jobs[j] = {params[i].mutable_data_ptr(), active.grad_data[j],
                s.momentum != 0 ? data_or_null<void>(momentum_buffers[i]) : nullptr, params[i].scalar_type(),
                s.weight_decay != 0, s};
     numels[j] = params[i].numel();
   }
   advance_counters(group_steps, steps, active);
-  bump_versions(active, {params, momentum_buffers, steps}, {&group_steps});
+  bump_versions(active, params);
   for_each_chunk(numels, [&](int64_t i, int64_t begin, int64_t end) { sgd_chunk(jobs[i], begin, end); });
 }
 
@@ -235,19 +236,20 @@ void adam_step_cpu(at::TensorList params, const OptionalTensorList& grads, at::T
   for (size_t j = 0; j < n; ++j) {
     const int64_t i = active.index[j];
     const int64_t g = tensor_group[i];
-    const int64_t step = *steps[i].data_ptr<int64_t>() + 1;
+    const int64_t step = *steps[i].const_data_ptr<int64_t>() + 1;
     if (g != last_group || step != last_step) {
       last_scalars = adam_scalars(hyper.data() + g * adam_slot::kCount, schedule[g], step);
       last_group = g;
       last_step = step;
     }
-    jobs[j] = {params[i].data_ptr(),      active.grads[j].data_ptr(),           exp_avgs[i].data_ptr(),
-               exp_avg_sqs[i].data_ptr(), data_or_null<void>(max_exp_avg_sqs[i]), params[i].scalar_type(),
+    jobs[j] = {params[i].mutable_data_ptr(),      active.grad_data[j],
+               exp_avgs[i].mutable_data_ptr(),    exp_avg_sqs[i].mutable_data_ptr(),
+               data_or_null<void>(max_exp_avg_sqs[i]), params[i].scalar_type(),
                last_scalars};
     numels[j] = params[i].numel();
   }
   advance_counters(group_steps, steps, active);
-  bump_versions(active, {params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps}, {&group_steps});
+  bump_versions(active, params);
   for_each_chunk(numels, [&](int64_t i, int64_t begin, int64_t end) { adam_chunk(jobs[i], begin, end); });
 }
 
@@ -271,7 +273,6 @@ void plateau_observe_cpu(const at::Tensor& metric, c10::ArrayRef<double> base_lr
     if (static_cast<ScheduleKind>(static_cast<int>(programs[node])) != ScheduleKind::kReduceLROnPlateau) continue;
     plateau_observe(programs.data() + node + kNodeHeader, value, base_lrs[g], state + g * plateau_slot::kCount);
   }
-  plateau_state.unsafeGetTensorImpl()->bump_version();
 }
 
 at::Tensor evaluate_schedules_cpu(c10::ArrayRef<double> programs, c10::ArrayRef<double> base_lrs,
