@@ -260,7 +260,8 @@ def test_step_hooks_run():
     calls = []
     pre = opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
     post = opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
-    glob = torch.optim.optimizer.register_optimizer_step_post_hook(lambda o, args, kwargs: calls.append("global"))
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    glob = register_optimizer_step_post_hook(lambda o, args, kwargs: calls.append("global"))
     p.grad = torch.ones(2)
     opt.step()
     assert calls == ["pre", "post", "global"] and p.detach().tolist() == [0.5, 0.5]
