@@ -213,9 +213,9 @@ class _FusedOptimizer(Optimizer):
         """One fused update of every parameter that has a gradient, at each group's scheduled lr."""
         # torch wraps every optimizer's step in a profiler range and its step hooks, which costs
         # more than a fused step of a small model: pay for it only when it does something.
-        if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _torch_optimizer._global_optimizer_pre_hooks
-                or _torch_optimizer._global_optimizer_post_hooks or torch.autograd._profiler_enabled()
-                or torch.compiler.is_compiling()):
+        if (torch.compiler.is_compiling() or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+                or _torch_optimizer._global_optimizer_pre_hooks or _torch_optimizer._global_optimizer_post_hooks
+                or torch.autograd._profiler_enabled()):
             return self._hooked_step(closure)
         return self._step(closure)
 

@@ -1,0 +1,48 @@
+"""torch.compile(fullgraph=True) of a step: one graph for the whole run, the lr still following its
+schedule, results equal to eager."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import fusedlr
+from fusedlr import schedules as S
+
+
+@pytest.mark.parametrize("optimizer", [fusedlr.AdamW, fusedlr.SGD])
+def test_compiled_step_has_one_graph_and_matches_eager(optimizer):
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model, ref = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    ref.load_state_dict(model.state_dict())
+    schedule = S.OneCycleLR(max_lr=0.01, total_steps=100)
+    kwargs = dict(lr=0.01, schedule=schedule) if optimizer is fusedlr.AdamW else dict(lr=0.01, momentum=0.9,
+                                                                                       schedule=schedule)
+    opt, ref_opt = optimizer(model.parameters(), **kwargs), optimizer(ref.parameters(), **kwargs)
+    x = torch.randn(16, 8)
+
+    def backward(m):
+        m.zero_grad(set_to_none=False)
+        m(x).pow(2).mean().backward()
+
+    backward(model)
+    opt.step()  # state exists before compiling, as after any warm-up step
+    backward(ref)
+    ref_opt.step()
+
+    @torch.compile(fullgraph=True)
+    def step():
+        opt.step()
+
+    lrs = []
+    for _ in range(40):
+        backward(model)
+        step()
+        backward(ref)
+        ref_opt.step()
+        lrs.append(float(opt.last_lr()[0]))
+    assert counters["stats"]["unique_graphs"] == 1
+    assert lrs == pytest.approx([schedule(k, 0.01) for k in range(2, 42)], rel=1e-12)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
