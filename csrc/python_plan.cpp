@@ -4,8 +4,9 @@
 // Called through torch.ops, a step converts every tensor of every list from Python to an IValue and
 // back on every call: for a model of many small tensors that costs more than the update. A plan
 // holds the lists that stay the same from step to step (parameters, optimizer state, step
-// counters) on the C++ side; a step passes only the gradients and calls the same op through the
-// dispatcher, unboxed. Under torch.compile the optimizer calls torch.ops instead (fusedlr/optim.py).
+// counters) on the C++ side; a step reads the parameters' gradients itself and calls the same op
+// through the dispatcher, unboxed. Under torch.compile the optimizer calls torch.ops instead
+// (fusedlr/optim.py).
 
 #include <torch/extension.h>
 
@@ -15,27 +16,29 @@
 namespace fusedlr {
 namespace {
 
-using GradList = std::vector<std::optional<at::Tensor>>;
-
-c10::List<std::optional<at::Tensor>> as_list(const GradList& grads) {
-  c10::List<std::optional<at::Tensor>> list;
-  list.reserve(grads.size());
-  for (const auto& g : grads) list.push_back(g);
-  return list;
+// Each parameter's .grad, None where it has none.
+c10::List<std::optional<at::Tensor>> grads_of(const std::vector<at::Tensor>& params) {
+  c10::List<std::optional<at::Tensor>> grads;
+  grads.reserve(params.size());
+  for (const at::Tensor& p : params) {
+    const at::Tensor& grad = p.grad();
+    grads.push_back(grad.defined() ? std::optional<at::Tensor>(grad) : std::nullopt);
+  }
+  return grads;
 }
 
 struct SgdPlan {
   std::vector<at::Tensor> params, momentum_buffers, steps;
   std::vector<int64_t> tensor_group;
 
-  void step(const GradList& grads, const std::vector<double>& hyper, const std::vector<double>& programs,
+  void step(const std::vector<double>& hyper, const std::vector<double>& programs,
             const at::Tensor& group_steps, const at::Tensor& plateau_state) const {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("fusedlr::sgd_step_", "")
                                .typed<void(at::TensorList, const c10::List<std::optional<at::Tensor>>&,
                                            at::TensorList, at::TensorList, at::IntArrayRef, c10::ArrayRef<double>,
                                            c10::ArrayRef<double>, const at::Tensor&, const at::Tensor&)>();
-    op.call(params, as_list(grads), momentum_buffers, steps, tensor_group, hyper, programs, group_steps,
+    op.call(params, grads_of(params), momentum_buffers, steps, tensor_group, hyper, programs, group_steps,
             plateau_state);
   }
 };
@@ -44,7 +47,7 @@ struct AdamPlan {
   std::vector<at::Tensor> params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
   std::vector<int64_t> tensor_group;
 
-  void step(const GradList& grads, const std::vector<double>& hyper, const std::vector<double>& programs,
+  void step(const std::vector<double>& hyper, const std::vector<double>& programs,
             const at::Tensor& group_steps, const at::Tensor& plateau_state) const {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("fusedlr::adam_step_", "")
@@ -52,7 +55,7 @@ struct AdamPlan {
                                            at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                                            at::IntArrayRef, c10::ArrayRef<double>, c10::ArrayRef<double>,
                                            const at::Tensor&, const at::Tensor&)>();
-    op.call(params, as_list(grads), exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, tensor_group, hyper, programs,
+    op.call(params, grads_of(params), exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, tensor_group, hyper, programs,
             group_steps, plateau_state);
   }
 };

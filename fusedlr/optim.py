@@ -227,9 +227,11 @@ class _FusedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         lists, fresh = self._prepare()
-        grads = [p.grad for p in lists.params]
         try:
-            self._run(lists, grads, self._hyper_key, self._programs_now())
+            if torch.compiler.is_compiling():
+                self._run_op(lists, [p.grad for p in lists.params], self._hyper_key, self._programs_now())
+            else:
+                lists.plan.step(self._hyper_key, self._programs_now(), self._group_steps, self._plateau_state)
         except Exception:
             for p in fresh:
                 del self.state[p]
@@ -239,12 +241,6 @@ class _FusedOptimizer(Optimizer):
         return loss
 
     _hooked_step = Optimizer.profile_hook_step(_step)
-
-    def _run(self, lists: _StepLists, grads: list[Tensor | None], hyper: list[float], programs: list[float]):
-        if torch.compiler.is_compiling():
-            self._run_op(lists, grads, hyper, programs)
-        else:
-            lists.plan.step(grads, hyper, programs, self._group_steps, self._plateau_state)
 
     def _make_plan(self, lists: _StepLists):
         raise NotImplementedError
