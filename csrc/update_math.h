@@ -17,7 +17,7 @@
 namespace fusedlr {
 
 // Per-group hyperparameters in the `hyper` argument of the ops, kCount doubles per group
-// (fusedlr/_ops.py builds them in this order).
+// (fusedlr/optim.py, `_group_hyper`, builds them in this order).
 namespace sgd_slot { enum : int { kLr, kMomentum, kDampening, kWeightDecay, kNesterov, kMaximize, kCount }; }
 namespace adam_slot { enum : int { kLr, kBeta1, kBeta2, kEps, kWeightDecay, kAmsgrad, kMaximize, kDecoupled, kCount }; }
 

@@ -1,7 +1,8 @@
 """Typed wrappers of the fusedlr ops and their fake kernels (for torch.compile and meta tensors).
 
 The dispatcher picks the CPU or CUDA kernel from the tensors' device. Schemas: csrc/ops.cpp.
-Per-group hyperparameters are laid out as csrc/update_math.h's sgd_slot / adam_slot say.
+Per-group hyperparameters are laid out as csrc/update_math.h's sgd_slot / adam_slot say
+(fusedlr/optim.py, `_group_hyper`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from . import _C  # noqa: F401  (loads the library that registers the ops)
 
 _ops = torch.ops.fusedlr
 
-SGD_SLOTS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
-ADAM_SLOTS = ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize", "decoupled")
 PLATEAU_SLOTS = 4  # plateau_slot::kCount: lr, best, num_bad, cooldown_counter
 
 

@@ -80,7 +80,6 @@ class _StepLists:
 class _FusedOptimizer(Optimizer):
     """What SGD, Adam and AdamW share: groups, device step counters, state_dict, the step path."""
 
-    _HYPER_SLOTS: tuple[str, ...]
     _STATE_KEYS: tuple[str, ...]  # tensor state besides "step", in the op's argument order
 
     def __init__(self, params, defaults: dict):
@@ -88,7 +87,7 @@ class _FusedOptimizer(Optimizer):
         self._group_steps: Tensor | None = None    # int64 [groups]: completed steps of each group
         self._plateau_state: Tensor | None = None  # float64 [groups, 4]: ReduceLROnPlateau state
         self._lists: _StepLists | None = None
-        self._hyper_key: list[float] | None = None
+        self._hyper_key: tuple[float, ...] | None = None
         self._programs_key: list[Schedule | None] = []
         self._programs: list[float] = []
         self._placeholders: dict[Tensor, Tensor] = {}
@@ -141,6 +140,7 @@ class _FusedOptimizer(Optimizer):
         return tuple(value for group in self.param_groups for value in self._group_hyper(group))
 
     def _group_hyper(self, group: dict) -> tuple[float, ...]:
+        """The group's slots of the ops' `hyper` argument, in csrc/update_math.h's sgd_slot / adam_slot order."""
         raise NotImplementedError
 
     def _programs_now(self) -> list[float]:
@@ -425,7 +425,6 @@ class SGD(_FusedOptimizer):
     CyclicLR when they cycle it). Arguments as torch.optim.SGD, plus:
     """ + _SCHEDULE_DOC
 
-    _HYPER_SLOTS = _ops.SGD_SLOTS
     _STATE_KEYS = ("momentum_buffer",)
 
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
@@ -494,7 +493,6 @@ class Adam(_FusedOptimizer):
     torch.optim.Adam, plus:
     """ + _SCHEDULE_DOC
 
-    _HYPER_SLOTS = _ops.ADAM_SLOTS
     _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
