@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The whole GPU check in one command, for a fresh GPU machine with python3 (torch, ninja, pytest)
+# and nvcc but no internet: build fusedlr in place with its CUDA kernels, run the CUDA and op tests,
+# run the GPU benchmark, and print a summary table last. Logs and bench.json go to $OUT.
+#
+#   bash benchmarks/gpu_check.sh            # OUT=./gpu-check-out, about 5 minutes on an H200
+#
+# Environment: OUT, PYTHON (python3), MAX_JOBS (all cores), BUDGET_S (460: every phase is cut off
+# so that the whole check ends within 8 minutes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-$ROOT/gpu-check-out}
+BUDGET_S=${BUDGET_S:-460}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+START=$SECONDS
+SUMMARY=()
+FAILED=0
+
+# phase NAME CAP_SECONDS COMMAND...: runs COMMAND under a timeout of CAP_SECONDS or what is left of
+# the budget, whichever is less; its output goes to $OUT/NAME.log and, when SHOW=1, to the terminal.
+phase() {
+  local name=$1 cap=$2
+  shift 2
+  local left=$((BUDGET_S - (SECONDS - START)))
+  local limit=$((cap < left ? cap : left))
+  if [ "$limit" -le 10 ]; then
+    SUMMARY+=("$(printf '%-8s %-22s %6s' "$name" "skipped (no time left)" "-")")
+    FAILED=1
+    return 1
+  fi
+  echo "== $name (limit ${limit}s): $*"
+  local begin=$SECONDS rc=0
+  if [ "${SHOW:-1}" = 1 ]; then
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log" || rc=$?
+  else
+    timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1 || rc=$?
+  fi
+  local status=ok
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then status="timed out"; elif [ "$rc" != 0 ]; then status="failed (rc $rc)"; fi
+  [ "$status" = ok ] || FAILED=1
+  SUMMARY+=("$(printf '%-8s %-22s %6d' "$name" "$status" $((SECONDS - begin)))")
+  [ "$status" = ok ]
+}
+
+"$PYTHON" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, '|',
+torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU visible')" | tee "$OUT/machine.txt"
+{ nvcc --version || "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version; } 2>/dev/null | tail -n 1 \
+  | tee -a "$OUT/machine.txt" || true
+
+built=0
+if SHOW=0 phase build 300 env FUSEDLR_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+    "$PYTHON" setup.py build_ext --inplace; then
+  built=1
+else
+  echo "build failed; first errors:"
+  grep -n -m 20 -E "error|Error" "$OUT/build.log" || tail -n 30 "$OUT/build.log"
+fi
+
+if [ "$built" = 1 ]; then
+  phase tests 200 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_ops.py || true
+  phase bench 200 "$PYTHON" -m fusedlr bench --device cuda --preset llama-1b --preset 2000x1k --quiet \
+    --json "$OUT/bench.json" || true
+fi
+
+{
+  echo
+  echo "== gpu check summary ($((SECONDS - START))s in all; logs in $OUT)"
+  printf '%-8s %-22s %6s\n' phase status seconds
+  for line in "${SUMMARY[@]}"; do echo "$line"; done
+  if [ -f "$OUT/tests.log" ]; then
+    echo "tests: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
+  fi
+  if [ -f "$OUT/bench.json" ]; then
+    "$PYTHON" - "$OUT/bench.json" <<'EOF'
+import json, sys
+report = json.load(open(sys.argv[1]))
+print(f"bench: {report['optimizer']}, schedule {report['schedule']}, {report['dtype']}, "
+      f"floor at {report['floor_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s")
+print(f"{'preset':<10} {'contender':<34} {'median ms':>10} {'% floor':>8} {'vs fused':>9}")
+for preset in report["presets"]:
+    for r in preset["results"]:
+        print(f"{preset['preset']:<10} {r['contender']:<34} {r['median_s'] * 1e3:>10.3f} "
+              f"{r['pct_of_floor']:>7.1f}% {r['speedup_vs_torch_fused']:>8.2f}x")
+EOF
+  fi
+} | tee "$OUT/summary.txt"
+exit "$FAILED"
