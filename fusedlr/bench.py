@@ -169,12 +169,13 @@ def synchronize(device: torch.device) -> None:
 
 
 def stream_bandwidths(device: torch.device, megabytes: int) -> dict[str, float]:
-    """Bytes per second of two large streams, median of several runs:
+    """Bytes per second of large streams, median of several runs:
     "copy": dst.copy_(src), counted as read src + write dst;
-    "in_place": dst.add_(src), counted as read dst and src + write dst, the access pattern of an
-    optimizer step, whose state is updated in place. On CPUs a copy also reads dst before writing
-    it (write-allocate), which the count leaves out, so the copy understates what memory can do;
-    the floor takes the faster of the two."""
+    "in_place": dst.add_(src), counted as read dst and src + write dst;
+    "scale": dst.mul_(c), counted as read dst + write dst.
+    An optimizer step updates its state in place. On CPUs a copy also reads dst before writing it
+    (write-allocate), which the count leaves out, so the copy understates what memory can do; the
+    floor takes the fastest of the three."""
     n = megabytes * 2 ** 20 // 4
     src = torch.ones(n, dtype=torch.float32, device=device)
     dst = torch.zeros_like(src)
@@ -191,7 +192,8 @@ def stream_bandwidths(device: torch.device, megabytes: int) -> dict[str, float]:
 
     nbytes = src.numel() * 4
     return {"copy": 2 * nbytes / timed(lambda: dst.copy_(src)),
-            "in_place": 3 * nbytes / timed(lambda: dst.add_(src))}
+            "in_place": 3 * nbytes / timed(lambda: dst.add_(src)),
+            "scale": 2 * nbytes / timed(lambda: dst.mul_(1.0000001))}
 
 
 class Progress:
@@ -314,8 +316,9 @@ def main(args) -> int:
     bandwidths = stream_bandwidths(device, 1024)
     bandwidth = max(bandwidths.values())
     print(f"fusedlr bench: {args.optimizer}, schedule {args.schedule}, {args.dtype}, on {device} "
-          f"({torch.get_num_threads()} threads); bandwidth: copy {bandwidths['copy'] / 1e9:.2f} GB/s, "
-          f"in-place {bandwidths['in_place'] / 1e9:.2f} GB/s; floor uses {bandwidth / 1e9:.2f} GB/s")
+          f"({torch.get_num_threads()} threads); bandwidth GB/s: "
+          + ", ".join(f"{name} {value / 1e9:.2f}" for name, value in bandwidths.items())
+          + f"; the floor uses {bandwidth / 1e9:.2f}")
     total = sum(2 + (args.steps or default_rounds(p, device)) for p in presets)
     progress = Progress(total, enabled=not args.quiet and sys.stderr.isatty())
     reports = []
