@@ -2,6 +2,9 @@
 
 #include "schedule_math.h"
 
+#include <utility>
+#include <vector>
+
 namespace fusedlr {
 
 at::ScalarType state_dtype(at::ScalarType param_dtype) {
@@ -24,14 +27,87 @@ void check_on_device(const char* op, const at::Tensor& t, at::DeviceType device_
 
 }  // namespace
 
+namespace {
+
+// The number of args of a node of `kind` whose args start at a (the array ends at `end`), or -1
+// for an unknown kind. Integer args that the evaluation divides by are checked >= 1.
+int64_t node_args(const char* op, ScheduleKind kind, const double* a, const double* end) {
+  auto positive = [&](int index, const char* what) {
+    TORCH_CHECK(a + index < end && a[index] >= 1, op, ": a schedule program has ", what, " < 1");
+  };
+  switch (kind) {
+    case ScheduleKind::kConstant: return 0;
+    case ScheduleKind::kConstantLR: return 2;
+    case ScheduleKind::kLinearLR: positive(linear_lr_arg::kTotalIters, "total_iters"); return 3;
+    case ScheduleKind::kStepLR: positive(step_lr_arg::kStepSize, "step_size"); return 2;
+    case ScheduleKind::kMultiStepLR:
+      TORCH_CHECK(a + multi_step_lr_arg::kCount < end && a[multi_step_lr_arg::kCount] >= 0, op,
+                  ": a MultiStepLR program is truncated");
+      return multi_step_lr_arg::kFirstMilestone + as_int(a[multi_step_lr_arg::kCount]);
+    case ScheduleKind::kExponentialLR: return 1;
+    case ScheduleKind::kExponentialDecay: return 1;
+    case ScheduleKind::kCosineAnnealingLR: positive(cosine_arg::kTMax, "T_max"); return 2;
+    case ScheduleKind::kCosineAnnealingWarmRestarts:
+      positive(warm_restarts_arg::kT0, "T_0");
+      positive(warm_restarts_arg::kTMult, "T_mult");
+      return 3;
+    case ScheduleKind::kPolynomialLR: positive(polynomial_arg::kTotalIters, "total_iters"); return 2;
+    case ScheduleKind::kInverseSqrt: positive(inverse_sqrt_arg::kWarmupSteps, "warmup_steps"); return 1;
+    case ScheduleKind::kWarmupStableDecay: positive(wsd_arg::kDecay, "decay_steps"); return 5;
+    case ScheduleKind::kOneCycleLR:
+      positive(one_cycle_arg::kTotalSteps, "total_steps");
+      positive(one_cycle_arg::kPhaseCount, "a phase");
+      return one_cycle_arg::kFirstPhase + as_int(a[one_cycle_arg::kPhaseCount]) * one_cycle_phase::kStride;
+    case ScheduleKind::kCyclicLR: return 10;
+    case ScheduleKind::kReduceLROnPlateau: return 8;
+    case ScheduleKind::kSequentialLR:
+      positive(sequential_arg::kCount, "a child");
+      return sequential_arg::kFirstMilestone + 2 * as_int(a[sequential_arg::kCount]) - 1;
+  }
+  return -1;
+}
+
+}  // namespace
+
 void check_schedule_inputs(const char* op, c10::ArrayRef<double> programs, int64_t groups, const at::Tensor& steps,
                            const at::Tensor& plateau_state) {
   TORCH_CHECK(static_cast<int64_t>(programs.size()) >= groups, op, ": programs holds ", programs.size(),
               " values, fewer than the ", groups, " group offsets it must start with");
+  // Every node reachable from a root: known kind, steps_per_epoch >= 1, args inside the array, children
+  // after their parent, no deeper than the evaluation walks. A malformed program raises here instead
+  // of dividing by zero or reading out of bounds in a kernel.
+  const double* begin = programs.data();
+  const double* end = begin + programs.size();
+  std::vector<std::pair<int64_t, int>> pending;
   for (int64_t g = 0; g < groups; ++g) {
     const double offset = programs[g];
     TORCH_CHECK(offset >= groups && offset + kNodeHeader <= static_cast<double>(programs.size()), op,
                 ": schedule program of group ", g, " starts outside the programs array");
+    pending.emplace_back(as_int(offset), 1);
+  }
+  while (!pending.empty()) {
+    const auto [node, depth] = pending.back();
+    pending.pop_back();
+    TORCH_CHECK(depth <= kMaxScheduleDepth, op, ": a schedule program nests deeper than ", kMaxScheduleDepth);
+    TORCH_CHECK(node >= groups && node + kNodeHeader <= static_cast<int64_t>(programs.size()), op,
+                ": a schedule program node lies outside the programs array");
+    const double kind = begin[node];
+    TORCH_CHECK(kind >= 0 && kind <= static_cast<int>(ScheduleKind::kSequentialLR) && kind == static_cast<int>(kind),
+                op, ": a schedule program has an unknown node kind ", kind);
+    TORCH_CHECK(begin[node + 1] >= 1, op, ": a schedule program has steps_per_epoch < 1");
+    const double* a = begin + node + kNodeHeader;
+    const auto schedule_kind = static_cast<ScheduleKind>(static_cast<int>(kind));
+    const int64_t args = node_args(op, schedule_kind, a, end);
+    TORCH_CHECK(args >= 0 && a + args <= end, op, ": a schedule program node runs past the programs array");
+    if (schedule_kind == ScheduleKind::kSequentialLR) {
+      const int64_t count = as_int(a[sequential_arg::kCount]);
+      for (int64_t k = 0; k < count; ++k) {
+        const double child = a[sequential_arg::kFirstMilestone + count - 1 + k];
+        TORCH_CHECK(child > node && child < static_cast<double>(programs.size()), op,
+                    ": a SequentialLR program names a child outside the programs array");
+        pending.emplace_back(as_int(child), depth + 1);
+      }
+    }
   }
   TORCH_CHECK(steps.scalar_type() == at::kLong && steps.dim() == 1 && steps.numel() == groups && steps.is_contiguous(),
               op, ": group_steps must be a contiguous int64 vector of ", groups, " step counters, got ",
@@ -94,7 +170,7 @@ ActiveTensors check_step_inputs(const char* op, at::DeviceType device_type, at::
     const at::ScalarType want_state = state_dtype(param.scalar_type());
     for (const StateList& state : states) {
       const at::Tensor& s = state.tensors[i];
-      if (state.optional && s.numel() == 0 && param.numel() != 0) continue;
+      if (state.optional && s.numel() == 0) continue;  // absent (or nothing to hold)
       check_on_device(op, s, device_type, device, state.name, i);
       TORCH_CHECK(s.scalar_type() == want_state, op, ": ", state.name, " of parameter ", i, " has dtype ", s.scalar_type(),
                   ", expected ", want_state);

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -81,6 +81,7 @@ class _FusedOptimizer(Optimizer):
     """What SGD, Adam and AdamW share: groups, device step counters, state_dict, the step path."""
 
     _STATE_KEYS: tuple[str, ...]  # tensor state besides "step", in the op's argument order
+    _REQUIRED_KEYS: tuple[str, ...]  # what loaded state must hold
 
     def __init__(self, params, defaults: dict):
         self._device: torch.device | None = None
@@ -88,6 +89,7 @@ class _FusedOptimizer(Optimizer):
         self._plateau_state: Tensor | None = None  # float64 [groups, 4]: ReduceLROnPlateau state
         self._lists: _StepLists | None = None
         self._hyper_key: tuple[float, ...] | None = None
+        self._layout_key: tuple | None = None
         self._programs_key: list[Schedule | None] = []
         self._programs: list[float] = []
         self._placeholders: dict[Tensor, Tensor] = {}
@@ -107,19 +109,23 @@ class _FusedOptimizer(Optimizer):
         group = self.param_groups[-1]
         try:
             self._check_group(group)
-            self._check_params(group["params"])
+            device = self._check_params(group["params"])
+            # The counters live on the parameters' device; groups without parameters leave it open.
+            if self._group_steps is None:
+                group_steps = torch.zeros(1, dtype=torch.int64, device=device)
+                plateau_state = _ops.initial_plateau_state(1, device)
+            else:
+                group_steps = torch.cat([self._group_steps.to(device), self._group_steps.new_zeros(1, device=device)])
+                plateau_state = torch.cat([self._plateau_state.to(device), _ops.initial_plateau_state(1, device)])
         except Exception:
             self.param_groups.pop()
             raise
-        if self._group_steps is None:
-            self._group_steps = torch.zeros(1, dtype=torch.int64, device=self._device)
-            self._plateau_state = _ops.initial_plateau_state(1, self._device)
-        else:
-            self._group_steps = torch.cat([self._group_steps, self._group_steps.new_zeros(1)])
-            self._plateau_state = torch.cat([self._plateau_state, _ops.initial_plateau_state(1, self._device)])
+        self._device = device
+        self._group_steps, self._plateau_state = group_steps, plateau_state
         self._lists = None
 
-    def _check_params(self, params: list[Tensor]) -> None:
+    def _check_params(self, params: list[Tensor]) -> torch.device | None:
+        """The optimizer's device once `params` join it; raises for parameters it cannot update."""
         devices = {p.device for p in params}
         if self._device is not None:
             devices.add(self._device)
@@ -131,8 +137,7 @@ class _FusedOptimizer(Optimizer):
                 raise ValueError("complex parameters are not supported by fusedlr")
             if p.dtype not in _FLOAT_DTYPES:
                 raise ValueError(f"parameter dtype {p.dtype} is not supported (float32, float64, bfloat16, float16)")
-        if self._device is None and params:
-            self._device = params[0].device
+        return devices.pop() if devices else None
 
     # -- the step path ---------------------------------------------------------------------------
 
@@ -185,12 +190,20 @@ class _FusedOptimizer(Optimizer):
         lists.plan = self._make_plan(lists)
         return lists
 
+    def _layout(self) -> tuple:
+        """What the cached lists were built from: the state dict and each group's parameter list.
+        Replacing or clearing `opt.state`, or editing a group's params, rebuilds them; replacing one
+        state tensor in place of another is not seen (load_state_dict is the way to do that)."""
+        return (id(self.state), len(self.state), *((id(g["params"]), len(g["params"])) for g in self.param_groups))
+
     def _prepare(self) -> tuple[_StepLists, list[Tensor]]:
         """The lists of this step, creating state for parameters with their first gradient.
         Returns them and the parameters whose state was created here (undone if the step fails)."""
         hyper = self._hyper()
-        if hyper != self._hyper_key:
+        layout = self._layout()
+        if hyper != self._hyper_key or layout != self._layout_key:
             self._hyper_key = hyper
+            self._layout_key = layout
             self._lists = None
         lists = self._lists
         fresh: list[Tensor] = []
@@ -207,6 +220,7 @@ class _FusedOptimizer(Optimizer):
                     self.state[p] = self._new_state(p, group)
                     fresh.append(p)
                 lists = self._lists = self._build_lists()
+            self._layout_key = self._layout()
         return lists, fresh
 
     def step(self, closure: Callable[[], Any] | None = None):
@@ -263,7 +277,9 @@ class _FusedOptimizer(Optimizer):
                                  f"got {metric.dtype} of shape {tuple(metric.shape)}")
             metric = metric.detach().to(self._device)
         else:
-            metric = torch.tensor(_as_float("metric", metric), dtype=torch.float64, device=self._device)
+            if isinstance(metric, bool) or not isinstance(metric, numbers.Real):
+                raise ValueError(f"observe(): the metric must be a number or a one-element tensor, got {metric!r}")
+            metric = torch.tensor(float(metric), dtype=torch.float64, device=self._device)
         _ops.plateau_observe_(metric, [g["lr"] for g in self.param_groups], self._programs_now(),
                               self._plateau_state)
 
@@ -290,15 +306,30 @@ class _FusedOptimizer(Optimizer):
         """int64 [groups] device tensor: the optimizer steps each group has completed."""
         return self._group_steps
 
+    def set_schedule_steps(self, steps: int | Sequence[int]) -> None:
+        """Set the completed-step count of every group (an int) or of each group (a sequence): for a
+        checkpoint that does not carry it, such as torch's SGD state_dict."""
+        values = [steps] * len(self.param_groups) if isinstance(steps, numbers.Integral) else list(steps)
+        if len(values) != len(self.param_groups) or any(
+                isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0 for v in values):
+            raise ValueError(f"steps must be an integer >= 0 or one per group ({len(self.param_groups)}), "
+                             f"got {steps!r}")
+        self._group_steps.copy_(torch.tensor([int(v) for v in values], dtype=torch.int64))
+
     # -- state_dict ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         """torch's layout (per-parameter "step", "exp_avg", ...; "step" as int64), schedules as plain
-        data, and the device schedule state under "schedule_state"."""
+        data, and the device schedule state under "schedule_state". As a torch scheduler leaves it,
+        each group's "lr" is the lr of its next step and "initial_lr" its base lr, so that torch's
+        optimizer and schedulers continue from a fusedlr checkpoint (reading the lr is a host sync)."""
         state_dict = super().state_dict()
-        for group in state_dict["param_groups"]:
+        next_lrs = self.last_lr().tolist() if self.param_groups else []
+        for group, next_lr in zip(state_dict["param_groups"], next_lrs):
             schedule = group.get("schedule")
             group["schedule"] = schedule.spec() if isinstance(schedule, Schedule) else schedule
+            group["initial_lr"] = group["lr"]
+            group["lr"] = next_lr
         state_dict["schedule_state"] = {"group_steps": self._group_steps.clone(),
                                         "plateau_state": self._plateau_state.clone()}
         return state_dict
@@ -341,8 +372,8 @@ class _FusedOptimizer(Optimizer):
                 new_group["param_names"] = group["param_names"]
             schedule = saved.get("schedule", group["schedule"])
             new_group["schedule"] = from_spec(schedule) if isinstance(schedule, dict) else schedule
-            if "schedule" not in saved and "initial_lr" in saved:
-                new_group["lr"] = saved["initial_lr"]
+            if "initial_lr" in saved:  # a torch scheduler's, or fusedlr's own: the base lr
+                new_group["lr"] = new_group.pop("initial_lr")
             for key, value in group.items():
                 new_group.setdefault(key, value)
             self._check_group(new_group)
@@ -350,10 +381,17 @@ class _FusedOptimizer(Optimizer):
 
         schedule_state = state_dict.get("schedule_state")
         if schedule_state is not None:
-            group_steps = schedule_state["group_steps"].to(device=self._device, dtype=torch.int64)
-            plateau_state = schedule_state["plateau_state"].to(device=self._device, dtype=torch.float64)
+            group_steps, plateau_state = schedule_state["group_steps"], schedule_state["plateau_state"]
             if group_steps.shape != self._group_steps.shape or plateau_state.shape != self._plateau_state.shape:
                 raise ValueError("loaded schedule_state does not match the optimizer's number of groups")
+            if group_steps.is_floating_point() or group_steps.is_complex() or bool((group_steps < 0).any()):
+                raise ValueError(f"loaded schedule_state has invalid group_steps {group_steps.tolist()}")
+            counters = plateau_state[:, 2:].double()
+            if bool((counters < 0).any()) or not bool((counters == counters.round()).all()) or bool(
+                    (plateau_state[:, 0] < 0).any()):
+                raise ValueError(f"loaded schedule_state has invalid plateau_state {plateau_state.tolist()}")
+            group_steps = group_steps.to(device=self._device, dtype=torch.int64)
+            plateau_state = plateau_state.to(device=self._device, dtype=torch.float64)
         else:
             group_steps = torch.tensor(
                 [max((int(new_state[p]["step"]) for p in group["params"] if p in new_state), default=0)
@@ -366,17 +404,26 @@ class _FusedOptimizer(Optimizer):
         self._group_steps, self._plateau_state = group_steps.clone(), plateau_state.clone()
         self._lists = None
         self._hyper_key = None
+        self._layout_key = None
         self._programs_key = []
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
+    def _missing_step(self, saved: dict) -> int | None:
+        """The step count of loaded state that has none (torch's SGD keeps none), or None: required."""
+        return None
+
     def _load_param_state(self, param: Tensor, saved: dict, saved_id) -> dict:
         state: dict[str, Any] = {}
-        if "step" not in saved:
+        for key in self._REQUIRED_KEYS:
+            if not isinstance(saved.get(key), Tensor):
+                raise ValueError(f"loaded state of parameter {saved_id!r} has no {key!r}")
+        step = saved.get("step", self._missing_step(saved))
+        if step is None:
             raise ValueError(f"loaded state of parameter {saved_id!r} has no 'step'")
-        step = saved["step"]
-        step = float(step) if isinstance(step, Tensor) else step
-        if not isinstance(step, numbers.Real) or not math.isfinite(step) or step < 0 or step != int(step):
+        step = step.item() if isinstance(step, Tensor) and step.numel() == 1 else step
+        if (isinstance(step, bool) or not isinstance(step, numbers.Real) or not math.isfinite(step) or step < 0
+                or step != int(step)):
             raise ValueError(f"loaded state of parameter {saved_id!r} has an invalid step {saved['step']!r}")
         state["step"] = torch.tensor(int(step), dtype=torch.int64, device=param.device)
         for key, value in saved.items():
@@ -426,6 +473,11 @@ class SGD(_FusedOptimizer):
     """ + _SCHEDULE_DOC
 
     _STATE_KEYS = ("momentum_buffer",)
+    _REQUIRED_KEYS = ()
+
+    def _missing_step(self, saved: dict) -> int:
+        # torch's SGD state is only the momentum buffer; a buffer means at least one step was taken.
+        return 1 if saved.get("momentum_buffer") is not None else 0
 
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
@@ -494,6 +546,7 @@ class Adam(_FusedOptimizer):
     """ + _SCHEDULE_DOC
 
     _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _REQUIRED_KEYS = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *,

@@ -64,9 +64,12 @@ _MAX_DEPTH = 16  # kMaxScheduleDepth
 # Argument checks: each raises ValueError naming the argument.
 
 
+_MAX_INT = 2 ** 53  # programs hold doubles: larger integers would not survive the trip
+
+
 def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not minimum <= value <= _MAX_INT:
+        raise ValueError(f"{name} must be an integer in [{minimum}, 2**53], got {value!r}")
 
 
 def _check_float(name: str, value: Any, low: float = -math.inf, high: float = math.inf,
@@ -83,6 +86,19 @@ def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
+def _plain(value: Any) -> Any:
+    """Python int / float for any integral / real number (a numpy scalar would not torch.load safely)."""
+    if isinstance(value, bool) or value is None or isinstance(value, (str, Schedule)) or callable(value):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, (tuple, list)):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -91,6 +107,8 @@ class Schedule:
     """Base class. Subclasses are frozen dataclasses whose fields are the schedule's arguments."""
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # numpy scalars and the like become Python numbers
+            object.__setattr__(self, f.name, _plain(getattr(self, f.name)))
         if "steps_per_epoch" in {f.name for f in dataclasses.fields(self)} and not isinstance(self, OneCycleLR):
             _check_int("steps_per_epoch", self.steps_per_epoch, 1)
         self._validate()
@@ -166,20 +184,23 @@ def from_spec(spec: dict) -> Schedule:
     cls = _BY_NAME.get(spec["name"])
     if cls is None:
         raise ValueError(f"unknown schedule {spec['name']!r}")
-    args = dict(spec["args"])
-    if cls is SequentialLR:
-        args["schedulers"] = [from_spec(s) for s in args["schedulers"]]
-    return cls(**args)
+    try:
+        args = dict(spec["args"])
+        if cls is SequentialLR:
+            args["schedulers"] = [from_spec(s) for s in args["schedulers"]]
+        return cls(**args)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"malformed {spec['name']} spec {spec!r}: {e}") from None
 
 
 def compile_programs(schedules: Sequence[Schedule | None]) -> list[float]:
     """The `programs` argument of the ops: one root offset per group, then the nodes."""
     program: list[float] = [0.0] * len(schedules)
-    roots: dict[int, int] = {}
+    roots: dict[Schedule, int] = {}  # equal schedules (values, not objects) share their nodes
     for g, schedule in enumerate(schedules):
-        key = id(schedule)
+        key = _Constant() if schedule is None else schedule
         if key not in roots:
-            roots[key] = _Constant()._encode(program) if schedule is None else schedule._encode(program)
+            roots[key] = key._encode(program)
         program[g] = float(roots[key])
     return program
 

@@ -134,40 +134,6 @@ def test_evaluate_schedules_matches_the_cpu():
         torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-13, atol=1e-300)
 
 
-def low_precision_error(optimizer, dtype, fused):
-    """Max error after 100 steps of a `dtype` model on CUDA against the same run in float64."""
-    gen = torch.Generator().manual_seed(11)
-    start = torch.randn(4099, generator=gen, dtype=torch.float64)
-    grads = [torch.randn(4099, generator=gen, dtype=torch.float64).to(CUDA) for _ in range(100)]
-    schedule = S.OneCycleLR(max_lr=0.01, total_steps=100)
-    kwargs = dict(lr=0.01, momentum=0.9) if optimizer == "sgd" else dict(lr=0.01)
-    fused_cls, torch_cls = (fusedlr.SGD, torch.optim.SGD) if optimizer == "sgd" else (fusedlr.AdamW, torch.optim.AdamW)
-    ref = start.to(CUDA).requires_grad_()
-    low = start.to(device=CUDA, dtype=dtype).requires_grad_()
-    ref_opt = fused_cls([ref], schedule=schedule, **kwargs)
-    if fused:
-        low_opt, low_sched = fused_cls([low], schedule=schedule, **kwargs), None
-    else:
-        low_opt = torch_cls([low], foreach=False, **kwargs)
-        low_sched = torch_twin(schedule, low_opt)
-    for k, g in enumerate(grads):
-        ref.grad = g.clone()
-        low.grad = g.to(dtype)
-        ref_opt.step()
-        low_opt.step()
-        if low_sched is not None and k < 99:
-            low_sched.step()
-    return (low.double() - ref.detach()).abs().max().item()
-
-
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_within_torch_error(optimizer, dtype):
-    fused_error = low_precision_error(optimizer, dtype, fused=True)
-    torch_error = low_precision_error(optimizer, dtype, fused=False)
-    assert 0 < fused_error <= 2 * torch_error, (fused_error, torch_error)
-
-
 def many_tensor_model(device, seed=4):
     """3000 parameters of three dtypes (more than one launch holds), sizes 0 to 70_001, some of them
     views at an odd offset (no 16-byte accesses), in three groups."""

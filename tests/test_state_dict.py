@@ -192,7 +192,7 @@ def test_optimizer_counter_exact_near_2_pow_40():
     """Resume at step 2**40 - 2: the int64 device counters count on exactly, and the lr is the
     schedule's at the exact step (a float32 counter would be thousands of steps off)."""
     big = 2 ** 40
-    schedule = S.StepLR(step_size=3, gamma=0.999999)
+    schedule = S.StepLR(step_size=2 ** 38, gamma=0.5)  # its fourth decay falls on step 2**40 exactly
     p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
     opt = fusedlr.Adam([p], lr=0.1, schedule=schedule)
     p.grad = torch.ones(3, dtype=torch.float64)
@@ -203,6 +203,6 @@ def test_optimizer_counter_exact_near_2_pow_40():
     opt.load_state_dict(state)
     for k in range(big - 2, big + 3):
         assert int(opt.schedule_steps()[0]) == k
-        assert float(opt.last_lr()[0]) == pytest.approx(0.1 * 0.999999 ** (k // 3), rel=1e-12)
+        assert float(opt.last_lr()[0]) == 0.1 * 0.5 ** (k // 2 ** 38)
         opt.step()
     assert int(opt.state[p]["step"]) == big + 3
