@@ -1,5 +1,10 @@
 // The op schemas of fusedlr. Kernels live in cpu/ and cuda/; fake (meta) kernels in fusedlr/_ops.py.
 //
+// [note: amp]
+// grad_scale and found_inf are what torch.amp.GradScaler hands a fused optimizer: the gradients are
+// divided by grad_scale inside the update, and when found_inf is nonzero the step is skipped on the
+// device: no parameter, state or step counter changes, the schedule does not advance.
+//
 // The step ops skip a parameter whose gradient is None, as torch's optimizers do: its state and
 // step count stay as they were. They mutate every tensor list marked (x!) in place and return nothing. Per-group
 // hyperparameters and schedule programs are float lists: constants of the training run, so they
@@ -11,11 +16,12 @@
 TORCH_LIBRARY(fusedlr, m) {
   m.def(
       "sgd_step_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] steps, "
-      "int[] tensor_group, float[] hyper, float[] programs, Tensor(d!) group_steps, Tensor plateau_state) -> ()");
+      "int[] tensor_group, float[] hyper, float[] programs, Tensor(d!) group_steps, Tensor plateau_state, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, int[] tensor_group, float[] hyper, float[] programs, "
-      "Tensor(f!) group_steps, Tensor plateau_state) -> ()");
+      "Tensor(f!) group_steps, Tensor plateau_state, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   m.def("plateau_observe_(Tensor metric, float[] base_lrs, float[] programs, Tensor(a!) plateau_state) -> ()");
   // [groups, 3] float64: lr, momentum, 1 where the schedule sets the momentum (else momentum is 0).
   m.def("evaluate_schedules(float[] programs, float[] base_lrs, Tensor steps, Tensor plateau_state) -> Tensor");

@@ -31,15 +31,17 @@ struct SgdPlan {
   std::vector<at::Tensor> params, momentum_buffers, steps;
   std::vector<int64_t> tensor_group;
 
-  void step(const std::vector<double>& hyper, const std::vector<double>& programs,
-            const at::Tensor& group_steps, const at::Tensor& plateau_state) const {
+  void step(const std::vector<double>& hyper, const std::vector<double>& programs, const at::Tensor& group_steps,
+            const at::Tensor& plateau_state, const std::optional<at::Tensor>& grad_scale,
+            const std::optional<at::Tensor>& found_inf) const {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("fusedlr::sgd_step_", "")
                                .typed<void(at::TensorList, const c10::List<std::optional<at::Tensor>>&,
                                            at::TensorList, at::TensorList, at::IntArrayRef, c10::ArrayRef<double>,
-                                           c10::ArrayRef<double>, const at::Tensor&, const at::Tensor&)>();
+                                           c10::ArrayRef<double>, const at::Tensor&, const at::Tensor&,
+                                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
     op.call(params, grads_of(params), momentum_buffers, steps, tensor_group, hyper, programs, group_steps,
-            plateau_state);
+            plateau_state, grad_scale, found_inf);
   }
 };
 
@@ -47,16 +49,18 @@ struct AdamPlan {
   std::vector<at::Tensor> params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
   std::vector<int64_t> tensor_group;
 
-  void step(const std::vector<double>& hyper, const std::vector<double>& programs,
-            const at::Tensor& group_steps, const at::Tensor& plateau_state) const {
+  void step(const std::vector<double>& hyper, const std::vector<double>& programs, const at::Tensor& group_steps,
+            const at::Tensor& plateau_state, const std::optional<at::Tensor>& grad_scale,
+            const std::optional<at::Tensor>& found_inf) const {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("fusedlr::adam_step_", "")
                                .typed<void(at::TensorList, const c10::List<std::optional<at::Tensor>>&,
                                            at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                                            at::IntArrayRef, c10::ArrayRef<double>, c10::ArrayRef<double>,
-                                           const at::Tensor&, const at::Tensor&)>();
+                                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                           const std::optional<at::Tensor>&)>();
     op.call(params, grads_of(params), exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, tensor_group, hyper, programs,
-            group_steps, plateau_state);
+            group_steps, plateau_state, grad_scale, found_inf);
   }
 };
 

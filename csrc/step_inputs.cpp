@@ -121,6 +121,17 @@ void check_schedule_inputs(const char* op, c10::ArrayRef<double> programs, int64
               " but group_steps on ", steps.device());
 }
 
+void check_amp_inputs(const char* op, const at::Device& device, const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf) {
+  for (const auto& [name, t] : {std::pair{"grad_scale", &grad_scale}, std::pair{"found_inf", &found_inf}}) {
+    if (!t->has_value() || !(*t)->defined()) continue;
+    const at::Tensor& value = **t;
+    TORCH_CHECK(value.numel() == 1 && value.is_floating_point() && value.device() == device, op, ": ", name,
+                " must be a one-element floating-point tensor on ", device, ", got ", value.scalar_type(),
+                " of shape ", value.sizes(), " on ", value.device());
+  }
+}
+
 ActiveTensors check_step_inputs(const char* op, at::DeviceType device_type, at::TensorList params,
                                           const OptionalTensorList& grads, const std::vector<StateList>& states,
                                           at::TensorList steps, at::IntArrayRef tensor_group,

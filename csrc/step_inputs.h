@@ -37,6 +37,10 @@ ActiveTensors check_step_inputs(const char* op, at::DeviceType device_type, at::
                                           c10::ArrayRef<double> programs, const at::Tensor& group_steps,
                                           const at::Tensor& plateau_state);
 
+// The optional AMP inputs of a step (ops.cpp, [note: amp]): one-element floating tensors on `device`.
+void check_amp_inputs(const char* op, const at::Device& device, const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf);
+
 void check_schedule_inputs(const char* op, c10::ArrayRef<double> programs, int64_t groups,
                            const at::Tensor& steps, const at::Tensor& plateau_state);
 

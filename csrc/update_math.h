@@ -41,19 +41,21 @@ struct SgdScalars {
   double momentum;  // 0: no momentum buffer is used this step
   double dampening;
   double weight_decay;
-  double grad_sign;  // -1 when maximizing
+  double grad_sign;  // the gradient's multiplier: -1 when maximizing, over the AMP grad scale
   bool nesterov;
   bool first_step;  // the momentum buffer is set to the gradient instead of decayed
 };
 
-FUSEDLR_HD SgdScalars sgd_scalars(const double* hyper, ScheduleValue schedule, int64_t completed_steps) {
+// grad_scale: the AMP loss scale the gradients carry (ops.cpp, [note: amp]); 1 without one.
+FUSEDLR_HD SgdScalars sgd_scalars(const double* hyper, ScheduleValue schedule, int64_t completed_steps,
+                                  double grad_scale) {
   using namespace sgd_slot;
   SgdScalars s;
   s.lr = schedule.lr;
   s.momentum = schedule.has_momentum ? schedule.momentum : hyper[kMomentum];
   s.dampening = hyper[kDampening];
   s.weight_decay = hyper[kWeightDecay];
-  s.grad_sign = hyper[kMaximize] != 0 ? -1.0 : 1.0;
+  s.grad_sign = (hyper[kMaximize] != 0 ? -1.0 : 1.0) / grad_scale;
   s.nesterov = hyper[kNesterov] != 0;
   s.first_step = completed_steps == 0;
   return s;
@@ -96,12 +98,12 @@ struct AdamScalars {
   double decay;                  // decoupled decay multiplier 1 - lr * weight_decay (AdamW); else 1
   double step_size;              // lr / (1 - beta1^step)
   double bias_correction2_sqrt;  // (1 - beta2^step)^0.5
-  double grad_sign;
+  double grad_sign;              // the gradient's multiplier: -1 when maximizing, over the AMP grad scale
   bool amsgrad;
 };
 
 // `step` is the tensor's step count including this update (torch's state["step"] after +1).
-FUSEDLR_HD AdamScalars adam_scalars(const double* hyper, ScheduleValue schedule, int64_t step) {
+FUSEDLR_HD AdamScalars adam_scalars(const double* hyper, ScheduleValue schedule, int64_t step, double grad_scale) {
   using namespace adam_slot;
   AdamScalars s;
   const double lr = schedule.lr;
@@ -115,7 +117,7 @@ FUSEDLR_HD AdamScalars adam_scalars(const double* hyper, ScheduleValue schedule,
   const double bias_correction2 = 1 - pow(s.beta2, static_cast<double>(step));
   s.step_size = lr / bias_correction1;
   s.bias_correction2_sqrt = pow(bias_correction2, 0.5);
-  s.grad_sign = hyper[kMaximize] != 0 ? -1.0 : 1.0;
+  s.grad_sign = (hyper[kMaximize] != 0 ? -1.0 : 1.0) / grad_scale;
   s.amsgrad = hyper[kAmsgrad] != 0;
   return s;
 }

@@ -80,6 +80,9 @@ class _StepLists:
 class _FusedOptimizer(Optimizer):
     """What SGD, Adam and AdamW share: groups, device step counters, state_dict, the step path."""
 
+    # torch.amp.GradScaler hands the step its scale and inf flag (grad_scale, found_inf attributes)
+    # instead of unscaling and checking on the host (csrc/ops.cpp, [note: amp]).
+    _step_supports_amp_scaling = True
     _STATE_KEYS: tuple[str, ...]  # tensor state besides "step", in the op's argument order
     _REQUIRED_KEYS: tuple[str, ...]  # what loaded state must hold
 
@@ -241,11 +244,12 @@ class _FusedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         lists, fresh = self._prepare()
+        amp = (getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         try:
             if torch.compiler.is_compiling():
-                self._run_op(lists, [p.grad for p in lists.params], self._hyper_key, self._programs_now())
+                self._run_op(lists, [p.grad for p in lists.params], self._hyper_key, self._programs_now(), *amp)
             else:
-                lists.plan.step(self._hyper_key, self._programs_now(), self._group_steps, self._plateau_state)
+                lists.plan.step(self._hyper_key, self._programs_now(), self._group_steps, self._plateau_state, *amp)
         except Exception:
             for p in fresh:
                 del self.state[p]
@@ -259,7 +263,8 @@ class _FusedOptimizer(Optimizer):
     def _make_plan(self, lists: _StepLists):
         raise NotImplementedError
 
-    def _run_op(self, lists: _StepLists, grads: list[Tensor | None], hyper: list[float], programs: list[float]):
+    def _run_op(self, lists: _StepLists, grads: list[Tensor | None], hyper: tuple[float, ...], programs: list[float],
+                grad_scale: Tensor | None, found_inf: Tensor | None):
         raise NotImplementedError
 
     # -- schedules -------------------------------------------------------------------------------
@@ -523,9 +528,9 @@ class SGD(_FusedOptimizer):
     def _make_plan(self, lists):
         return _C.SgdPlan(lists.params, lists.states["momentum_buffer"], lists.steps, lists.tensor_group)
 
-    def _run_op(self, lists, grads, hyper, programs):
+    def _run_op(self, lists, grads, hyper, programs, grad_scale, found_inf):
         _ops.sgd_step_(lists.params, grads, lists.states["momentum_buffer"], lists.steps, lists.tensor_group,
-                       hyper, programs, self._group_steps, self._plateau_state)
+                       hyper, programs, self._group_steps, self._plateau_state, grad_scale, found_inf)
 
 
 class Adam(_FusedOptimizer):
@@ -596,10 +601,10 @@ class Adam(_FusedOptimizer):
         return _C.AdamPlan(lists.params, lists.states["exp_avg"], lists.states["exp_avg_sq"],
                            lists.states["max_exp_avg_sq"], lists.steps, lists.tensor_group)
 
-    def _run_op(self, lists, grads, hyper, programs):
+    def _run_op(self, lists, grads, hyper, programs, grad_scale, found_inf):
         _ops.adam_step_(lists.params, grads, lists.states["exp_avg"], lists.states["exp_avg_sq"],
                         lists.states["max_exp_avg_sq"], lists.steps, lists.tensor_group, hyper, programs,
-                        self._group_steps, self._plateau_state)
+                        self._group_steps, self._plateau_state, grad_scale, found_inf)
 
 
 class AdamW(Adam):

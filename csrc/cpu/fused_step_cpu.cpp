@@ -91,6 +91,16 @@ std::vector<ScheduleValue> evaluate_groups(c10::ArrayRef<double> hyper, int64_t 
   return values;
 }
 
+// The AMP inputs (ops.cpp, [note: amp]) on the CPU: the scale the gradients carry, and whether
+// the step is to be skipped.
+double grad_scale_of(const std::optional<at::Tensor>& grad_scale) {
+  return grad_scale.has_value() && grad_scale->defined() ? grad_scale->item<double>() : 1.0;
+}
+
+bool found_inf_in(const std::optional<at::Tensor>& found_inf) {
+  return found_inf.has_value() && found_inf->defined() && found_inf->item<double>() != 0;
+}
+
 // Once every check has passed: each group and each updated tensor has completed one more step.
 void advance_counters(const at::Tensor& group_steps, at::TensorList steps, const ActiveTensors& active) {
   int64_t* group_step = group_steps.data_ptr<int64_t>();
@@ -143,10 +153,13 @@ void sgd_chunk(const SgdTensor& job, int64_t begin, int64_t end) {
 
 void sgd_step_cpu(at::TensorList params, const OptionalTensorList& grads, at::TensorList momentum_buffers, at::TensorList steps,
                   at::IntArrayRef tensor_group, c10::ArrayRef<double> hyper, c10::ArrayRef<double> programs,
-                  const at::Tensor& group_steps, const at::Tensor& plateau_state) {
+                  const at::Tensor& group_steps, const at::Tensor& plateau_state,
+                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const ActiveTensors active =
       check_step_inputs("fusedlr.sgd_step_", at::kCPU, params, grads, {{"momentum_buffer", momentum_buffers, true}},
                         steps, tensor_group, hyper, sgd_slot::kCount, programs, group_steps, plateau_state);
+  check_amp_inputs("fusedlr.sgd_step_", group_steps.device(), grad_scale, found_inf);
+  const double scale = grad_scale_of(grad_scale);
   const auto schedule = evaluate_groups(hyper, sgd_slot::kCount, sgd_slot::kLr, programs, group_steps, plateau_state);
   const size_t n = active.index.size();
   std::vector<SgdTensor> jobs(n);
@@ -155,7 +168,7 @@ void sgd_step_cpu(at::TensorList params, const OptionalTensorList& grads, at::Te
     const int64_t i = active.index[j];
     const int64_t g = tensor_group[i];
     const SgdScalars s =
-        sgd_scalars(hyper.data() + g * sgd_slot::kCount, schedule[g], *steps[i].const_data_ptr<int64_t>());
+        sgd_scalars(hyper.data() + g * sgd_slot::kCount, schedule[g], *steps[i].const_data_ptr<int64_t>(), scale);
     TORCH_CHECK(s.momentum == 0 || momentum_buffers[i].numel() == params[i].numel(), "fusedlr.sgd_step_: parameter ",
                 i, " is updated with momentum ", s.momentum, " but has no momentum_buffer");
     jobs[j] = {params[i].mutable_data_ptr(), active.grad_data[j],
@@ -163,6 +176,7 @@ void sgd_step_cpu(at::TensorList params, const OptionalTensorList& grads, at::Te
                s.weight_decay != 0, s};
     numels[j] = params[i].numel();
   }
+  if (found_inf_in(found_inf)) return;
   advance_counters(group_steps, steps, active);
   bump_versions(active, params);
   for_each_chunk(numels, [&](int64_t i, int64_t begin, int64_t end) { sgd_chunk(jobs[i], begin, end); });
@@ -216,7 +230,8 @@ void adam_chunk(const AdamTensor& job, int64_t begin, int64_t end) {
 void adam_step_cpu(at::TensorList params, const OptionalTensorList& grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                    at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef tensor_group,
                    c10::ArrayRef<double> hyper, c10::ArrayRef<double> programs, const at::Tensor& group_steps,
-                   const at::Tensor& plateau_state) {
+                   const at::Tensor& plateau_state, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf) {
   const ActiveTensors active = check_step_inputs(
       "fusedlr.adam_step_", at::kCPU, params, grads,
       {{"exp_avg", exp_avgs, false}, {"exp_avg_sq", exp_avg_sqs, false}, {"max_exp_avg_sq", max_exp_avg_sqs, true}},
@@ -226,6 +241,8 @@ void adam_step_cpu(at::TensorList params, const OptionalTensorList& grads, at::T
     TORCH_CHECK(!amsgrad || max_exp_avg_sqs[i].numel() == params[i].numel(),
                 "fusedlr.adam_step_: parameter ", i, " is in an amsgrad group but has no max_exp_avg_sq");
   }
+  check_amp_inputs("fusedlr.adam_step_", group_steps.device(), grad_scale, found_inf);
+  const double scale = grad_scale_of(grad_scale);
   const auto schedule = evaluate_groups(hyper, adam_slot::kCount, adam_slot::kLr, programs, group_steps, plateau_state);
   const size_t n = active.index.size();
   std::vector<AdamTensor> jobs(n);
@@ -238,7 +255,7 @@ void adam_step_cpu(at::TensorList params, const OptionalTensorList& grads, at::T
     const int64_t g = tensor_group[i];
     const int64_t step = *steps[i].const_data_ptr<int64_t>() + 1;
     if (g != last_group || step != last_step) {
-      last_scalars = adam_scalars(hyper.data() + g * adam_slot::kCount, schedule[g], step);
+      last_scalars = adam_scalars(hyper.data() + g * adam_slot::kCount, schedule[g], step, scale);
       last_group = g;
       last_step = step;
     }
@@ -248,6 +265,7 @@ void adam_step_cpu(at::TensorList params, const OptionalTensorList& grads, at::T
                last_scalars};
     numels[j] = params[i].numel();
   }
+  if (found_inf_in(found_inf)) return;
   advance_counters(group_steps, steps, active);
   bump_versions(active, params);
   for_each_chunk(numels, [&](int64_t i, int64_t begin, int64_t end) { adam_chunk(jobs[i], begin, end); });

@@ -60,6 +60,8 @@ struct GroupTable {
   double programs[kMaxProgram];
   const int64_t* group_steps;
   const double* plateau_state;
+  const float* grad_scale;  // null: the gradients are not scaled (ops.cpp, [note: amp])
+  const float* found_inf;   // null, or nonzero to skip the step
 };
 
 // Per tensor of a launch; kStates state lists (a momentum buffer; exp_avg, exp_avg_sq, max_exp_avg_sq).
@@ -88,6 +90,7 @@ static_assert(sizeof(SgdArgs) <= kMaxArgBytes && sizeof(AdamArgs) <= kMaxArgByte
 static_assert(kMaxGroups <= 256, "group indices are uint8_t");
 
 struct CounterArgs {
+  const float* found_inf;
   int64_t* step[kCounterThreads];
   int32_t count;
   int64_t* group_steps;  // null but for the last launch of a step
@@ -208,8 +211,17 @@ __device__ __forceinline__ ScheduleValue group_schedule(const GroupTable& groups
 // when its group or step count differs from the previous chunk's: consecutive tensors of a group
 // usually share their step count, so a model of many small tensors pays for them about once per
 // block and group.
+__device__ __forceinline__ bool skip_step(const GroupTable& groups) {
+  return groups.found_inf != nullptr && *groups.found_inf != 0;
+}
+
+__device__ __forceinline__ double grad_scale_of(const GroupTable& groups) {
+  return groups.grad_scale != nullptr ? static_cast<double>(*groups.grad_scale) : 1.0;
+}
+
 template <typename param_t, typename math_t>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) sgd_kernel(const __grid_constant__ SgdArgs args) {
+  if (skip_step(args.groups)) return;
   const auto& t = args.tensors;
   int scalars_group = -1;
   int64_t scalars_step = -1;
@@ -220,7 +232,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) sgd_kernel(const __gri
     const int64_t step = *t.step[i];
     if (g != scalars_group || step != scalars_step) {
       const ScheduleValue schedule = group_schedule(args.groups, g, sgd_slot::kCount, sgd_slot::kLr);
-      const SgdScalars s = sgd_scalars(args.groups.hyper + g * sgd_slot::kCount, schedule, step);
+      const SgdScalars s = sgd_scalars(args.groups.hyper + g * sgd_slot::kCount, schedule, step,
+                                       grad_scale_of(args.groups));
       c = SgdCoefficients<math_t>(s);
       momentum = s.momentum != 0;
       weight_decay = s.weight_decay != 0;
@@ -240,6 +253,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) sgd_kernel(const __gri
 
 template <typename param_t, typename math_t>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) adam_kernel(const __grid_constant__ AdamArgs args) {
+  if (skip_step(args.groups)) return;
   const auto& t = args.tensors;
   int scalars_group = -1;
   int64_t scalars_step = -1;
@@ -250,7 +264,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) adam_kernel(const __gr
     const int64_t step = *t.step[i] + 1;
     if (g != scalars_group || step != scalars_step) {
       const ScheduleValue schedule = group_schedule(args.groups, g, adam_slot::kCount, adam_slot::kLr);
-      const AdamScalars s = adam_scalars(args.groups.hyper + g * adam_slot::kCount, schedule, step);
+      const AdamScalars s = adam_scalars(args.groups.hyper + g * adam_slot::kCount, schedule, step,
+                                         grad_scale_of(args.groups));
       c = AdamCoefficients<math_t>(s);
       amsgrad = s.amsgrad;
       weight_decay = s.weight_decay != 0;
@@ -272,6 +287,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) adam_kernel(const __gr
 }
 
 __global__ void advance_counters_kernel(const __grid_constant__ CounterArgs args) {
+  if (args.found_inf != nullptr && *args.found_inf != 0) return;
   const int i = threadIdx.x;
   if (i < args.count) atomicAdd(reinterpret_cast<unsigned long long*>(args.step[i]), 1ULL);
   if (args.group_steps != nullptr && i < args.groups) args.group_steps[i] += 1;
@@ -314,13 +330,27 @@ void fill_programs(double* out, c10::ArrayRef<double> programs) {
   for (int k = 0; k < kMaxProgram; ++k) out[k] = k < static_cast<int>(programs.size()) ? programs[k] : 0.0;
 }
 
+// The AMP inputs as float32 on the device (a conversion, if any, is a device op, not a sync).
+struct AmpInputs {
+  at::Tensor grad_scale, found_inf;  // undefined when absent
+
+  AmpInputs(const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& inf)
+      : grad_scale(scale.has_value() && scale->defined() ? scale->to(at::kFloat).contiguous() : at::Tensor()),
+        found_inf(inf.has_value() && inf->defined() ? inf->to(at::kFloat).contiguous() : at::Tensor()) {}
+
+  const float* scale_ptr() const { return grad_scale.defined() ? grad_scale.const_data_ptr<float>() : nullptr; }
+  const float* inf_ptr() const { return found_inf.defined() ? found_inf.const_data_ptr<float>() : nullptr; }
+};
+
 GroupTable group_table(c10::ArrayRef<double> hyper, c10::ArrayRef<double> programs, const at::Tensor& group_steps,
-                       const at::Tensor& plateau_state) {
+                       const at::Tensor& plateau_state, const AmpInputs& amp) {
   GroupTable table{};
   for (size_t k = 0; k < hyper.size(); ++k) table.hyper[k] = hyper[k];
   fill_programs(table.programs, programs);
   table.group_steps = group_steps.const_data_ptr<int64_t>();
   table.plateau_state = plateau_state.const_data_ptr<double>();
+  table.grad_scale = amp.scale_ptr();
+  table.found_inf = amp.inf_ptr();
   return table;
 }
 
@@ -418,10 +448,12 @@ std::vector<Launch<Args>> plan_launches(const ActiveTensors& active, at::TensorL
 
 // Runs each launch, then the kernel advancing its counters (the group counters after the last).
 template <typename Args, typename MainKernel>
-void run_launches(std::vector<Launch<Args>>& launches, const at::Tensor& group_steps, const MainKernel& main_kernel) {
+void run_launches(std::vector<Launch<Args>>& launches, const at::Tensor& group_steps, const AmpInputs& amp,
+                  const MainKernel& main_kernel) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int max_blocks = multiprocessors(group_steps.get_device()) * kBlocksPerSm;
   CounterArgs counters{};
+  counters.found_inf = amp.inf_ptr();
   if (launches.empty()) {
     counters.group_steps = group_steps.mutable_data_ptr<int64_t>();
     counters.groups = static_cast<int32_t>(group_steps.numel());
@@ -448,7 +480,8 @@ void run_launches(std::vector<Launch<Args>>& launches, const at::Tensor& group_s
 
 void sgd_step_cuda(at::TensorList params, const OptionalTensorList& grads, at::TensorList momentum_buffers,
                    at::TensorList steps, at::IntArrayRef tensor_group, c10::ArrayRef<double> hyper,
-                   c10::ArrayRef<double> programs, const at::Tensor& group_steps, const at::Tensor& plateau_state) {
+                   c10::ArrayRef<double> programs, const at::Tensor& group_steps, const at::Tensor& plateau_state,
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const char* op = "fusedlr.sgd_step_";
   const ActiveTensors active =
       check_step_inputs(op, at::kCUDA, params, grads, {{"momentum_buffer", momentum_buffers, true}}, steps,
@@ -465,11 +498,13 @@ void sgd_step_cuda(at::TensorList params, const OptionalTensorList& grads, at::T
     TORCH_CHECK(!may_use_momentum[g] || momentum_buffers[i].numel() == params[i].numel(), op, ": parameter ", i,
                 " is in a group with momentum (or a schedule that cycles it) but has no momentum_buffer");
   }
+  check_amp_inputs(op, group_steps.device(), grad_scale, found_inf);
   const c10::cuda::CUDAGuard guard(group_steps.device());
+  const AmpInputs amp(grad_scale, found_inf);
   auto launches = plan_launches<SgdArgs, 1>(active, params, {momentum_buffers}, steps, tensor_group,
-                                            group_table(hyper, programs, group_steps, plateau_state));
+                                            group_table(hyper, programs, group_steps, plateau_state, amp));
   bump_versions(active, params);
-  run_launches(launches, group_steps, [](const Launch<SgdArgs>& launch, int blocks, cudaStream_t stream) {
+  run_launches(launches, group_steps, amp, [](const Launch<SgdArgs>& launch, int blocks, cudaStream_t stream) {
     dispatch_param_dtype(launch.dtype, [&](auto types) {
       using Types = decltype(types);
       sgd_kernel<typename Types::param_t, typename Types::math_t><<<blocks, kThreads, 0, stream>>>(launch.args);
@@ -480,7 +515,8 @@ void sgd_step_cuda(at::TensorList params, const OptionalTensorList& grads, at::T
 void adam_step_cuda(at::TensorList params, const OptionalTensorList& grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
                     at::IntArrayRef tensor_group, c10::ArrayRef<double> hyper, c10::ArrayRef<double> programs,
-                    const at::Tensor& group_steps, const at::Tensor& plateau_state) {
+                    const at::Tensor& group_steps, const at::Tensor& plateau_state,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const char* op = "fusedlr.adam_step_";
   const ActiveTensors active = check_step_inputs(
       op, at::kCUDA, params, grads,
@@ -492,12 +528,14 @@ void adam_step_cuda(at::TensorList params, const OptionalTensorList& grads, at::
     TORCH_CHECK(!amsgrad || max_exp_avg_sqs[i].numel() == params[i].numel(), op, ": parameter ", i,
                 " is in an amsgrad group but has no max_exp_avg_sq");
   }
+  check_amp_inputs(op, group_steps.device(), grad_scale, found_inf);
   const c10::cuda::CUDAGuard guard(group_steps.device());
+  const AmpInputs amp(grad_scale, found_inf);
   auto launches =
       plan_launches<AdamArgs, 3>(active, params, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, steps, tensor_group,
-                                 group_table(hyper, programs, group_steps, plateau_state));
+                                 group_table(hyper, programs, group_steps, plateau_state, amp));
   bump_versions(active, params);
-  run_launches(launches, group_steps, [](const Launch<AdamArgs>& launch, int blocks, cudaStream_t stream) {
+  run_launches(launches, group_steps, amp, [](const Launch<AdamArgs>& launch, int blocks, cudaStream_t stream) {
     dispatch_param_dtype(launch.dtype, [&](auto types) {
       using Types = decltype(types);
       adam_kernel<typename Types::param_t, typename Types::math_t><<<blocks, kThreads, 0, stream>>>(launch.args);
