@@ -10,17 +10,22 @@ import fusedlr
 from fusedlr import schedules as S
 
 
-def model_pair(seed=0):
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def model_pair(seed=0, device="cpu"):
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)).to(device)
     return model, copy.deepcopy(model)
 
 
 def train(model, opt, scaler, batches, clip=None, poison=()):
     skipped = []
+    device = next(model.parameters()).device
     for k, (x, y) in enumerate(batches):
+        x, y = x.to(device), y.to(device)
         opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.float16):
+        with torch.autocast(device.type, dtype=torch.float16):
             loss = torch.nn.functional.mse_loss(model(x).float(), y)
         scaler.scale(loss).backward()
         if k in poison:
@@ -35,12 +40,13 @@ def train(model, opt, scaler, batches, clip=None, poison=()):
     return skipped
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 @pytest.mark.parametrize("clip", [None, 1.0])
-def test_grad_scaler_matches_torch(optimizer, clip):
+def test_grad_scaler_matches_torch(device, optimizer, clip):
     """A scale of 2**30 overflows fp16 in the first steps, and NaN is injected at steps 25 and 31:
     the same steps are skipped as with torch's fused optimizer, and the parameters agree."""
-    model, ref_model = model_pair()
+    model, ref_model = model_pair(device=device)
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randn(8, 16, generator=gen), torch.randn(8, 1, generator=gen)) for _ in range(40)]
     # The reference is torch's fused AdamW where it follows the run; elsewhere torch's for-loop
@@ -56,9 +62,9 @@ def test_grad_scaler_matches_torch(optimizer, clip):
         ref = torch.optim.SGD(ref_model.parameters(), lr=1e-2, momentum=0.9, **impl)
     poison = {25, 31}
     # growth_interval=1000: once the scale fits, only the poisoned steps skip, whatever the rounding
-    skipped = train(model, opt, torch.amp.GradScaler("cpu", init_scale=2.0 ** 30, growth_interval=1000), batches,
+    skipped = train(model, opt, torch.amp.GradScaler(device, init_scale=2.0 ** 30, growth_interval=1000), batches,
                     clip, poison)
-    ref_skipped = train(ref_model, ref, torch.amp.GradScaler("cpu", init_scale=2.0 ** 30, growth_interval=1000),
+    ref_skipped = train(ref_model, ref, torch.amp.GradScaler(device, init_scale=2.0 ** 30, growth_interval=1000),
                         batches, clip, poison)
     assert skipped == ref_skipped and skipped[25] and skipped[31] and skipped.count(False) > 20
     assert opt.schedule_steps().tolist() == [skipped.count(False)]
@@ -68,10 +74,11 @@ def test_grad_scaler_matches_torch(optimizer, clip):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
-def test_nan_gradient_skips_the_step_and_changes_nothing():
-    model, _ = model_pair()
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_gradient_skips_the_step_and_changes_nothing(device):
+    model, _ = model_pair(device=device)
     opt = fusedlr.AdamW(model.parameters(), lr=1e-2, schedule=S.StepLR(step_size=1, gamma=0.5))
-    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    scaler = torch.amp.GradScaler(device, init_scale=1.0)
     gen = torch.Generator().manual_seed(2)
     batches = [(torch.randn(8, 16, generator=gen), torch.randn(8, 1, generator=gen)) for _ in range(6)]
     train(model, opt, scaler, batches[:3])
