@@ -61,7 +61,7 @@ else
 fi
 
 if [ "$built" = 1 ]; then
-  phase tests 200 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_ops.py || true
+  phase tests 200 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_ops.py tests/test_amp.py || true
   phase bench 200 "$PYTHON" -m fusedlr bench --device cuda --preset llama-1b --preset 2000x1k --quiet \
     --json "$OUT/bench.json" || true
 fi
