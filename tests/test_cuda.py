@@ -26,18 +26,8 @@ F64_TOL = dict(rtol=1e-9, atol=1e-11)
 F64_CPU_TOL = dict(rtol=1e-11, atol=1e-13)
 F32_TOL = dict(rtol=1e-5, atol=1e-5)
 
-OPTIMIZERS = {
-    "sgd": (fusedlr.SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-3)),
-    "adam": (fusedlr.Adam, torch.optim.Adam, dict(lr=0.01, betas=(0.8, 0.99), weight_decay=1e-2)),
-    "adamw": (fusedlr.AdamW, torch.optim.AdamW, dict(lr=0.01, weight_decay=0.1)),
-}
-VARIANTS = {
-    "sgd-plain": (fusedlr.SGD, torch.optim.SGD, dict(lr=0.05)),
-    "sgd-nesterov-maximize": (fusedlr.SGD, torch.optim.SGD,
-                              dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=1e-2, maximize=True)),
-    "adam-amsgrad-maximize": (fusedlr.Adam, torch.optim.Adam, dict(lr=0.01, amsgrad=True, maximize=True, eps=1e-6)),
-    "adamw-amsgrad": (fusedlr.AdamW, torch.optim.AdamW, dict(lr=0.01, amsgrad=True, weight_decay=0.05)),
-}
+from test_optimizers import OPTIMIZERS, VARIANTS  # noqa: E402  (the same optimizers as on the CPU)
+from test_state_dict import assert_unchanged, snapshot  # noqa: E402
 # (70_001,): two chunks of the kernels, the second with a scalar tail.
 SHAPES = [(17, 9), (33,), (4, 3, 5), (1,), (70_001,)]
 
@@ -380,24 +370,6 @@ def trained(optimizer="adamw", groups=1):
             p.grad = torch.randn_like(p)
         opt.step()
     return params, opt
-
-
-def snapshot(opt, params):
-    return ([p.detach().clone() for p in params],
-            {p: {k: v.clone() for k, v in opt.state[p].items()} for p in params if p in opt.state},
-            opt.schedule_steps().clone(), opt.last_lr().clone())
-
-
-def assert_unchanged(before, opt, params):
-    values, state, steps, lr = before
-    for p, v in zip(params, values):
-        assert torch.equal(p.detach(), v)
-    assert set(opt.state.keys()) == set(state.keys())
-    for p in state:
-        for k, v in state[p].items():
-            assert torch.equal(opt.state[p][k], v)
-    assert torch.equal(opt.schedule_steps(), steps)
-    assert torch.equal(opt.last_lr(), lr)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
