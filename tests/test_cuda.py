@@ -27,6 +27,7 @@ F64_CPU_TOL = dict(rtol=1e-11, atol=1e-13)
 F32_TOL = dict(rtol=1e-5, atol=1e-5)
 
 from test_optimizers import OPTIMIZERS, VARIANTS  # noqa: E402  (the same optimizers as on the CPU)
+from test_optimizers import compare_state  # noqa: E402
 from test_state_dict import assert_unchanged, snapshot  # noqa: E402
 # (70_001,): two chunks of the kernels, the second with a scalar tail.
 SHAPES = [(17, 9), (33,), (4, 3, 5), (1,), (70_001,)]
@@ -35,20 +36,6 @@ SHAPES = [(17, 9), (33,), (4, 3, 5), (1,), (70_001,)]
 def start_params(dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) for shape in SHAPES]
-
-
-def assert_same(opt, params, ref_opt, ref_params, tol, where):
-    """Parameters and every tensor of ref_opt's state (step counts exactly), compared on the CPU."""
-    for i, (p, q) in enumerate(zip(params, ref_params)):
-        torch.testing.assert_close(p.detach().cpu(), q.detach().cpu(), **tol, msg=lambda m: f"{where}, param {i}: {m}")
-        state, ref_state = opt.state.get(p, {}), ref_opt.state.get(q, {})
-        assert bool(state) or not ref_state, f"{where}: param {i} has no state"
-        for key, value in ref_state.items():
-            if key == "step":
-                assert int(state["step"]) == int(value), f"{where}, param {i}: step"
-            elif value is not None:
-                torch.testing.assert_close(state[key].cpu(), value.cpu(), **tol,
-                                           msg=lambda m: f"{where}, param {i}, {key}: {m}")
 
 
 def run_parity(fused_cls, torch_cls, kwargs, schedule, dtype=torch.float64, tol=F64_TOL, cpu_tol=F64_CPU_TOL,
@@ -82,8 +69,8 @@ def run_parity(fused_cls, torch_cls, kwargs, schedule, dtype=torch.float64, tol=
                 isinstance(schedule, S.OneCycleLR) and k + 1 >= schedule.n_steps):
             torch_sched.step()
         if (k + 1) % 50 == 0 or k + 1 == steps:
-            assert_same(fused_opt, fused, torch_opt, ref, tol, f"torch, step {k}")
-            assert_same(fused_opt, fused, cpu_opt, cpu, cpu_tol, f"cpu, step {k}")
+            compare_state(fused_opt, torch_opt, fused, ref, tol, f"torch, step {k}")
+            compare_state(fused_opt, cpu_opt, fused, cpu, cpu_tol, f"cpu, step {k}")
     assert fused_opt.schedule_steps().tolist() == [steps]
 
 

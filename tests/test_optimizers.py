@@ -40,15 +40,17 @@ def make_params(dtype, seed):
 
 
 def compare_state(fused_opt, torch_opt, fused_params, torch_params, tol, where):
+    """Parameters and every tensor of torch_opt's state (step counts exactly), compared on the CPU."""
     for i, (p, q) in enumerate(zip(fused_params, torch_params)):
-        torch.testing.assert_close(p, q, **tol, msg=lambda m: f"{where}, param {i}: {m}")
+        torch.testing.assert_close(p.detach().cpu(), q.detach().cpu(), **tol, msg=lambda m: f"{where}, param {i}: {m}")
         fs, ts = fused_opt.state.get(p, {}), torch_opt.state.get(q, {})
         assert bool(fs) or not ts, f"{where}: param {i} has no state, torch's has"
         for key, value in ts.items():
             if key == "step":
                 assert int(fs["step"]) == int(value), f"{where}, param {i}: step"
             elif value is not None:
-                torch.testing.assert_close(fs[key], value, **tol, msg=lambda m: f"{where}, param {i}, {key}: {m}")
+                torch.testing.assert_close(fs[key].cpu(), value.cpu(), **tol,
+                                           msg=lambda m: f"{where}, param {i}, {key}: {m}")
 
 
 def run_parity(fused_cls, torch_cls, kwargs, schedule, steps=200, dtype=torch.float64, tol=F64_TOL, seed=0,
