@@ -9,7 +9,6 @@ run (stream_bandwidths).
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
