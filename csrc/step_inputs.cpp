@@ -69,7 +69,7 @@ int64_t node_args(const char* op, ScheduleKind kind, const double* a, const doub
 
 }  // namespace
 
-void check_schedule_inputs(const char* op, c10::ArrayRef<double> programs, int64_t groups, const at::Tensor& steps,
+void check_schedule_inputs(const char* op, c10::ArrayRef<double> programs, int64_t groups,
                            const at::Tensor& plateau_state) {
   TORCH_CHECK(static_cast<int64_t>(programs.size()) >= groups, op, ": programs holds ", programs.size(),
               " values, fewer than the ", groups, " group offsets it must start with");
@@ -109,14 +109,19 @@ void check_schedule_inputs(const char* op, c10::ArrayRef<double> programs, int64
       }
     }
   }
-  TORCH_CHECK(steps.scalar_type() == at::kLong && steps.dim() == 1 && steps.numel() == groups && steps.is_contiguous(),
-              op, ": group_steps must be a contiguous int64 vector of ", groups, " step counters, got ",
-              steps.scalar_type(), " of shape ", steps.sizes());
   TORCH_CHECK(plateau_state.scalar_type() == at::kDouble && plateau_state.dim() == 2 &&
                   plateau_state.size(0) == groups && plateau_state.size(1) == plateau_slot::kCount &&
                   plateau_state.is_contiguous(),
               op, ": plateau_state must be a contiguous float64 tensor of shape [", groups, ", ", plateau_slot::kCount,
               "], got ", plateau_state.scalar_type(), " of shape ", plateau_state.sizes());
+}
+
+void check_schedule_inputs(const char* op, c10::ArrayRef<double> programs, int64_t groups, const at::Tensor& steps,
+                           const at::Tensor& plateau_state) {
+  check_schedule_inputs(op, programs, groups, plateau_state);
+  TORCH_CHECK(steps.scalar_type() == at::kLong && steps.dim() == 1 && steps.numel() == groups && steps.is_contiguous(),
+              op, ": group_steps must be a contiguous int64 vector of ", groups, " step counters, got ",
+              steps.scalar_type(), " of shape ", steps.sizes());
   TORCH_CHECK(plateau_state.device() == steps.device(), op, ": plateau_state is on ", plateau_state.device(),
               " but group_steps on ", steps.device());
 }

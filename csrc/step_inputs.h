@@ -41,8 +41,12 @@ ActiveTensors check_step_inputs(const char* op, at::DeviceType device_type, at::
 void check_amp_inputs(const char* op, const at::Device& device, const std::optional<at::Tensor>& grad_scale,
                       const std::optional<at::Tensor>& found_inf);
 
+// The schedule programs (every node well formed) and the plateau state of `groups` groups; the
+// second form also checks the groups' step counters.
 void check_schedule_inputs(const char* op, c10::ArrayRef<double> programs, int64_t groups,
-                           const at::Tensor& steps, const at::Tensor& plateau_state);
+                           const at::Tensor& plateau_state);
+void check_schedule_inputs(const char* op, c10::ArrayRef<double> programs, int64_t groups, const at::Tensor& steps,
+                           const at::Tensor& plateau_state);
 
 // The dtype of optimizer state for a parameter dtype: float32 for the low-precision types.
 at::ScalarType state_dtype(at::ScalarType param_dtype);

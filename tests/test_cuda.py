@@ -13,7 +13,7 @@ import torch
 import fusedlr
 from fusedlr import _ops
 from fusedlr import schedules as S
-from twins import SCHEDULES, time_unit, torch_twin
+from twins import SCHEDULES, torch_twin
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 warnings.filterwarnings("ignore", message=".*lr_scheduler.step\\(\\)")
@@ -22,56 +22,18 @@ CUDA = torch.device("cuda")
 # Against torch: as tests/test_optimizers.py. Against the CPU kernels the element math is the same
 # IEEE operations in the same order; only the double schedule and bias-correction functions (cos,
 # pow, exp) may differ by an ulp between libm and CUDA's.
-F64_TOL = dict(rtol=1e-9, atol=1e-11)
 F64_CPU_TOL = dict(rtol=1e-11, atol=1e-13)
 F32_TOL = dict(rtol=1e-5, atol=1e-5)
 
-from test_optimizers import OPTIMIZERS, VARIANTS  # noqa: E402  (the same optimizers as on the CPU)
-from test_optimizers import compare_state  # noqa: E402
+import test_optimizers  # noqa: E402
+from test_optimizers import F64_TOL, OPTIMIZERS, VARIANTS, make_params  # noqa: E402  (the same as on the CPU)
 from test_state_dict import assert_unchanged, snapshot  # noqa: E402
-# (70_001,): two chunks of the kernels, the second with a scalar tail.
-SHAPES = [(17, 9), (33,), (4, 3, 5), (1,), (70_001,)]
 
 
-def start_params(dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) for shape in SHAPES]
-
-
-def run_parity(fused_cls, torch_cls, kwargs, schedule, dtype=torch.float64, tol=F64_TOL, cpu_tol=F64_CPU_TOL,
-               steps=200, seed=0):
-    """fusedlr on CUDA against torch.optim (for-loop) + its scheduler twin on CUDA, and against
-    fusedlr on the CPU, with the same gradients; parameter 2 has no gradient every 7th step."""
-    start = start_params(dtype, seed)
-    fused = [p.to(CUDA).requires_grad_() for p in start]
-    ref = [p.to(CUDA).requires_grad_() for p in start]
-    cpu = [p.clone().requires_grad_() for p in start]
-    fused_opt = fused_cls(fused, schedule=schedule, **kwargs)
-    cpu_opt = fused_cls(cpu, schedule=schedule, **kwargs)
-    torch_opt = torch_cls(ref, foreach=False, **kwargs)
-    torch_sched = torch_twin(schedule, torch_opt) if schedule is not None else None
-    unit = time_unit(schedule) if schedule is not None else 1
-    gen = torch.Generator().manual_seed(seed + 1)
-    for k in range(steps):
-        if torch_sched is not None:
-            expected_lr = torch_sched.get_last_lr()[0]
-            assert float(fused_opt.last_lr()[0]) == pytest.approx(expected_lr, rel=1e-9, abs=1e-15), f"lr at {k}"
-        for i, (p, q, r) in enumerate(zip(fused, ref, cpu)):
-            if i == 2 and k % 7 == 3:
-                p.grad = q.grad = r.grad = None
-                continue
-            g = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype)
-            p.grad, q.grad, r.grad = g.to(CUDA), g.to(CUDA), g
-        fused_opt.step()
-        torch_opt.step()
-        cpu_opt.step()
-        if torch_sched is not None and (k + 1) % unit == 0 and not (
-                isinstance(schedule, S.OneCycleLR) and k + 1 >= schedule.n_steps):
-            torch_sched.step()
-        if (k + 1) % 50 == 0 or k + 1 == steps:
-            compare_state(fused_opt, torch_opt, fused, ref, tol, f"torch, step {k}")
-            compare_state(fused_opt, cpu_opt, fused, cpu, cpu_tol, f"cpu, step {k}")
-    assert fused_opt.schedule_steps().tolist() == [steps]
+def run_parity(*args, **kwargs):
+    """tests/test_optimizers.py's parity run on CUDA, against torch on CUDA and fusedlr on the CPU."""
+    kwargs.setdefault("cpu_tol", F64_CPU_TOL)
+    test_optimizers.run_parity(*args, device=CUDA, compare_every=50, **kwargs)
 
 
 def test_cuda_kernels_are_built():
@@ -170,7 +132,7 @@ def test_more_tensors_than_one_launch_holds_match_the_cpu(optimizer):
 @pytest.mark.parametrize("metric_dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_reduce_on_plateau_with_a_device_metric(metric_dtype):
     schedule = S.ReduceLROnPlateau(patience=1, factor=0.5, cooldown=1, threshold=0.01)
-    start = start_params(torch.float64, 6)[:3]
+    start = make_params(torch.float64, 6)[:3]
     fused = [p.to(CUDA).requires_grad_() for p in start]
     ref = [p.to(CUDA).requires_grad_() for p in start]
     fused_opt = fusedlr.SGD(fused, lr=0.1, momentum=0.9, schedule=schedule)

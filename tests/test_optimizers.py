@@ -31,7 +31,8 @@ VARIANTS = {
     "adamw-amsgrad": (fusedlr.AdamW, torch.optim.AdamW, dict(lr=0.01, amsgrad=True, weight_decay=0.05)),
     "adam-decoupled": (fusedlr.Adam, torch.optim.Adam, dict(lr=0.01, weight_decay=0.05, decoupled_weight_decay=True)),
 }
-SHAPES = [(17, 9), (33,), (4, 3, 5), (1,), (70_000,)]  # the last spans two CPU chunks
+# The last spans two chunks of the CPU and CUDA kernels, the second with a scalar tail.
+SHAPES = [(17, 9), (33,), (4, 3, 5), (1,), (70_001,)]
 
 
 def make_params(dtype, seed):
@@ -54,11 +55,16 @@ def compare_state(fused_opt, torch_opt, fused_params, torch_params, tol, where):
 
 
 def run_parity(fused_cls, torch_cls, kwargs, schedule, steps=200, dtype=torch.float64, tol=F64_TOL, seed=0,
-               drop_grads=True):
-    fused_params = [p.clone().requires_grad_() for p in make_params(dtype, seed)]
-    torch_params = [p.clone().requires_grad_() for p in make_params(dtype, seed)]
-    fused_opt = fused_cls(fused_params, schedule=schedule, **kwargs)
-    torch_opt = torch_cls(torch_params, foreach=False, **kwargs)
+               device="cpu", cpu_tol=None, compare_every=1):
+    """fusedlr on `device` against torch.optim (for-loop) + its scheduler twin on `device`, with the same
+    fresh random gradients; parameter 2 has no gradient every 7th step (torch skips it: its state and
+    step stay). With cpu_tol, a fusedlr run on the CPU is compared as well. Compared every
+    compare_every steps and after the last."""
+    start = make_params(dtype, seed)
+    fused, ref, cpu = ([p.to(device, copy=True).requires_grad_() for p in start] for device in (device, device, "cpu"))
+    fused_opt = fused_cls(fused, schedule=schedule, **kwargs)
+    torch_opt = torch_cls(ref, foreach=False, **kwargs)
+    cpu_opt = fused_cls(cpu, schedule=schedule, **kwargs) if cpu_tol is not None else None
     torch_sched = torch_twin(schedule, torch_opt) if schedule is not None else None
     unit = time_unit(schedule) if schedule is not None else 1
     gen = torch.Generator().manual_seed(seed + 1)
@@ -66,20 +72,24 @@ def run_parity(fused_cls, torch_cls, kwargs, schedule, steps=200, dtype=torch.fl
         if torch_sched is not None:
             expected_lr = torch_sched.get_last_lr()[0]
             assert float(fused_opt.last_lr()[0]) == pytest.approx(expected_lr, rel=1e-9, abs=1e-15), f"lr at {k}"
-        for i, (p, q) in enumerate(zip(fused_params, torch_params)):
-            if drop_grads and i == 2 and k % 7 == 3:
-                p.grad = q.grad = None  # torch skips a parameter without a gradient: state and step stay
+        for i, (p, q, r) in enumerate(zip(fused, ref, cpu)):
+            if i == 2 and k % 7 == 3:
+                p.grad = q.grad = r.grad = None
                 continue
             g = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype)
-            p.grad, q.grad = g.clone(), g.clone()
+            p.grad, q.grad, r.grad = g.to(device, copy=True), g.to(device, copy=True), g.clone()
         fused_opt.step()
         torch_opt.step()
+        if cpu_opt is not None:
+            cpu_opt.step()
         if torch_sched is not None and (k + 1) % unit == 0 and not (
                 isinstance(schedule, S.OneCycleLR) and k + 1 >= schedule.n_steps):
             torch_sched.step()
-        compare_state(fused_opt, torch_opt, fused_params, torch_params, tol, f"step {k}")
-    assert int(fused_opt.schedule_steps()[0]) == steps
-    return fused_params, torch_params
+        if (k + 1) % compare_every == 0 or k + 1 == steps:
+            compare_state(fused_opt, torch_opt, fused, ref, tol, f"torch, step {k}")
+            if cpu_opt is not None:
+                compare_state(fused_opt, cpu_opt, fused, cpu, cpu_tol, f"cpu, step {k}")
+    assert fused_opt.schedule_steps().tolist() == [steps]
 
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))

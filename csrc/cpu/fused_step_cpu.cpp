@@ -282,8 +282,7 @@ void plateau_observe_cpu(const at::Tensor& metric, c10::ArrayRef<double> base_lr
               metric.scalar_type(), " of shape ", metric.sizes());
   TORCH_CHECK(plateau_state.device().is_cpu() && metric.device().is_cpu(),
               "fusedlr.plateau_observe_: metric and plateau_state must be on one device");
-  check_schedule_inputs("fusedlr.plateau_observe_", programs, groups,
-                        at::zeros({groups}, plateau_state.options().dtype(at::kLong)), plateau_state);
+  check_schedule_inputs("fusedlr.plateau_observe_", programs, groups, plateau_state);
   const double value = metric.item<double>();
   double* state = plateau_state.data_ptr<double>();
   for (int64_t g = 0; g < groups; ++g) {

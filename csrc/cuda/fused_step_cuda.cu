@@ -561,8 +561,7 @@ void plateau_observe_cuda(const at::Tensor& metric, c10::ArrayRef<double> base_l
               metric.sizes());
   TORCH_CHECK(plateau_state.is_cuda() && metric.device() == plateau_state.device(), op, ": the metric is on ",
               metric.device(), " but plateau_state on ", plateau_state.device(), "; they must be on one device");
-  check_schedule_inputs(op, programs, groups, at::empty({groups}, plateau_state.options().dtype(at::kLong)),
-                        plateau_state);
+  check_schedule_inputs(op, programs, groups, plateau_state);
   const ScheduleArgs args = schedule_args(op, programs, base_lrs);
   const c10::cuda::CUDAGuard guard(plateau_state.device());
   if (groups == 0) return;
