@@ -126,14 +126,24 @@ void check_schedule_inputs(const char* op, c10::ArrayRef<double> programs, int64
               " but group_steps on ", steps.device());
 }
 
-void check_amp_inputs(const char* op, const at::Device& device, const std::optional<at::Tensor>& grad_scale,
-                      const std::optional<at::Tensor>& found_inf) {
-  for (const auto& [name, t] : {std::pair{"grad_scale", &grad_scale}, std::pair{"found_inf", &found_inf}}) {
-    if (!t->has_value() || !(*t)->defined()) continue;
+void check_grad_options(const char* op, const at::Device& device, const GradOptions& options) {
+  for (const auto& [name, t] : {std::pair{"grad_scale", &options.grad_scale}, std::pair{"found_inf", &options.found_inf}}) {
+    if (!GradOptions::given(*t)) continue;
     const at::Tensor& value = **t;
     TORCH_CHECK(value.numel() == 1 && value.is_floating_point() && value.device() == device, op, ": ", name,
                 " must be a one-element floating-point tensor on ", device, ", got ", value.scalar_type(),
                 " of shape ", value.sizes(), " on ", value.device());
+  }
+  if (options.max_grad_norm.has_value()) {
+    TORCH_CHECK(*options.max_grad_norm > 0, op, ": max_grad_norm must be > 0, got ", *options.max_grad_norm);
+  }
+  TORCH_CHECK(options.wants_norm() || (!options.max_grad_norm.has_value() && !options.skip_nonfinite), op,
+              ": max_grad_norm and skip_nonfinite need a grad_norm tensor to write the norm to");
+  if (options.wants_norm()) {
+    const at::Tensor& norm = *options.grad_norm;
+    TORCH_CHECK(norm.numel() == 1 && norm.scalar_type() == at::kDouble && norm.device() == device, op,
+                ": grad_norm must be a one-element float64 tensor on ", device, ", got ", norm.scalar_type(),
+                " of shape ", norm.sizes(), " on ", norm.device());
   }
 }
 
@@ -187,6 +197,10 @@ ActiveTensors check_step_inputs(const char* op, at::DeviceType device_type, at::
     for (const StateList& state : states) {
       const at::Tensor& s = state.tensors[i];
       if (state.optional && s.numel() == 0) continue;  // absent (or nothing to hold)
+      TORCH_CHECK(!state.low_precision_only || param.scalar_type() == at::kBFloat16 ||
+                      param.scalar_type() == at::kHalf,
+                  op, ": ", state.name, " of parameter ", i, " is given, but only bfloat16 and float16 parameters ",
+                  "take one (the parameter is ", param.scalar_type(), ")");
       check_on_device(op, s, device_type, device, state.name, i);
       TORCH_CHECK(s.scalar_type() == want_state, op, ": ", state.name, " of parameter ", i, " has dtype ", s.scalar_type(),
                   ", expected ", want_state);

@@ -17,6 +17,7 @@ struct StateList {
   const char* name;
   at::TensorList tensors;
   bool optional;
+  bool low_precision_only = false;  // only bfloat16 and float16 parameters may have it (master weights)
 };
 
 using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
@@ -37,9 +38,20 @@ ActiveTensors check_step_inputs(const char* op, at::DeviceType device_type, at::
                                           c10::ArrayRef<double> programs, const at::Tensor& group_steps,
                                           const at::Tensor& plateau_state);
 
-// The optional AMP inputs of a step (ops.cpp, [note: amp]): one-element floating tensors on `device`.
-void check_amp_inputs(const char* op, const at::Device& device, const std::optional<at::Tensor>& grad_scale,
-                      const std::optional<at::Tensor>& found_inf);
+// The optional inputs of a step that act on its gradients: AMP (ops.cpp, [note: amp]) and the global
+// norm (ops.cpp, [note: norm and master weights]).
+struct GradOptions {
+  const std::optional<at::Tensor>& grad_scale;
+  const std::optional<at::Tensor>& found_inf;
+  std::optional<double> max_grad_norm;
+  bool skip_nonfinite;
+  const std::optional<at::Tensor>& grad_norm;
+
+  static bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+  bool wants_norm() const { return given(grad_norm); }
+};
+
+void check_grad_options(const char* op, const at::Device& device, const GradOptions& options);
 
 // The schedule programs (every node well formed) and the plateau state of `groups` groups; the
 // second form also checks the groups' step counters.

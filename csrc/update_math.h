@@ -34,6 +34,36 @@ FUSEDLR_HD T lerp(T start, T end, T weight, bool small_weight) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// What a step does to every gradient before the update
+
+// [note: gradient adjustments]
+// As torch's GradScaler + clip_grad_norm_ + step: the gradient is divided by the AMP loss scale
+// (ops.cpp, [note: amp]), then multiplied by the clipping factor, then negated when maximizing.
+// The global L2 norm is taken over the unscaled gradients of every parameter the step updates, its
+// sum of squares accumulated in double (torch's clip_grad_norm_ accumulates in the gradients'
+// dtype). A step whose norm is not finite is skipped when the optimizer asks for that.
+struct GradAdjust {
+  double scale = 1;  // the AMP loss scale the gradients carry
+  double clip = 1;   // the clipping factor
+};
+
+// The global L2 norm of the unscaled gradients, from the sum of squares of the scaled ones.
+FUSEDLR_HD double grad_norm_of(double sum_of_squares, double grad_scale) { return sqrt(sum_of_squares) / grad_scale; }
+
+// clip_grad_norm_'s factor max_norm / (norm + 1e-6), at most 1. A NaN norm gives NaN, as in torch;
+// an infinite max_norm never clips a finite norm.
+FUSEDLR_HD double clip_factor(double norm, double max_norm) {
+  const double factor = max_norm / (norm + 1e-6);
+  return factor > 1.0 ? 1.0 : factor;
+}
+
+// Whether a step is skipped: GradScaler found an inf or NaN, or the optimizer skips non-finite
+// norms and this one is not finite (x - x is 0 for finite x only).
+FUSEDLR_HD bool step_skipped(bool found_inf, bool skip_nonfinite, double norm) {
+  return found_inf || (skip_nonfinite && !(norm - norm == 0));
+}
+
+// ---------------------------------------------------------------------------------------------
 // SGD
 
 struct SgdScalars {
@@ -41,21 +71,22 @@ struct SgdScalars {
   double momentum;  // 0: no momentum buffer is used this step
   double dampening;
   double weight_decay;
-  double grad_sign;  // the gradient's multiplier: -1 when maximizing, over the AMP grad scale
+  double grad_sign;  // -1 when maximizing, over the AMP grad scale
+  double clip;       // the clipping factor ([note: gradient adjustments])
   bool nesterov;
   bool first_step;  // the momentum buffer is set to the gradient instead of decayed
 };
 
-// grad_scale: the AMP loss scale the gradients carry (ops.cpp, [note: amp]); 1 without one.
 FUSEDLR_HD SgdScalars sgd_scalars(const double* hyper, ScheduleValue schedule, int64_t completed_steps,
-                                  double grad_scale) {
+                                  GradAdjust adjust) {
   using namespace sgd_slot;
   SgdScalars s;
   s.lr = schedule.lr;
   s.momentum = schedule.has_momentum ? schedule.momentum : hyper[kMomentum];
   s.dampening = hyper[kDampening];
   s.weight_decay = hyper[kWeightDecay];
-  s.grad_sign = (hyper[kMaximize] != 0 ? -1.0 : 1.0) / grad_scale;
+  s.grad_sign = (hyper[kMaximize] != 0 ? -1.0 : 1.0) / adjust.scale;
+  s.clip = adjust.clip;
   s.nesterov = hyper[kNesterov] != 0;
   s.first_step = completed_steps == 0;
   return s;
@@ -63,7 +94,7 @@ FUSEDLR_HD SgdScalars sgd_scalars(const double* hyper, ScheduleValue schedule, i
 
 template <typename T>
 struct SgdCoefficients {
-  T neg_lr, momentum, one_minus_dampening, weight_decay, grad_sign;
+  T neg_lr, momentum, one_minus_dampening, weight_decay, grad_sign, clip;
   bool nesterov, first_step;
 
   FUSEDLR_HD explicit SgdCoefficients(const SgdScalars& s)
@@ -72,6 +103,7 @@ struct SgdCoefficients {
         one_minus_dampening(static_cast<T>(1 - s.dampening)),
         weight_decay(static_cast<T>(s.weight_decay)),
         grad_sign(static_cast<T>(s.grad_sign)),
+        clip(static_cast<T>(s.clip)),
         nesterov(s.nesterov),
         first_step(s.first_step) {}
 };
@@ -80,7 +112,7 @@ struct SgdCoefficients {
 // kWeightDecay: weight_decay != 0 (torch adds nothing otherwise, not even 0 * param).
 template <typename T, bool kMomentum, bool kWeightDecay>
 FUSEDLR_HD void sgd_update(T& param, T grad, T& momentum_buffer, const SgdCoefficients<T>& c) {
-  T g = grad * c.grad_sign;
+  T g = grad * c.grad_sign * c.clip;
   if (kWeightDecay) g = g + c.weight_decay * param;
   if (kMomentum) {
     momentum_buffer = c.first_step ? g : momentum_buffer * c.momentum + c.one_minus_dampening * g;
@@ -98,12 +130,13 @@ struct AdamScalars {
   double decay;                  // decoupled decay multiplier 1 - lr * weight_decay (AdamW); else 1
   double step_size;              // lr / (1 - beta1^step)
   double bias_correction2_sqrt;  // (1 - beta2^step)^0.5
-  double grad_sign;              // the gradient's multiplier: -1 when maximizing, over the AMP grad scale
+  double grad_sign;              // -1 when maximizing, over the AMP grad scale
+  double clip;                   // the clipping factor ([note: gradient adjustments])
   bool amsgrad;
 };
 
 // `step` is the tensor's step count including this update (torch's state["step"] after +1).
-FUSEDLR_HD AdamScalars adam_scalars(const double* hyper, ScheduleValue schedule, int64_t step, double grad_scale) {
+FUSEDLR_HD AdamScalars adam_scalars(const double* hyper, ScheduleValue schedule, int64_t step, GradAdjust adjust) {
   using namespace adam_slot;
   AdamScalars s;
   const double lr = schedule.lr;
@@ -117,7 +150,8 @@ FUSEDLR_HD AdamScalars adam_scalars(const double* hyper, ScheduleValue schedule,
   const double bias_correction2 = 1 - pow(s.beta2, static_cast<double>(step));
   s.step_size = lr / bias_correction1;
   s.bias_correction2_sqrt = pow(bias_correction2, 0.5);
-  s.grad_sign = (hyper[kMaximize] != 0 ? -1.0 : 1.0) / grad_scale;
+  s.grad_sign = (hyper[kMaximize] != 0 ? -1.0 : 1.0) / adjust.scale;
+  s.clip = adjust.clip;
   s.amsgrad = hyper[kAmsgrad] != 0;
   return s;
 }
@@ -125,7 +159,7 @@ FUSEDLR_HD AdamScalars adam_scalars(const double* hyper, ScheduleValue schedule,
 template <typename T>
 struct AdamCoefficients {
   T one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, neg_step_size,
-      bias_correction2_sqrt, grad_sign;
+      bias_correction2_sqrt, grad_sign, clip;
   bool small_lerp_weight;
 
   FUSEDLR_HD explicit AdamCoefficients(const AdamScalars& s)
@@ -138,6 +172,7 @@ struct AdamCoefficients {
         neg_step_size(static_cast<T>(-s.step_size)),
         bias_correction2_sqrt(static_cast<T>(s.bias_correction2_sqrt)),
         grad_sign(static_cast<T>(s.grad_sign)),
+        clip(static_cast<T>(s.clip)),
         small_lerp_weight(one_minus_beta1 < T(0.5) && one_minus_beta1 > T(-0.5)) {}
 };
 
@@ -146,7 +181,7 @@ struct AdamCoefficients {
 template <typename T, bool kAmsgrad, bool kWeightDecay>
 FUSEDLR_HD void adam_update(T& param, T grad, T& exp_avg, T& exp_avg_sq, T& max_exp_avg_sq,
                             const AdamCoefficients<T>& c) {
-  T g = grad * c.grad_sign;
+  T g = grad * c.grad_sign * c.clip;
   if (kWeightDecay) g = g + c.weight_decay * param;
   param = param * c.decay;
   exp_avg = lerp(exp_avg, g, c.one_minus_beta1, c.small_lerp_weight);

@@ -28,20 +28,24 @@ def initial_plateau_state(groups: int, device: torch.device) -> Tensor:
 
 
 def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor | None], momentum_buffers: Sequence[Tensor],
-              steps: Sequence[Tensor], tensor_group: Sequence[int], hyper: Sequence[float],
-              programs: Sequence[float], group_steps: Tensor, plateau_state: Tensor,
-              grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
-    _ops.sgd_step_(params, grads, momentum_buffers, steps, tensor_group, hyper, programs, group_steps,
-                   plateau_state, grad_scale, found_inf)
+              master_weights: Sequence[Tensor], steps: Sequence[Tensor], tensor_group: Sequence[int],
+              hyper: Sequence[float], programs: Sequence[float], group_steps: Tensor, plateau_state: Tensor,
+              grad_scale: Tensor | None = None, found_inf: Tensor | None = None, max_grad_norm: float | None = None,
+              skip_nonfinite: bool = False, grad_norm: Tensor | None = None) -> None:
+    _ops.sgd_step_(params, grads, momentum_buffers, master_weights, steps, tensor_group, hyper, programs,
+                   group_steps, plateau_state, grad_scale, found_inf, max_grad_norm, skip_nonfinite, grad_norm)
 
 
 def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor | None], exp_avgs: Sequence[Tensor],
-               exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor],
-               tensor_group: Sequence[int], hyper: Sequence[float], programs: Sequence[float],
-               group_steps: Tensor, plateau_state: Tensor, grad_scale: Tensor | None = None,
-               found_inf: Tensor | None = None) -> None:
-    _ops.adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, tensor_group, hyper, programs,
-                    group_steps, plateau_state, grad_scale, found_inf)
+               exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor], master_weights: Sequence[Tensor],
+               steps: Sequence[Tensor], tensor_group: Sequence[int], hyper: Sequence[float],
+               programs: Sequence[float], group_steps: Tensor, plateau_state: Tensor,
+               grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+               max_grad_norm: float | None = None, skip_nonfinite: bool = False,
+               grad_norm: Tensor | None = None) -> None:
+    _ops.adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_weights, steps, tensor_group,
+                    hyper, programs, group_steps, plateau_state, grad_scale, found_inf, max_grad_norm,
+                    skip_nonfinite, grad_norm)
 
 
 def plateau_observe_(metric: Tensor, base_lrs: Sequence[float], programs: Sequence[float],
@@ -57,14 +61,16 @@ def evaluate_schedules(programs: Sequence[float], base_lrs: Sequence[float], ste
 
 
 @torch.library.register_fake("fusedlr::sgd_step_")
-def _sgd_step_fake(params, grads, momentum_buffers, steps, tensor_group, hyper, programs, group_steps,
-                   plateau_state, grad_scale=None, found_inf=None):
+def _sgd_step_fake(params, grads, momentum_buffers, master_weights, steps, tensor_group, hyper, programs,
+                   group_steps, plateau_state, grad_scale=None, found_inf=None, max_grad_norm=None,
+                   skip_nonfinite=False, grad_norm=None):
     return None
 
 
 @torch.library.register_fake("fusedlr::adam_step_")
-def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, tensor_group, hyper, programs,
-                    group_steps, plateau_state, grad_scale=None, found_inf=None):
+def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_weights, steps, tensor_group,
+                    hyper, programs, group_steps, plateau_state, grad_scale=None, found_inf=None,
+                    max_grad_norm=None, skip_nonfinite=False, grad_norm=None):
     return None
 
 

@@ -64,6 +64,19 @@ def _check_unsupported(foreach, fused, differentiable) -> None:
         raise ValueError("differentiable=True is not supported by the fused step")
 
 
+def _check_max_grad_norm(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value <= 0:
+        raise ValueError(f"Invalid max_grad_norm: {value!r} (a number > 0 is required, inf to only compute the norm; "
+                         "None turns clipping off)")
+    return float(value)
+
+
+def _is_low_precision(param: Tensor) -> bool:
+    return param.dtype in (torch.bfloat16, torch.float16)
+
+
 class _StepLists:
     """The op's per-parameter lists for every parameter that has optimizer state, and the plan that
     holds them on the C++ side (csrc/python_plan.cpp, [note: step plans])."""
@@ -86,8 +99,13 @@ class _FusedOptimizer(Optimizer):
     _STATE_KEYS: tuple[str, ...]  # tensor state besides "step", in the op's argument order
     _REQUIRED_KEYS: tuple[str, ...]  # what loaded state must hold
 
-    def __init__(self, params, defaults: dict):
+    def __init__(self, params, defaults: dict, max_grad_norm: float | None, skip_nonfinite: bool,
+                 master_weights: bool):
+        self.max_grad_norm: float | None = _check_max_grad_norm(max_grad_norm)
+        self.skip_nonfinite: bool = _check_flag("skip_nonfinite", skip_nonfinite)
+        self.master_weights: bool = _check_flag("master_weights", master_weights)
         self._device: torch.device | None = None
+        self._grad_norm: Tensor | None = None      # float64 scalar: the last step's gradient norm
         self._group_steps: Tensor | None = None    # int64 [groups]: completed steps of each group
         self._plateau_state: Tensor | None = None  # float64 [groups, 4]: ReduceLROnPlateau state
         self._lists: _StepLists | None = None
@@ -125,6 +143,8 @@ class _FusedOptimizer(Optimizer):
             raise
         self._device = device
         self._group_steps, self._plateau_state = group_steps, plateau_state
+        if self._grad_norm is None or self._grad_norm.device != group_steps.device:
+            self._grad_norm = torch.full((), math.nan, dtype=torch.float64, device=group_steps.device)
         self._lists = None
 
     def _check_params(self, params: list[Tensor]) -> torch.device | None:
@@ -165,7 +185,9 @@ class _FusedOptimizer(Optimizer):
         raise NotImplementedError
 
     def _ensure_state(self, param: Tensor, group: dict, state: dict) -> None:
-        """Adds state the group's settings now need (a momentum buffer, max_exp_avg_sq)."""
+        """Adds state the settings now need (a momentum buffer, max_exp_avg_sq, a master weight)."""
+        if self.master_weights and _is_low_precision(param) and state.get("master_weight") is None:
+            state["master_weight"] = param.detach().to(torch.float32, copy=True)
 
     def _placeholder(self, param: Tensor) -> Tensor:
         """An empty tensor standing for optional state a parameter does not have."""
@@ -244,12 +266,14 @@ class _FusedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         lists, fresh = self._prepare()
-        amp = (getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        options = (getattr(self, "grad_scale", None), getattr(self, "found_inf", None), self.max_grad_norm,
+                   self.skip_nonfinite, self._norm_out())
         try:
             if torch.compiler.is_compiling():
-                self._run_op(lists, [p.grad for p in lists.params], self._hyper_key, self._programs_now(), *amp)
+                self._run_op(lists, [p.grad for p in lists.params], self._hyper_key, self._programs_now(), *options)
             else:
-                lists.plan.step(self._hyper_key, self._programs_now(), self._group_steps, self._plateau_state, *amp)
+                lists.plan.step(self._hyper_key, self._programs_now(), self._group_steps, self._plateau_state,
+                                *options)
         except Exception:
             for p in fresh:
                 del self.state[p]
@@ -264,8 +288,27 @@ class _FusedOptimizer(Optimizer):
         raise NotImplementedError
 
     def _run_op(self, lists: _StepLists, grads: list[Tensor | None], hyper: tuple[float, ...], programs: list[float],
-                grad_scale: Tensor | None, found_inf: Tensor | None):
+                grad_scale: Tensor | None, found_inf: Tensor | None, max_grad_norm: float | None,
+                skip_nonfinite: bool, grad_norm: Tensor | None):
         raise NotImplementedError
+
+    # -- gradient norm ---------------------------------------------------------------------------
+
+    def _wants_norm(self) -> bool:
+        return self.max_grad_norm is not None or self.skip_nonfinite
+
+    def _norm_out(self) -> Tensor | None:
+        return self._grad_norm if self._wants_norm() else None
+
+    def last_grad_norm(self) -> Tensor:
+        """float64 scalar device tensor: the global L2 norm of the (unscaled) gradients of the last
+        step, before clipping, as torch.nn.utils.clip_grad_norm_ returns it; NaN before the first step.
+        Computed when the optimizer clips (max_grad_norm) or skips non-finite steps (skip_nonfinite).
+        A copy: later steps do not change it. Converting it to a float is a host sync."""
+        if not self._wants_norm():
+            raise ValueError("last_grad_norm(): the optimizer computes no norm; construct it with max_grad_norm= "
+                             "or skip_nonfinite=True")
+        return self._grad_norm.clone()
 
     # -- schedules -------------------------------------------------------------------------------
 
@@ -436,6 +479,10 @@ class _FusedOptimizer(Optimizer):
                 continue
             if key not in self._STATE_KEYS:
                 raise ValueError(f"loaded state of parameter {saved_id!r} has an unknown entry {key!r}")
+            if key == "master_weight" and not (self.master_weights and _is_low_precision(param)):
+                raise ValueError(f"loaded state of parameter {saved_id!r} has a master weight, but the optimizer "
+                                 f"keeps none for this {param.dtype} parameter (master_weights="
+                                 f"{self.master_weights}; only bfloat16 and float16 parameters have one)")
             if not isinstance(value, Tensor) or value.shape != param.shape:
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"loaded {key} of parameter {saved_id!r} has shape {shape}, the parameter "
@@ -445,9 +492,9 @@ class _FusedOptimizer(Optimizer):
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state["_group_steps"] = self._group_steps
-        state["_plateau_state"] = self._plateau_state
-        state["_device"] = self._device
+        for key in ("_group_steps", "_plateau_state", "_device", "_grad_norm", "max_grad_norm", "skip_nonfinite",
+                    "master_weights"):
+            state[key] = getattr(self, key)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -461,7 +508,18 @@ class _FusedOptimizer(Optimizer):
 
 _SCHEDULE_DOC = """
     schedule (fusedlr.schedules.Schedule, optional): the learning-rate schedule, evaluated in the
-        step from the device step counter; also accepted per param group. None: constant lr."""
+        step from the device step counter; also accepted per param group. None: constant lr.
+    max_grad_norm (float, optional): clip the gradients as torch.nn.utils.clip_grad_norm_(params,
+        max_grad_norm) before the step would: the global L2 norm over every gradient of the step
+        is computed on the device and the gradients are scaled by min(1, max_grad_norm / (norm +
+        1e-6)) inside the update. inf computes the norm without clipping. last_grad_norm() reads
+        it. Under a GradScaler the norm is that of the unscaled gradients. Default: None (off).
+    skip_nonfinite (bool): skip a step whose gradient norm is inf or NaN on the device, as
+        GradScaler skips an overflowed step: parameters, state, step counters and schedule stay as
+        they were. Default: False.
+    master_weights (bool): keep a float32 master copy of every bfloat16 / float16 parameter
+        (state "master_weight"); the update runs on it and writes the rounded parameter in the
+        same pass. Other dtypes need none. Default: False."""
 
 
 class SGD(_FusedOptimizer):
@@ -477,7 +535,7 @@ class SGD(_FusedOptimizer):
     CyclicLR when they cycle it). Arguments as torch.optim.SGD, plus:
     """ + _SCHEDULE_DOC
 
-    _STATE_KEYS = ("momentum_buffer",)
+    _STATE_KEYS = ("momentum_buffer", "master_weight")
     _REQUIRED_KEYS = ()
 
     def _missing_step(self, saved: dict) -> int:
@@ -487,12 +545,13 @@ class SGD(_FusedOptimizer):
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
-                 schedule: Schedule | None = None):
+                 schedule: Schedule | None = None, max_grad_norm: float | None = None, skip_nonfinite: bool = False,
+                 master_weights: bool = False):
         _check_unsupported(foreach, fused, differentiable)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, schedule=schedule)
         self._check_group(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, max_grad_norm, skip_nonfinite, master_weights)
 
     def _check_group(self, group: dict) -> None:
         group["lr"] = _check_range("learning rate (lr)", group["lr"], 0.0)
@@ -524,13 +583,16 @@ class SGD(_FusedOptimizer):
     def _ensure_state(self, param: Tensor, group: dict, state: dict) -> None:
         if self._uses_momentum(group) and state.get("momentum_buffer") is None:
             state["momentum_buffer"] = torch.zeros_like(param, dtype=_state_dtype(param))
+        super()._ensure_state(param, group, state)
 
     def _make_plan(self, lists):
-        return _C.SgdPlan(lists.params, lists.states["momentum_buffer"], lists.steps, lists.tensor_group)
+        return _C.SgdPlan(lists.params, lists.states["momentum_buffer"], lists.states["master_weight"], lists.steps,
+                          lists.tensor_group)
 
-    def _run_op(self, lists, grads, hyper, programs, grad_scale, found_inf):
-        _ops.sgd_step_(lists.params, grads, lists.states["momentum_buffer"], lists.steps, lists.tensor_group,
-                       hyper, programs, self._group_steps, self._plateau_state, grad_scale, found_inf)
+    def _run_op(self, lists, grads, hyper, programs, *options):
+        _ops.sgd_step_(lists.params, grads, lists.states["momentum_buffer"], lists.states["master_weight"],
+                       lists.steps, lists.tensor_group, hyper, programs, self._group_steps, self._plateau_state,
+                       *options)
 
 
 class Adam(_FusedOptimizer):
@@ -550,20 +612,21 @@ class Adam(_FusedOptimizer):
     torch.optim.Adam, plus:
     """ + _SCHEDULE_DOC
 
-    _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_weight")
     _REQUIRED_KEYS = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *,
                  foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None, decoupled_weight_decay: bool = False,
-                 schedule: Schedule | None = None):
+                 schedule: Schedule | None = None, max_grad_norm: float | None = None, skip_nonfinite: bool = False,
+                 master_weights: bool = False):
         _check_unsupported(foreach, fused, differentiable)
         _check_flag("capturable", capturable)  # the fused step is always capturable: counters live on the device
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, schedule=schedule)
         self._check_group(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, max_grad_norm, skip_nonfinite, master_weights)
 
     def _check_group(self, group: dict) -> None:
         group["lr"] = _check_range("learning rate (lr)", group["lr"], 0.0)
@@ -596,15 +659,17 @@ class Adam(_FusedOptimizer):
     def _ensure_state(self, param: Tensor, group: dict, state: dict) -> None:
         if group["amsgrad"] and state.get("max_exp_avg_sq") is None:
             state["max_exp_avg_sq"] = torch.zeros_like(param, dtype=_state_dtype(param))
+        super()._ensure_state(param, group, state)
 
     def _make_plan(self, lists):
         return _C.AdamPlan(lists.params, lists.states["exp_avg"], lists.states["exp_avg_sq"],
-                           lists.states["max_exp_avg_sq"], lists.steps, lists.tensor_group)
+                           lists.states["max_exp_avg_sq"], lists.states["master_weight"], lists.steps,
+                           lists.tensor_group)
 
-    def _run_op(self, lists, grads, hyper, programs, grad_scale, found_inf):
+    def _run_op(self, lists, grads, hyper, programs, *options):
         _ops.adam_step_(lists.params, grads, lists.states["exp_avg"], lists.states["exp_avg_sq"],
-                        lists.states["max_exp_avg_sq"], lists.steps, lists.tensor_group, hyper, programs,
-                        self._group_steps, self._plateau_state, grad_scale, found_inf)
+                        lists.states["max_exp_avg_sq"], lists.states["master_weight"], lists.steps,
+                        lists.tensor_group, hyper, programs, self._group_steps, self._plateau_state, *options)
 
 
 class AdamW(Adam):
@@ -616,7 +681,9 @@ class AdamW(Adam):
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
-                 differentiable: bool = False, fused: bool | None = None, schedule: Schedule | None = None):
+                 differentiable: bool = False, fused: bool | None = None, schedule: Schedule | None = None,
+                 max_grad_norm: float | None = None, skip_nonfinite: bool = False, master_weights: bool = False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable,
-                         fused=fused, decoupled_weight_decay=True, schedule=schedule)
+                         fused=fused, decoupled_weight_decay=True, schedule=schedule, max_grad_norm=max_grad_norm,
+                         skip_nonfinite=skip_nonfinite, master_weights=master_weights)

@@ -19,7 +19,15 @@ def step_args(device, dtype, optimizer, with_optional):
     grads[1] = None  # a parameter without a gradient is skipped
     state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     state = lambda: [torch.rand(s, generator=gen).to(device=device, dtype=state_dtype) for s in shapes]  # noqa: E731
-    optional = state() if with_optional else [torch.empty(0, device=device, dtype=state_dtype) for _ in shapes]
+    empty = lambda: [torch.empty(0, device=device, dtype=state_dtype) for _ in shapes]  # noqa: E731
+    optional = state() if with_optional else empty()
+    # master weights for low-precision parameters, with the gradient options
+    low_precision = dtype in (torch.bfloat16, torch.float16)
+    masters = [p.float() for p in params] if with_optional and low_precision else empty()
+    options = {}
+    if with_optional:
+        options = dict(max_grad_norm=1.0, skip_nonfinite=True,
+                       grad_norm=torch.zeros((), dtype=torch.float64, device=device))
     steps = [torch.tensor(k, dtype=torch.int64, device=device) for k in (0, 3, 9)]
     # Without optional state, SGD must not use momentum: no cycling, momentum 0.
     cycle = optimizer == "adam" or with_optional
@@ -29,12 +37,12 @@ def step_args(device, dtype, optimizer, with_optional):
     plateau = _ops.initial_plateau_state(2, torch.device(device))
     if optimizer == "sgd":
         hyper = [0.1, 0.9 if cycle else 0.0, 0.0, 0.01, 0.0, 0.0, 0.05, 0.0, 0.1, 0.0, 0.0, 1.0]
-        return ops.sgd_step_.default, (params, grads, optional, steps, [0, 1, 1], hyper, programs, group_steps,
-                                       plateau)
+        return ops.sgd_step_.default, (params, grads, optional, masters, steps, [0, 1, 1], hyper, programs,
+                                       group_steps, plateau), options
     hyper = [0.1, 0.9, 0.999, 1e-8, 0.01, float(with_optional), 0.0, 1.0,
              0.05, 0.8, 0.99, 1e-6, 0.0, float(with_optional), 1.0, 0.0]
-    return ops.adam_step_.default, (params, grads, state(), state(), optional, steps, [0, 1, 1], hyper, programs,
-                                    group_steps, plateau)
+    return ops.adam_step_.default, (params, grads, state(), state(), optional, masters, steps, [0, 1, 1], hyper,
+                                    programs, group_steps, plateau), options
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -42,8 +50,8 @@ def step_args(device, dtype, optimizer, with_optional):
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("with_optional", [False, True])
 def test_opcheck_step_ops(device, dtype, optimizer, with_optional):
-    op, args = step_args(device, dtype, optimizer, with_optional)
-    torch.library.opcheck(op, args)
+    op, args, kwargs = step_args(device, dtype, optimizer, with_optional)
+    torch.library.opcheck(op, args, kwargs)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -57,8 +65,8 @@ def test_opcheck_schedule_ops(device):
 
 
 def test_step_op_applies_each_groups_schedule():
-    op, args = step_args("cpu", torch.float64, "sgd", with_optional=True)
-    params, grads, buffers, steps, tensor_group, hyper, programs, group_steps, plateau = args
+    op, args, _ = step_args("cpu", torch.float64, "sgd", with_optional=True)
+    params, grads, buffers, masters, steps, tensor_group, hyper, programs, group_steps, plateau = args
     before = [p.clone() for p in params]
     op(*args)
     assert group_steps.tolist() == [5, 8]
@@ -71,8 +79,8 @@ def test_step_op_applies_each_groups_schedule():
 
 
 def test_op_checks_run_before_any_change():
-    op, args = step_args("cpu", torch.float32, "adam", with_optional=False)
-    params, grads, exp_avgs, exp_avg_sqs, optional, steps, tensor_group, hyper, programs, group_steps, plateau = args
+    op, args, _ = step_args("cpu", torch.float32, "adam", with_optional=False)
+    params, grads, exp_avgs, exp_avg_sqs, optional, masters, steps, tensor_group, hyper, programs, group_steps, plateau = args
     snapshot = [t.clone() for t in params + exp_avgs + exp_avg_sqs + steps + [group_steps]]
     bad_cases = [
         dict(exp_avgs=exp_avgs[:2]),
@@ -82,9 +90,11 @@ def test_op_checks_run_before_any_change():
         dict(steps=steps[:2] + [torch.zeros(2, dtype=torch.int64)]),
         dict(programs=[1e9, 0.0] + programs[2:]),
         dict(hyper=hyper[:-1]),
+        dict(masters=[p.clone() for p in params]),  # float32 parameters take no master weight
+        dict(masters=masters[:1]),
     ]
-    names = ["params", "grads", "exp_avgs", "exp_avg_sqs", "optional", "steps", "tensor_group", "hyper", "programs",
-             "group_steps", "plateau"]
+    names = ["params", "grads", "exp_avgs", "exp_avg_sqs", "optional", "masters", "steps", "tensor_group", "hyper",
+             "programs", "group_steps", "plateau"]
     for case in bad_cases:
         call = dict(zip(names, args), **case)
         with pytest.raises(RuntimeError, match="fusedlr"):

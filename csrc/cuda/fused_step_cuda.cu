@@ -45,14 +45,15 @@ namespace {
 constexpr int kMaxGroups = 32;
 constexpr int kMaxProgram = 512;  // doubles of the `programs` argument
 constexpr int kMaxHyperSlots = std::max<int>(adam_slot::kCount, sgd_slot::kCount);
-constexpr int kSgdCapacity = 512;   // tensors per launch
-constexpr int kAdamCapacity = 384;
+constexpr int kSgdCapacity = 448;  // tensors per launch
+constexpr int kAdamCapacity = 320;
 constexpr size_t kMaxArgBytes = 30000;  // the limit is 32764 (CUDA 12.1+, sm_70+)
 
 constexpr int kThreads = 256;
 constexpr int kBlocksPerSm = 3;
 constexpr int64_t kChunkSize = 65536;  // a multiple of every vector width
 constexpr int kCounterThreads = 512;
+constexpr int kNormThreads = 512;
 
 // Per-group inputs of a launch.
 struct GroupTable {
@@ -62,11 +63,17 @@ struct GroupTable {
   const double* plateau_state;
   const float* grad_scale;  // null: the gradients are not scaled (ops.cpp, [note: amp])
   const float* found_inf;   // null, or nonzero to skip the step
+  const double* grad_norm;  // null: no norm is computed (ops.cpp, [note: norm and master weights])
+  double max_grad_norm;
+  bool clip;
+  bool skip_nonfinite;
 };
 
-// Per tensor of a launch; kStates state lists (a momentum buffer; exp_avg, exp_avg_sq, max_exp_avg_sq).
+// Per tensor of a launch; kStates state lists (a momentum buffer; exp_avg, exp_avg_sq, max_exp_avg_sq),
+// then the master weight.
 template <int kStates, int kCapacity>
 struct TensorTable {
+  static constexpr int states = kStates;
   static constexpr int capacity = kCapacity;
   void* param[kCapacity];
   const void* grad[kCapacity];
@@ -84,13 +91,15 @@ struct StepArgs {
   TensorTable<kStates, kCapacity> tensors;
 };
 
-using SgdArgs = StepArgs<1, kSgdCapacity>;
-using AdamArgs = StepArgs<3, kAdamCapacity>;
+using SgdArgs = StepArgs<2, kSgdCapacity>;
+using AdamArgs = StepArgs<4, kAdamCapacity>;
 static_assert(sizeof(SgdArgs) <= kMaxArgBytes && sizeof(AdamArgs) <= kMaxArgBytes, "kernel arguments too large");
 static_assert(kMaxGroups <= 256, "group indices are uint8_t");
 
 struct CounterArgs {
   const float* found_inf;
+  const double* grad_norm;
+  bool skip_nonfinite;
   int64_t* step[kCounterThreads];
   int32_t count;
   int64_t* group_steps;  // null but for the last launch of a step
@@ -132,57 +141,121 @@ __device__ __forceinline__ void dispatch_flags(bool a, bool b, const Fn& fn) {
   }
 }
 
-constexpr int kMaxStates = 3;
+constexpr int kMaxStates = 3;  // the update's states; the master weight is apart
 
 // update(param, grad, states) on elements [begin, end) of one tensor, each thread a strided share.
-// The first kStates of `state` are read and written. 16-byte accesses of the math type (and
-// kVec elements of the parameter type) when every pointer allows them, else one element at a time.
-template <typename param_t, typename math_t, int kStates, typename Update>
+// The first kStates of `state` are read and written. With kMaster the parameter is read from its
+// master copy, and both are written (ops.cpp, [note: norm and master weights]). 16-byte accesses of
+// the math type (and kVec elements of the parameter type) when every pointer allows them, else one
+// element at a time.
+template <typename param_t, typename math_t, int kStates, bool kMaster, typename Update>
 __device__ __forceinline__ void update_range(param_t* __restrict__ param, const param_t* __restrict__ grad,
-                                             math_t* const* state, int64_t begin, int64_t end, const Update& update) {
+                                             math_t* const* state, math_t* __restrict__ master, int64_t begin,
+                                             int64_t end, const Update& update) {
   constexpr int kVec = 16 / sizeof(math_t);
   using ParamVec = Vec<param_t, kVec>;
   using StateVec = Vec<math_t, kVec>;
   bool aligned = is_aligned<ParamVec>(param) && is_aligned<ParamVec>(grad);
 #pragma unroll
   for (int s = 0; s < kStates; ++s) aligned = aligned && is_aligned<StateVec>(state[s]);
+  if (kMaster) aligned = aligned && is_aligned<StateVec>(master);
   int64_t scalar_begin = begin;
   if (aligned) {
     const int64_t vectors = (end - begin) / kVec;
     for (int64_t v = threadIdx.x; v < vectors; v += blockDim.x) {
       const int64_t at = begin + v * kVec;
-      ParamVec p = *reinterpret_cast<const ParamVec*>(param + at);
+      ParamVec p;
+      StateVec m;
+      if (kMaster) m = *reinterpret_cast<const StateVec*>(master + at);
+      else p = *reinterpret_cast<const ParamVec*>(param + at);
       const ParamVec g = *reinterpret_cast<const ParamVec*>(grad + at);
       StateVec s[kMaxStates];
 #pragma unroll
       for (int k = 0; k < kStates; ++k) s[k] = *reinterpret_cast<const StateVec*>(state[k] + at);
 #pragma unroll
       for (int lane = 0; lane < kVec; ++lane) {
-        math_t value = static_cast<math_t>(p.v[lane]);
+        math_t value = kMaster ? m.v[lane] : static_cast<math_t>(p.v[lane]);
         math_t lane_state[kMaxStates];
 #pragma unroll
         for (int k = 0; k < kStates; ++k) lane_state[k] = s[k].v[lane];
         update(value, static_cast<math_t>(g.v[lane]), lane_state);
         p.v[lane] = static_cast<param_t>(value);
+        if (kMaster) m.v[lane] = value;
 #pragma unroll
         for (int k = 0; k < kStates; ++k) s[k].v[lane] = lane_state[k];
       }
       *reinterpret_cast<ParamVec*>(param + at) = p;
+      if (kMaster) *reinterpret_cast<StateVec*>(master + at) = m;
 #pragma unroll
       for (int k = 0; k < kStates; ++k) *reinterpret_cast<StateVec*>(state[k] + at) = s[k];
     }
     scalar_begin = begin + vectors * kVec;
   }
   for (int64_t e = scalar_begin + threadIdx.x; e < end; e += blockDim.x) {
-    math_t value = static_cast<math_t>(param[e]);
+    math_t value = kMaster ? master[e] : static_cast<math_t>(param[e]);
     math_t lane_state[kMaxStates];
 #pragma unroll
     for (int k = 0; k < kStates; ++k) lane_state[k] = state[k][e];
     update(value, static_cast<math_t>(grad[e]), lane_state);
     param[e] = static_cast<param_t>(value);
+    if (kMaster) master[e] = value;
 #pragma unroll
     for (int k = 0; k < kStates; ++k) state[k][e] = lane_state[k];
   }
+}
+
+// Calls fn(std::bool_constant<master>): master weights exist for low-precision parameters only.
+template <typename param_t, typename math_t, typename Fn>
+__device__ __forceinline__ void dispatch_master(const void* master, const Fn& fn) {
+  if constexpr (std::is_same_v<param_t, math_t>) {
+    fn(std::false_type{});
+  } else {
+    if (master != nullptr) fn(std::true_type{});
+    else fn(std::false_type{});
+  }
+}
+
+// The sum of `value` over a block of kBlock threads (a power of two), in a fixed tree; every thread
+// gets it. scratch: kBlock doubles of shared memory.
+template <int kBlock>
+__device__ __forceinline__ double block_sum(double value, double* scratch) {
+  scratch[threadIdx.x] = value;
+  __syncthreads();
+  for (int half = kBlock / 2; half > 0; half /= 2) {
+    if (static_cast<int>(threadIdx.x) < half) scratch[threadIdx.x] += scratch[threadIdx.x + half];
+    __syncthreads();
+  }
+  const double total = scratch[0];
+  __syncthreads();  // before the scratch is used again
+  return total;
+}
+
+// The sum of squares of grad[begin, end) in double over the block, in a fixed order: each thread
+// its strided share, then a tree in shared memory. The result is valid in thread 0.
+template <typename param_t, typename math_t, int kBlock>
+__device__ __forceinline__ double block_sum_of_squares(const param_t* __restrict__ grad, int64_t begin, int64_t end,
+                                                       double* scratch) {
+  constexpr int kVec = 16 / sizeof(param_t);
+  using ParamVec = Vec<param_t, kVec>;
+  double sum = 0;
+  int64_t scalar_begin = begin;
+  if (is_aligned<ParamVec>(grad)) {
+    const int64_t vectors = (end - begin) / kVec;
+    for (int64_t v = threadIdx.x; v < vectors; v += blockDim.x) {
+      const ParamVec g = *reinterpret_cast<const ParamVec*>(grad + begin + v * kVec);
+#pragma unroll
+      for (int lane = 0; lane < kVec; ++lane) {
+        const double x = static_cast<double>(static_cast<math_t>(g.v[lane]));
+        sum += x * x;
+      }
+    }
+    scalar_begin = begin + vectors * kVec;
+  }
+  for (int64_t e = scalar_begin + threadIdx.x; e < end; e += blockDim.x) {
+    const double x = static_cast<double>(static_cast<math_t>(grad[e]));
+    sum += x * x;
+  }
+  return block_sum<kBlock>(sum, scratch);
 }
 
 // Calls fn(tensor, begin, end) for each chunk of the table this block owns.
@@ -206,22 +279,31 @@ __device__ __forceinline__ ScheduleValue group_schedule(const GroupTable& groups
                            groups.plateau_state + group * plateau_slot::kCount);
 }
 
+// What the step does to its gradients, and whether it is skipped (update_math.h, [note: gradient
+// adjustments]), from the device AMP inputs and the norm a previous kernel wrote.
+struct StepControl {
+  GradAdjust adjust;
+  bool skip;
+};
+
+__device__ __forceinline__ StepControl step_control(const GroupTable& groups) {
+  const double norm = groups.grad_norm != nullptr ? *groups.grad_norm : 0.0;
+  StepControl control;
+  control.skip = step_skipped(groups.found_inf != nullptr && *groups.found_inf != 0, groups.skip_nonfinite, norm);
+  control.adjust.scale = groups.grad_scale != nullptr ? static_cast<double>(*groups.grad_scale) : 1.0;
+  control.adjust.clip = groups.clip ? clip_factor(norm, groups.max_grad_norm) : 1.0;
+  return control;
+}
+
 // [note: scalars per chunk]
 // A block evaluates the schedule and the tensor's scalars (double pow and cos) for a chunk only
 // when its group or step count differs from the previous chunk's: consecutive tensors of a group
 // usually share their step count, so a model of many small tensors pays for them about once per
 // block and group.
-__device__ __forceinline__ bool skip_step(const GroupTable& groups) {
-  return groups.found_inf != nullptr && *groups.found_inf != 0;
-}
-
-__device__ __forceinline__ double grad_scale_of(const GroupTable& groups) {
-  return groups.grad_scale != nullptr ? static_cast<double>(*groups.grad_scale) : 1.0;
-}
-
 template <typename param_t, typename math_t>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) sgd_kernel(const __grid_constant__ SgdArgs args) {
-  if (skip_step(args.groups)) return;
+  const StepControl control = step_control(args.groups);
+  if (control.skip) return;
   const auto& t = args.tensors;
   int scalars_group = -1;
   int64_t scalars_step = -1;
@@ -232,8 +314,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) sgd_kernel(const __gri
     const int64_t step = *t.step[i];
     if (g != scalars_group || step != scalars_step) {
       const ScheduleValue schedule = group_schedule(args.groups, g, sgd_slot::kCount, sgd_slot::kLr);
-      const SgdScalars s = sgd_scalars(args.groups.hyper + g * sgd_slot::kCount, schedule, step,
-                                       grad_scale_of(args.groups));
+      const SgdScalars s = sgd_scalars(args.groups.hyper + g * sgd_slot::kCount, schedule, step, control.adjust);
       c = SgdCoefficients<math_t>(s);
       momentum = s.momentum != 0;
       weight_decay = s.weight_decay != 0;
@@ -241,19 +322,23 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) sgd_kernel(const __gri
       scalars_step = step;
     }
     math_t* const state[kMaxStates] = {momentum ? static_cast<math_t*>(t.state[0][i]) : nullptr};
-    dispatch_flags(state[0] != nullptr, weight_decay, [&](auto with_momentum, auto with_weight_decay) {
-      constexpr bool kMomentum = decltype(with_momentum)::value;
-      constexpr bool kWeightDecay = decltype(with_weight_decay)::value;
-      update_range<param_t, math_t, kMomentum ? 1 : 0>(
-          static_cast<param_t*>(t.param[i]), static_cast<const param_t*>(t.grad[i]), state, begin, end,
-          [&](math_t& p, math_t grad, math_t* st) { sgd_update<math_t, kMomentum, kWeightDecay>(p, grad, st[0], c); });
+    math_t* const master = static_cast<math_t*>(t.state[1][i]);
+    dispatch_master<param_t, math_t>(master, [&](auto with_master) {
+      dispatch_flags(state[0] != nullptr, weight_decay, [&](auto with_momentum, auto with_weight_decay) {
+        constexpr bool kMomentum = decltype(with_momentum)::value;
+        constexpr bool kWeightDecay = decltype(with_weight_decay)::value;
+        update_range<param_t, math_t, kMomentum ? 1 : 0, decltype(with_master)::value>(
+            static_cast<param_t*>(t.param[i]), static_cast<const param_t*>(t.grad[i]), state, master, begin, end,
+            [&](math_t& p, math_t grad, math_t* st) { sgd_update<math_t, kMomentum, kWeightDecay>(p, grad, st[0], c); });
+      });
     });
   });
 }
 
 template <typename param_t, typename math_t>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) adam_kernel(const __grid_constant__ AdamArgs args) {
-  if (skip_step(args.groups)) return;
+  const StepControl control = step_control(args.groups);
+  if (control.skip) return;
   const auto& t = args.tensors;
   int scalars_group = -1;
   int64_t scalars_step = -1;
@@ -264,8 +349,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) adam_kernel(const __gr
     const int64_t step = *t.step[i] + 1;
     if (g != scalars_group || step != scalars_step) {
       const ScheduleValue schedule = group_schedule(args.groups, g, adam_slot::kCount, adam_slot::kLr);
-      const AdamScalars s = adam_scalars(args.groups.hyper + g * adam_slot::kCount, schedule, step,
-                                         grad_scale_of(args.groups));
+      const AdamScalars s = adam_scalars(args.groups.hyper + g * adam_slot::kCount, schedule, step, control.adjust);
       c = AdamCoefficients<math_t>(s);
       amsgrad = s.amsgrad;
       weight_decay = s.weight_decay != 0;
@@ -274,20 +358,58 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) adam_kernel(const __gr
     }
     math_t* const state[kMaxStates] = {static_cast<math_t*>(t.state[0][i]), static_cast<math_t*>(t.state[1][i]),
                                        static_cast<math_t*>(t.state[2][i])};
-    dispatch_flags(amsgrad, weight_decay, [&](auto with_amsgrad, auto with_weight_decay) {
-      constexpr bool kAmsgrad = decltype(with_amsgrad)::value;
-      constexpr bool kWeightDecay = decltype(with_weight_decay)::value;
-      update_range<param_t, math_t, kAmsgrad ? 3 : 2>(
-          static_cast<param_t*>(t.param[i]), static_cast<const param_t*>(t.grad[i]), state, begin, end,
-          [&](math_t& p, math_t grad, math_t* st) {
-            adam_update<math_t, kAmsgrad, kWeightDecay>(p, grad, st[0], st[1], st[2], c);
-          });
+    math_t* const master = static_cast<math_t*>(t.state[3][i]);
+    dispatch_master<param_t, math_t>(master, [&](auto with_master) {
+      dispatch_flags(amsgrad, weight_decay, [&](auto with_amsgrad, auto with_weight_decay) {
+        constexpr bool kAmsgrad = decltype(with_amsgrad)::value;
+        constexpr bool kWeightDecay = decltype(with_weight_decay)::value;
+        update_range<param_t, math_t, kAmsgrad ? 3 : 2, decltype(with_master)::value>(
+            static_cast<param_t*>(t.param[i]), static_cast<const param_t*>(t.grad[i]), state, master, begin, end,
+            [&](math_t& p, math_t grad, math_t* st) {
+              adam_update<math_t, kAmsgrad, kWeightDecay>(p, grad, st[0], st[1], st[2], c);
+            });
+      });
     });
   });
 }
 
+// [note: norm kernels]
+// The global norm takes two kernels before the update: each block writes the sum of squares of its
+// chunks' gradients to partial[first_chunk + chunk], then one block sums the partials in order and
+// writes the norm. The norm is the same from run to run; the update kernels read it from there.
+template <int kStates, int kCapacity, typename param_t, typename math_t>
+__global__ void __launch_bounds__(kThreads) grad_sum_kernel(const __grid_constant__ StepArgs<kStates, kCapacity> args,
+                                                            double* partial, int32_t first_chunk) {
+  __shared__ double scratch[kThreads];
+  const auto& t = args.tensors;
+  const int32_t chunks = t.chunk_end[t.count - 1];
+  for (int32_t c = blockIdx.x; c < chunks; c += gridDim.x) {
+    int lo = 0, hi = t.count - 1;  // the first tensor whose chunk_end exceeds c
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (t.chunk_end[mid] > c) hi = mid;
+      else lo = mid + 1;
+    }
+    const int64_t begin = (c - (lo == 0 ? 0 : t.chunk_end[lo - 1])) * kChunkSize;
+    const int64_t end = begin + kChunkSize < t.numel[lo] ? begin + kChunkSize : t.numel[lo];
+    const double sum = block_sum_of_squares<param_t, math_t, kThreads>(static_cast<const param_t*>(t.grad[lo]), begin,
+                                                                       end, scratch);
+    if (threadIdx.x == 0) partial[first_chunk + c] = sum;
+  }
+}
+
+__global__ void __launch_bounds__(kNormThreads) grad_norm_kernel(const double* partial, int32_t count,
+                                                                 const float* grad_scale, double* grad_norm) {
+  __shared__ double scratch[kNormThreads];
+  double sum = 0;
+  for (int32_t c = threadIdx.x; c < count; c += kNormThreads) sum += partial[c];
+  sum = block_sum<kNormThreads>(sum, scratch);
+  if (threadIdx.x == 0) *grad_norm = grad_norm_of(sum, grad_scale != nullptr ? static_cast<double>(*grad_scale) : 1.0);
+}
+
 __global__ void advance_counters_kernel(const __grid_constant__ CounterArgs args) {
-  if (args.found_inf != nullptr && *args.found_inf != 0) return;
+  const double norm = args.grad_norm != nullptr ? *args.grad_norm : 0.0;
+  if (step_skipped(args.found_inf != nullptr && *args.found_inf != 0, args.skip_nonfinite, norm)) return;
   const int i = threadIdx.x;
   if (i < args.count) atomicAdd(reinterpret_cast<unsigned long long*>(args.step[i]), 1ULL);
   if (args.group_steps != nullptr && i < args.groups) args.group_steps[i] += 1;
@@ -330,27 +452,38 @@ void fill_programs(double* out, c10::ArrayRef<double> programs) {
   for (int k = 0; k < kMaxProgram; ++k) out[k] = k < static_cast<int>(programs.size()) ? programs[k] : 0.0;
 }
 
-// The AMP inputs as float32 on the device (a conversion, if any, is a device op, not a sync).
-struct AmpInputs {
+// The gradient options of a step on the device: the AMP inputs as float32 (a conversion, if any, is
+// a device op, not a sync) and the norm tensor.
+struct DeviceGradOptions {
   at::Tensor grad_scale, found_inf;  // undefined when absent
+  double* grad_norm;                 // null: no norm
+  std::optional<double> max_grad_norm;
+  bool skip_nonfinite;
 
-  AmpInputs(const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& inf)
-      : grad_scale(scale.has_value() && scale->defined() ? scale->to(at::kFloat).contiguous() : at::Tensor()),
-        found_inf(inf.has_value() && inf->defined() ? inf->to(at::kFloat).contiguous() : at::Tensor()) {}
+  explicit DeviceGradOptions(const GradOptions& o)
+      : grad_scale(GradOptions::given(o.grad_scale) ? o.grad_scale->to(at::kFloat).contiguous() : at::Tensor()),
+        found_inf(GradOptions::given(o.found_inf) ? o.found_inf->to(at::kFloat).contiguous() : at::Tensor()),
+        grad_norm(o.wants_norm() ? o.grad_norm->mutable_data_ptr<double>() : nullptr),
+        max_grad_norm(o.max_grad_norm),
+        skip_nonfinite(o.skip_nonfinite) {}
 
   const float* scale_ptr() const { return grad_scale.defined() ? grad_scale.const_data_ptr<float>() : nullptr; }
   const float* inf_ptr() const { return found_inf.defined() ? found_inf.const_data_ptr<float>() : nullptr; }
 };
 
 GroupTable group_table(c10::ArrayRef<double> hyper, c10::ArrayRef<double> programs, const at::Tensor& group_steps,
-                       const at::Tensor& plateau_state, const AmpInputs& amp) {
+                       const at::Tensor& plateau_state, const DeviceGradOptions& options) {
   GroupTable table{};
   for (size_t k = 0; k < hyper.size(); ++k) table.hyper[k] = hyper[k];
   fill_programs(table.programs, programs);
   table.group_steps = group_steps.const_data_ptr<int64_t>();
   table.plateau_state = plateau_state.const_data_ptr<double>();
-  table.grad_scale = amp.scale_ptr();
-  table.found_inf = amp.inf_ptr();
+  table.grad_scale = options.scale_ptr();
+  table.found_inf = options.inf_ptr();
+  table.grad_norm = options.grad_norm;
+  table.clip = options.max_grad_norm.has_value();
+  table.max_grad_norm = options.max_grad_norm.value_or(0.0);
+  table.skip_nonfinite = options.skip_nonfinite;
   return table;
 }
 
@@ -446,14 +579,38 @@ std::vector<Launch<Args>> plan_launches(const ActiveTensors& active, at::TensorL
   return launches;
 }
 
-// Runs each launch, then the kernel advancing its counters (the group counters after the last).
-template <typename Args, typename MainKernel>
-void run_launches(std::vector<Launch<Args>>& launches, const at::Tensor& group_steps, const AmpInputs& amp,
-                  const MainKernel& main_kernel) {
+// Runs the norm kernels where the step computes the norm ([note: norm kernels]), then each launch
+// followed by the kernel advancing its counters (the group counters after the last).
+template <typename Args, typename SumKernel, typename MainKernel>
+void run_launches(std::vector<Launch<Args>>& launches, const at::Tensor& group_steps,
+                  const DeviceGradOptions& options, const SumKernel& sum_kernel, const MainKernel& main_kernel) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int max_blocks = multiprocessors(group_steps.get_device()) * kBlocksPerSm;
+  auto chunks_of = [](const Launch<Args>& launch) {
+    const auto& t = launch.args.tensors;
+    return t.chunk_end[t.count - 1];
+  };
+  if (options.grad_norm != nullptr) {
+    int64_t total_chunks = 0;
+    for (const auto& launch : launches) total_chunks += chunks_of(launch);
+    const at::Tensor partial = at::empty({total_chunks}, group_steps.options().dtype(at::kDouble));
+    int32_t first_chunk = 0;
+    for (const auto& launch : launches) {
+      const int32_t chunks = chunks_of(launch);
+      if (chunks > 0) {
+        sum_kernel(launch, std::min(chunks, max_blocks), stream, partial.mutable_data_ptr<double>(), first_chunk);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      first_chunk += chunks;
+    }
+    grad_norm_kernel<<<1, kNormThreads, 0, stream>>>(partial.const_data_ptr<double>(), first_chunk,
+                                                     options.scale_ptr(), options.grad_norm);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   CounterArgs counters{};
-  counters.found_inf = amp.inf_ptr();
+  counters.found_inf = options.inf_ptr();
+  counters.grad_norm = options.grad_norm;
+  counters.skip_nonfinite = options.skip_nonfinite;
   if (launches.empty()) {
     counters.group_steps = group_steps.mutable_data_ptr<int64_t>();
     counters.groups = static_cast<int32_t>(group_steps.numel());
@@ -463,7 +620,7 @@ void run_launches(std::vector<Launch<Args>>& launches, const at::Tensor& group_s
   }
   for (size_t l = 0; l < launches.size(); ++l) {
     const auto& t = launches[l].args.tensors;
-    const int32_t chunks = t.chunk_end[t.count - 1];
+    const int32_t chunks = chunks_of(launches[l]);
     if (chunks > 0) {
       main_kernel(launches[l], std::min(chunks, max_blocks), stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -478,14 +635,29 @@ void run_launches(std::vector<Launch<Args>>& launches, const at::Tensor& group_s
   }
 }
 
+// Launches grad_sum_kernel for the dtype of a launch.
+template <typename Args>
+void launch_grad_sum(const Launch<Args>& launch, int blocks, cudaStream_t stream, double* partial,
+                     int32_t first_chunk) {
+  dispatch_param_dtype(launch.dtype, [&](auto types) {
+    using Types = decltype(types);
+    using Table = decltype(Args::tensors);
+    grad_sum_kernel<Table::states, Table::capacity, typename Types::param_t, typename Types::math_t>
+        <<<blocks, kThreads, 0, stream>>>(launch.args, partial, first_chunk);
+  });
+}
+
 void sgd_step_cuda(at::TensorList params, const OptionalTensorList& grads, at::TensorList momentum_buffers,
-                   at::TensorList steps, at::IntArrayRef tensor_group, c10::ArrayRef<double> hyper,
-                   c10::ArrayRef<double> programs, const at::Tensor& group_steps, const at::Tensor& plateau_state,
-                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                   at::TensorList master_weights, at::TensorList steps, at::IntArrayRef tensor_group,
+                   c10::ArrayRef<double> hyper, c10::ArrayRef<double> programs, const at::Tensor& group_steps,
+                   const at::Tensor& plateau_state, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf, std::optional<double> max_grad_norm,
+                   bool skip_nonfinite, const std::optional<at::Tensor>& grad_norm) {
   const char* op = "fusedlr.sgd_step_";
-  const ActiveTensors active =
-      check_step_inputs(op, at::kCUDA, params, grads, {{"momentum_buffer", momentum_buffers, true}}, steps,
-                        tensor_group, hyper, sgd_slot::kCount, programs, group_steps, plateau_state);
+  const ActiveTensors active = check_step_inputs(
+      op, at::kCUDA, params, grads,
+      {{"momentum_buffer", momentum_buffers, true}, {"master_weight", master_weights, true, true}}, steps,
+      tensor_group, hyper, sgd_slot::kCount, programs, group_steps, plateau_state);
   const int64_t groups = static_cast<int64_t>(hyper.size()) / sgd_slot::kCount;
   check_capacity(op, groups, programs);
   std::vector<int8_t> may_use_momentum(groups, -1);
@@ -498,29 +670,37 @@ void sgd_step_cuda(at::TensorList params, const OptionalTensorList& grads, at::T
     TORCH_CHECK(!may_use_momentum[g] || momentum_buffers[i].numel() == params[i].numel(), op, ": parameter ", i,
                 " is in a group with momentum (or a schedule that cycles it) but has no momentum_buffer");
   }
-  check_amp_inputs(op, group_steps.device(), grad_scale, found_inf);
+  const GradOptions options{grad_scale, found_inf, max_grad_norm, skip_nonfinite, grad_norm};
+  check_grad_options(op, group_steps.device(), options);
   const c10::cuda::CUDAGuard guard(group_steps.device());
-  const AmpInputs amp(grad_scale, found_inf);
-  auto launches = plan_launches<SgdArgs, 1>(active, params, {momentum_buffers}, steps, tensor_group,
-                                            group_table(hyper, programs, group_steps, plateau_state, amp));
+  const DeviceGradOptions device_options(options);
+  auto launches = plan_launches<SgdArgs, 2>(active, params, {momentum_buffers, master_weights}, steps, tensor_group,
+                                            group_table(hyper, programs, group_steps, plateau_state, device_options));
   bump_versions(active, params);
-  run_launches(launches, group_steps, amp, [](const Launch<SgdArgs>& launch, int blocks, cudaStream_t stream) {
-    dispatch_param_dtype(launch.dtype, [&](auto types) {
-      using Types = decltype(types);
-      sgd_kernel<typename Types::param_t, typename Types::math_t><<<blocks, kThreads, 0, stream>>>(launch.args);
-    });
-  });
+  run_launches(launches, group_steps, device_options, launch_grad_sum<SgdArgs>,
+               [](const Launch<SgdArgs>& launch, int blocks, cudaStream_t stream) {
+                 dispatch_param_dtype(launch.dtype, [&](auto types) {
+                   using Types = decltype(types);
+                   sgd_kernel<typename Types::param_t, typename Types::math_t>
+                       <<<blocks, kThreads, 0, stream>>>(launch.args);
+                 });
+               });
 }
 
 void adam_step_cuda(at::TensorList params, const OptionalTensorList& grads, at::TensorList exp_avgs,
-                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
-                    at::IntArrayRef tensor_group, c10::ArrayRef<double> hyper, c10::ArrayRef<double> programs,
-                    const at::Tensor& group_steps, const at::Tensor& plateau_state,
-                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList master_weights,
+                    at::TensorList steps, at::IntArrayRef tensor_group, c10::ArrayRef<double> hyper,
+                    c10::ArrayRef<double> programs, const at::Tensor& group_steps, const at::Tensor& plateau_state,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                    std::optional<double> max_grad_norm, bool skip_nonfinite,
+                    const std::optional<at::Tensor>& grad_norm) {
   const char* op = "fusedlr.adam_step_";
   const ActiveTensors active = check_step_inputs(
       op, at::kCUDA, params, grads,
-      {{"exp_avg", exp_avgs, false}, {"exp_avg_sq", exp_avg_sqs, false}, {"max_exp_avg_sq", max_exp_avg_sqs, true}},
+      {{"exp_avg", exp_avgs, false},
+       {"exp_avg_sq", exp_avg_sqs, false},
+       {"max_exp_avg_sq", max_exp_avg_sqs, true},
+       {"master_weight", master_weights, true, true}},
       steps, tensor_group, hyper, adam_slot::kCount, programs, group_steps, plateau_state);
   check_capacity(op, static_cast<int64_t>(hyper.size()) / adam_slot::kCount, programs);
   for (const int64_t i : active.index) {
@@ -528,19 +708,22 @@ void adam_step_cuda(at::TensorList params, const OptionalTensorList& grads, at::
     TORCH_CHECK(!amsgrad || max_exp_avg_sqs[i].numel() == params[i].numel(), op, ": parameter ", i,
                 " is in an amsgrad group but has no max_exp_avg_sq");
   }
-  check_amp_inputs(op, group_steps.device(), grad_scale, found_inf);
+  const GradOptions options{grad_scale, found_inf, max_grad_norm, skip_nonfinite, grad_norm};
+  check_grad_options(op, group_steps.device(), options);
   const c10::cuda::CUDAGuard guard(group_steps.device());
-  const AmpInputs amp(grad_scale, found_inf);
-  auto launches =
-      plan_launches<AdamArgs, 3>(active, params, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, steps, tensor_group,
-                                 group_table(hyper, programs, group_steps, plateau_state, amp));
+  const DeviceGradOptions device_options(options);
+  auto launches = plan_launches<AdamArgs, 4>(active, params, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_weights},
+                                             steps, tensor_group,
+                                             group_table(hyper, programs, group_steps, plateau_state, device_options));
   bump_versions(active, params);
-  run_launches(launches, group_steps, amp, [](const Launch<AdamArgs>& launch, int blocks, cudaStream_t stream) {
-    dispatch_param_dtype(launch.dtype, [&](auto types) {
-      using Types = decltype(types);
-      adam_kernel<typename Types::param_t, typename Types::math_t><<<blocks, kThreads, 0, stream>>>(launch.args);
-    });
-  });
+  run_launches(launches, group_steps, device_options, launch_grad_sum<AdamArgs>,
+               [](const Launch<AdamArgs>& launch, int blocks, cudaStream_t stream) {
+                 dispatch_param_dtype(launch.dtype, [&](auto types) {
+                   using Types = decltype(types);
+                   adam_kernel<typename Types::param_t, typename Types::math_t>
+                       <<<blocks, kThreads, 0, stream>>>(launch.args);
+                 });
+               });
 }
 
 ScheduleArgs schedule_args(const char* op, c10::ArrayRef<double> programs, c10::ArrayRef<double> base_lrs) {
