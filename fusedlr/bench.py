@@ -110,7 +110,11 @@ def optimizer_kwargs(optimizer: str, lr: float) -> dict:
     return dict(lr=lr, weight_decay=0.01)
 
 
-def make_contenders(optimizer: str, schedule_name: str, params, device: torch.device) -> list[Contender]:
+def make_contenders(optimizer: str, schedule_name: str, params, device: torch.device,
+                    max_grad_norm: float | None = None) -> list[Contender]:
+    """Each contender with its schedule as users run it; with max_grad_norm, torch's contenders call
+    clip_grad_norm_ before their step and fusedlr clips in its step, and "fusedlr, no clipping" runs
+    as well, so that the cost of clipping is measured in the same run."""
     lr = 1e-3
     torch_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer]
     fused_cls = {"sgd": fusedlr.SGD, "adam": fusedlr.Adam, "adamw": fusedlr.AdamW}[optimizer]
@@ -124,6 +128,8 @@ def make_contenders(optimizer: str, schedule_name: str, params, device: torch.de
         sched = S.torch_scheduler(schedule, opt) if schedule is not None else None
 
         def step():
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=impl.get("foreach"))
             opt.step()
             if sched is None:
                 return
@@ -154,11 +160,17 @@ def make_contenders(optimizer: str, schedule_name: str, params, device: torch.de
         except Exception:  # not installed, or its op does not build here
             pass
 
-    opt = fused_cls(params, **kwargs, schedule=schedule)
-    if isinstance(schedule, S.ReduceLROnPlateau):
-        contenders.append(Contender("fusedlr", lambda: (opt.step(), opt.observe(metric))))
+    def fused_contender(name, **options):
+        opt = fused_cls(params, **kwargs, schedule=schedule, **options)
+        if isinstance(schedule, S.ReduceLROnPlateau):
+            return Contender(name, lambda: (opt.step(), opt.observe(metric)))
+        return Contender(name, opt.step)
+
+    if max_grad_norm is not None:
+        contenders.append(fused_contender("fusedlr, no clipping"))
+        contenders.append(fused_contender("fusedlr", max_grad_norm=max_grad_norm))
     else:
-        contenders.append(Contender("fusedlr", opt.step))
+        contenders.append(fused_contender("fusedlr"))
     return contenders
 
 
@@ -226,7 +238,7 @@ def run_preset(preset: str, args, device: torch.device, bandwidth: float, progre
               for s in shapes]
     for p in params:
         p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device=device, dtype=dtype)
-    contenders = make_contenders(args.optimizer, args.schedule, params, device)
+    contenders = make_contenders(args.optimizer, args.schedule, params, device, args.max_grad_norm)
     rounds = args.steps or default_rounds(preset, device)
     warmup = 2
     for r in range(warmup + rounds):
@@ -252,8 +264,12 @@ def run_preset(preset: str, args, device: torch.device, bandwidth: float, progre
                             pct_of_floor=100 * floor / median, speedup_vs_torch_fused=fused / median,
                             samples_s=c.samples))
     del contenders, params
-    return dict(preset=preset, tensors=len(shapes), params=n_params, bytes_per_step=step_bytes,
-                floor_s=floor, rounds=rounds, results=results)
+    report = dict(preset=preset, tensors=len(shapes), params=n_params, bytes_per_step=step_bytes,
+                  floor_s=floor, rounds=rounds, results=results)
+    if args.max_grad_norm is not None:
+        median = {r["contender"]: r["median_s"] for r in results}
+        report["clipping_cost"] = median["fusedlr"] / median["fusedlr, no clipping"]
+    return report
 
 
 def format_table(report: dict) -> str:
@@ -267,6 +283,9 @@ def format_table(report: dict) -> str:
         lines.append(f"{r['contender']:<34} {r['median_s'] * 1e3:>10.3f} {spread:>19} "
                      f"{r['params_per_s'] / 1e6:>10.1f} {r['achieved_gb_s']:>7.2f} {r['pct_of_floor']:>7.1f}% "
                      f"{r['speedup_vs_torch_fused']:>8.2f}x")
+    if "clipping_cost" in report:
+        lines.append(f"clipping: every contender clips to a global norm (the floor is that of the step alone); "
+                     f"fusedlr with clipping takes {report['clipping_cost']:.2f}x its time without")
     return "\n".join(lines)
 
 
@@ -329,7 +348,7 @@ def main(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(machine=machine_info(device), optimizer=args.optimizer, schedule=args.schedule,
-                           dtype=args.dtype, bandwidth_bytes_per_s=bandwidths, floor_bandwidth_bytes_per_s=bandwidth,
+                           dtype=args.dtype, max_grad_norm=args.max_grad_norm, bandwidth_bytes_per_s=bandwidths, floor_bandwidth_bytes_per_s=bandwidth,
                            presets=reports), f, indent=1)
         print(f"\nwrote {args.json}")
     if args.plot:
@@ -346,6 +365,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--steps", type=int, default=None, help="timed rounds per preset (default: by preset size)")
+    parser.add_argument("--max-grad-norm", type=float, default=None,
+                        help="every contender clips its gradients to this global L2 norm (torch: clip_grad_norm_)")
     parser.add_argument("--json", default=None, help="write every figure and raw sample here")
     parser.add_argument("--plot", default=None, help="write a PNG bar chart here (needs matplotlib)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

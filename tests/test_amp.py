@@ -2,6 +2,7 @@
 skips itself, counters included, when a gradient overflowed."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ def model_pair(seed=0, device="cpu"):
     return model, copy.deepcopy(model)
 
 
-def train(model, opt, scaler, batches, clip=None, poison=()):
+def train(model, opt, scaler, batches, clip=None, poison=(), bad=math.nan):
     skipped = []
     device = next(model.parameters()).device
     for k, (x, y) in enumerate(batches):
@@ -29,7 +30,7 @@ def train(model, opt, scaler, batches, clip=None, poison=()):
             loss = torch.nn.functional.mse_loss(model(x).float(), y)
         scaler.scale(loss).backward()
         if k in poison:
-            next(model.parameters()).grad[0, 0] = float("nan")
+            next(model.parameters()).grad[0, 0] = bad
         if clip is not None:
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -42,10 +43,12 @@ def train(model, opt, scaler, batches, clip=None, poison=()):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-@pytest.mark.parametrize("clip", [None, 1.0])
+@pytest.mark.parametrize("clip", [None, "clip_grad_norm_", "max_grad_norm"])
 def test_grad_scaler_matches_torch(device, optimizer, clip):
     """A scale of 2**30 overflows fp16 in the first steps, and NaN is injected at steps 25 and 31:
-    the same steps are skipped as with torch's fused optimizer, and the parameters agree."""
+    the same steps are skipped as with torch's fused optimizer, and the parameters agree. Clipping
+    to a norm of 1 (which clips most steps here) is either clip_grad_norm_ after scaler.unscale_ on
+    both sides, or fusedlr's own max_grad_norm, unscaled in the step, against the former in torch."""
     model, ref_model = model_pair(device=device)
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randn(8, 16, generator=gen), torch.randn(8, 1, generator=gen)) for _ in range(40)]
@@ -54,18 +57,19 @@ def test_grad_scaler_matches_torch(device, optimizer, clip):
     # SGD, and its fused AdamW after unscale_, diverge in this very run (parameters of 1e30 and more
     # by step 16), so they are no reference.
     impl = dict(fused=True) if clip is None and optimizer == "adamw" else dict(foreach=False)
+    fused_clip = dict(max_grad_norm=1.0) if clip == "max_grad_norm" else {}
     if optimizer == "adamw":
-        opt = fusedlr.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        opt = fusedlr.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, **fused_clip)
         ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, weight_decay=0.1, **impl)
     else:
-        opt = fusedlr.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+        opt = fusedlr.SGD(model.parameters(), lr=1e-2, momentum=0.9, **fused_clip)
         ref = torch.optim.SGD(ref_model.parameters(), lr=1e-2, momentum=0.9, **impl)
     poison = {25, 31}
     # growth_interval=1000: once the scale fits, only the poisoned steps skip, whatever the rounding
     skipped = train(model, opt, torch.amp.GradScaler(device, init_scale=2.0 ** 30, growth_interval=1000), batches,
-                    clip, poison)
+                    1.0 if clip == "clip_grad_norm_" else None, poison)
     ref_skipped = train(ref_model, ref, torch.amp.GradScaler(device, init_scale=2.0 ** 30, growth_interval=1000),
-                        batches, clip, poison)
+                        batches, None if clip is None else 1.0, poison)
     assert skipped == ref_skipped and skipped[25] and skipped[31] and skipped.count(False) > 20
     assert opt.schedule_steps().tolist() == [skipped.count(False)]
     # fp32 roundings differ (ATen's vector kernels fuse multiply-adds); 40 steps of lr 1e-2 on
@@ -93,6 +97,46 @@ def test_nan_gradient_skips_the_step_and_changes_nothing(device):
     assert torch.equal(opt.schedule_steps(), steps) and torch.equal(opt.last_lr(), lr)
     train(model, opt, scaler, batches[4:])  # and training goes on
     assert opt.schedule_steps().tolist() == [steps.item() + 2]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_with_clipping_matches_torch(device):
+    """bf16 autocast (no scaler): fusedlr's fused clipping against clip_grad_norm_ + torch's AdamW,
+    on the same bf16-computed gradients."""
+    model, ref_model = model_pair(seed=3, device=device)
+    opt = fusedlr.AdamW(model.parameters(), lr=1e-2, max_grad_norm=0.5)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, foreach=False)
+    gen = torch.Generator().manual_seed(4)
+    clipped = 0
+    for _ in range(30):
+        x, y = torch.randn(8, 16, generator=gen).to(device), torch.randn(8, 1, generator=gen).to(device)
+        for m, o in ((model, opt), (ref_model, ref)):
+            o.zero_grad()
+            with torch.autocast(device, dtype=torch.bfloat16):
+                loss = torch.nn.functional.mse_loss(m(x).float(), y)
+            loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 0.5)
+        clipped += bool(norm > 0.5)
+        opt.step()
+        ref.step()
+        torch.testing.assert_close(opt.last_grad_norm().float(), norm, rtol=1e-5, atol=0)
+    assert clipped > 10
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_skip_nonfinite_with_a_scaler_too(device, bad):
+    """skip_nonfinite and GradScaler together: a poisoned step is skipped once, by either."""
+    model, _ = model_pair(device=device)
+    opt = fusedlr.SGD(model.parameters(), lr=1e-2, momentum=0.9, skip_nonfinite=True)
+    scaler = torch.amp.GradScaler(device, init_scale=1.0)
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(8, 16, generator=gen), torch.randn(8, 1, generator=gen)) for _ in range(4)]
+    assert train(model, opt, scaler, batches, poison={2}, bad=bad) == [False, False, True, False]
+    assert opt.schedule_steps().tolist() == [3]
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
 
 
 def test_amp_inputs_are_checked():

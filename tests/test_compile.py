@@ -9,8 +9,9 @@ import fusedlr
 from fusedlr import schedules as S
 
 
+@pytest.mark.parametrize("options", [{}, dict(max_grad_norm=0.05, skip_nonfinite=True)])
 @pytest.mark.parametrize("optimizer", [fusedlr.AdamW, fusedlr.SGD])
-def test_compiled_step_has_one_graph_and_matches_eager(optimizer):
+def test_compiled_step_has_one_graph_and_matches_eager(optimizer, options):
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
@@ -19,6 +20,7 @@ def test_compiled_step_has_one_graph_and_matches_eager(optimizer):
     schedule = S.OneCycleLR(max_lr=0.01, total_steps=100)
     kwargs = dict(lr=0.01, schedule=schedule) if optimizer is fusedlr.AdamW else dict(lr=0.01, momentum=0.9,
                                                                                        schedule=schedule)
+    kwargs.update(options)
     opt, ref_opt = optimizer(model.parameters(), **kwargs), optimizer(ref.parameters(), **kwargs)
     x = torch.randn(16, 8)
 
@@ -46,3 +48,6 @@ def test_compiled_step_has_one_graph_and_matches_eager(optimizer):
     assert lrs == pytest.approx([schedule(k, 0.01) for k in range(2, 42)], rel=1e-12)
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p, q)
+    if options:
+        assert torch.equal(opt.last_grad_norm(), ref_opt.last_grad_norm())
+        assert float(opt.last_grad_norm()) > 0.05  # it clipped

@@ -61,6 +61,64 @@ def test_parity_float32(optimizer, schedule):
     run_parity(fused_cls, torch_cls, kwargs, SCHEDULES[schedule], dtype=torch.float32, tol=F32_TOL, cpu_tol=F32_TOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS) + ["sgd-nesterov-maximize", "adamw-amsgrad"])
+def test_clipping_parity(optimizer, dtype):
+    """max_grad_norm on CUDA against clip_grad_norm_ + torch on CUDA, and against the CPU kernels."""
+    fused_cls, torch_cls, kwargs = {**OPTIMIZERS, **VARIANTS}[optimizer]
+    tol = F64_TOL if dtype == torch.float64 else F32_TOL
+    run_parity(fused_cls, torch_cls, kwargs, SCHEDULES["OneCycleLR"], dtype=dtype, tol=tol,
+               cpu_tol=F64_CPU_TOL if dtype == torch.float64 else F32_TOL, max_grad_norm=20.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_master_weights_match_the_cpu(optimizer, dtype):
+    """Low-precision parameters with master weights, clipping and a schedule: CUDA against the CPU
+    kernels (the same float32 operations), and each parameter its master weight rounded."""
+    fused_cls, _, kwargs = OPTIMIZERS[optimizer]
+    start = [p.to(dtype) for p in make_params(torch.float32, 2)]
+    cuda = [p.to(CUDA, copy=True).requires_grad_() for p in start]
+    cpu = [p.clone().requires_grad_() for p in start]
+    options = dict(kwargs, master_weights=True, max_grad_norm=20.0, schedule=S.OneCycleLR(max_lr=0.01, total_steps=60))
+    cuda_opt, cpu_opt = fused_cls(cuda, **options), fused_cls(cpu, **options)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(60):
+        for p, q in zip(cuda, cpu):
+            q.grad = torch.randn(q.shape, generator=gen).to(dtype)
+            p.grad = q.grad.to(CUDA)
+        cuda_opt.step()
+        cpu_opt.step()
+    for p, q in zip(cuda, cpu):
+        master = cuda_opt.state[p]["master_weight"]
+        assert torch.equal(p.detach(), master.to(dtype))
+        torch.testing.assert_close(master.cpu(), cpu_opt.state[q]["master_weight"], **F32_TOL)
+        for key, value in cpu_opt.state[q].items():
+            torch.testing.assert_close(cuda_opt.state[p][key].cpu(), value, **F32_TOL)
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_nonfinite_gradients_skip_the_step(optimizer):
+    """skip_nonfinite on CUDA: a step with an inf or NaN anywhere changes nothing on the device."""
+    fused_cls, _, kwargs = OPTIMIZERS[optimizer]
+    params = [p.to(CUDA, copy=True).requires_grad_() for p in make_params(torch.float32, 4)]
+    opt = fused_cls(params, skip_nonfinite=True, schedule=S.StepLR(step_size=1, gamma=0.5), **kwargs)
+    gen = torch.Generator().manual_seed(5)
+    for k in range(12):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(CUDA)
+        if k % 4 == 3:
+            params[k % len(params)].grad.view(-1)[-1] = [math.inf, math.nan, -math.inf][k % 3]
+            before = snapshot(opt, params)
+            opt.step()
+            assert_unchanged(before, opt, params)
+            assert not math.isfinite(float(opt.last_grad_norm()))
+        else:
+            opt.step()
+    assert opt.schedule_steps().tolist() == [9]
+    assert all(bool(p.isfinite().all()) for p in params)
+
+
 def test_evaluate_schedules_matches_the_cpu():
     schedules = [s for s in SCHEDULES.values() if s is not None]
     programs = S.compile_programs(schedules)
@@ -157,7 +215,8 @@ def test_reduce_on_plateau_with_a_device_metric(metric_dtype):
 def test_step_and_observe_do_not_sync_with_the_host():
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)).to(CUDA)
     opts = [fusedlr.AdamW(model.parameters(), lr=1e-3, schedule=S.OneCycleLR(max_lr=1e-3, total_steps=100)),
-            fusedlr.SGD(model.parameters(), lr=1e-3, momentum=0.9, schedule=S.ReduceLROnPlateau(patience=0))]
+            fusedlr.SGD(model.parameters(), lr=1e-3, momentum=0.9, schedule=S.ReduceLROnPlateau(patience=0),
+                        max_grad_norm=1.0, skip_nonfinite=True)]
     x = torch.randn(16, 32, device=CUDA)
     lrs = []
     torch.cuda.set_sync_debug_mode("error")
@@ -170,10 +229,12 @@ def test_step_and_observe_do_not_sync_with_the_host():
             opts[1].observe(loss.detach())
             opts[0].zero_grad()
             lrs.append(opts[0].last_lr())
+            norm = opts[1].last_grad_norm()
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert opts[0].schedule_steps().tolist() == [10] and opts[1].schedule_steps().tolist() == [10]
     assert len({float(lr[0]) for lr in lrs}) == 10
+    assert math.isfinite(float(norm))
 
 
 def mlp():
@@ -182,15 +243,16 @@ def mlp():
                                torch.nn.Linear(64, 1)).to(device=CUDA, dtype=torch.float64)
 
 
-def test_cuda_graph_capture_and_replay():
+@pytest.mark.parametrize("options", [{}, dict(max_grad_norm=0.05, skip_nonfinite=True)])
+def test_cuda_graph_capture_and_replay(options):
     """Forward, backward and opt.step() captured once and replayed 1000 times: the schedule follows
-    the device step counter, and the parameters equal an eager run's."""
+    the device step counter, and the parameters equal an eager run's (with clipping too)."""
     schedule = S.SequentialLR([S.LinearLR(start_factor=0.01, total_iters=100),
                                S.CosineAnnealingLR(T_max=1000, eta_min=1e-5)], milestones=[100])
     lr, warmup, replays = 1e-3, 3, 1000
     model, eager_model = mlp(), mlp()
-    opt = fusedlr.AdamW(model.parameters(), lr=lr, weight_decay=0.01, schedule=schedule)
-    eager_opt = fusedlr.AdamW(eager_model.parameters(), lr=lr, weight_decay=0.01, schedule=schedule)
+    opt = fusedlr.AdamW(model.parameters(), lr=lr, weight_decay=0.01, schedule=schedule, **options)
+    eager_opt = fusedlr.AdamW(eager_model.parameters(), lr=lr, weight_decay=0.01, schedule=schedule, **options)
     gen = torch.Generator().manual_seed(1)
     static_x = torch.randn(32, 16, generator=gen, dtype=torch.float64).to(CUDA)
     static_y = torch.randn(32, 1, generator=gen, dtype=torch.float64).to(CUDA)
@@ -222,6 +284,8 @@ def test_cuda_graph_capture_and_replay():
     for p, q in zip(model.parameters(), eager_model.parameters()):
         assert int(opt.state[p]["step"]) == warmup + replays
         torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-9)
+    if options:
+        torch.testing.assert_close(opt.last_grad_norm(), eager_opt.last_grad_norm(), rtol=1e-9, atol=0)
 
 
 def test_torch_compile_fullgraph_without_recompiles():

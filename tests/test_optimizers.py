@@ -55,19 +55,27 @@ def compare_state(fused_opt, torch_opt, fused_params, torch_params, tol, where):
 
 
 def run_parity(fused_cls, torch_cls, kwargs, schedule, steps=200, dtype=torch.float64, tol=F64_TOL, seed=0,
-               device="cpu", cpu_tol=None, compare_every=1):
+               device="cpu", cpu_tol=None, compare_every=1, max_grad_norm=None):
     """fusedlr on `device` against torch.optim (for-loop) + its scheduler twin on `device`, with the same
     fresh random gradients; parameter 2 has no gradient every 7th step (torch skips it: its state and
     step stay). With cpu_tol, a fusedlr run on the CPU is compared as well. Compared every
-    compare_every steps and after the last."""
+    compare_every steps and after the last.
+
+    With max_grad_norm, fusedlr clips in its step and torch runs clip_grad_norm_ before its step; the
+    gradients' scale then varies over three decades, so some steps clip and some do not, and the
+    norms are compared too."""
     start = make_params(dtype, seed)
     fused, ref, cpu = ([p.to(device, copy=True).requires_grad_() for p in start] for device in (device, device, "cpu"))
-    fused_opt = fused_cls(fused, schedule=schedule, **kwargs)
+    fused_kwargs = dict(kwargs, schedule=schedule)
+    if max_grad_norm is not None:
+        fused_kwargs["max_grad_norm"] = max_grad_norm
+    fused_opt = fused_cls(fused, **fused_kwargs)
     torch_opt = torch_cls(ref, foreach=False, **kwargs)
-    cpu_opt = fused_cls(cpu, schedule=schedule, **kwargs) if cpu_tol is not None else None
+    cpu_opt = fused_cls(cpu, **fused_kwargs) if cpu_tol is not None else None
     torch_sched = torch_twin(schedule, torch_opt) if schedule is not None else None
     unit = time_unit(schedule) if schedule is not None else 1
     gen = torch.Generator().manual_seed(seed + 1)
+    clipped = 0
     for k in range(steps):
         if torch_sched is not None:
             expected_lr = torch_sched.get_last_lr()[0]
@@ -76,9 +84,18 @@ def run_parity(fused_cls, torch_cls, kwargs, schedule, steps=200, dtype=torch.fl
             if i == 2 and k % 7 == 3:
                 p.grad = q.grad = r.grad = None
                 continue
-            g = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype)
+            g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            if max_grad_norm is not None:
+                g = g * 10.0 ** (k % 13 / 4 - 2)
+            g = g.to(dtype)
             p.grad, q.grad, r.grad = g.to(device, copy=True), g.to(device, copy=True), g.clone()
         fused_opt.step()
+        if max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(ref, max_grad_norm, foreach=False)
+            clipped += bool(norm > max_grad_norm)
+            torch.testing.assert_close(fused_opt.last_grad_norm().cpu(), norm.cpu().double(),
+                                       rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=0,
+                                       msg=lambda m: f"grad norm at step {k}: {m}")
         torch_opt.step()
         if cpu_opt is not None:
             cpu_opt.step()
@@ -90,6 +107,8 @@ def run_parity(fused_cls, torch_cls, kwargs, schedule, steps=200, dtype=torch.fl
             if cpu_opt is not None:
                 compare_state(fused_opt, cpu_opt, fused, cpu, cpu_tol, f"cpu, step {k}")
     assert fused_opt.schedule_steps().tolist() == [steps]
+    if max_grad_norm is not None:
+        assert 0.2 * steps < clipped < 0.8 * steps, f"{clipped} of {steps} steps clipped: the test tests too little"
 
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
