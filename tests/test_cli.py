@@ -22,7 +22,9 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path):
     assert "torch fused" in result.stdout and "fusedlr" in result.stdout
     report = json.loads(out.read_text())
     assert report["machine"]["torch"] == torch.__version__
-    assert report["floor_bandwidth_bytes_per_s"] == max(report["bandwidth_bytes_per_s"].values()) > 0
+    bandwidths = report["bandwidth_bytes_per_s"]
+    assert set(bandwidths) == {"copy", "in_place", "scale", "read"} and min(bandwidths.values()) > 0
+    assert report["floor_bandwidth_bytes_per_s"] == max(bandwidths["copy"], bandwidths["in_place"], bandwidths["scale"])
     presets = {p["preset"]: p for p in report["presets"]}
     assert set(presets) == {"20x256", "2000x1k"}
     small = presets["2000x1k"]
@@ -38,6 +40,23 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path):
         assert r["achieved_gb_s"] == pytest.approx(small["bytes_per_step"] / r["median_s"] / 1e9)
     fused = next(r for r in small["results"] if r["contender"] == "torch fused")
     assert fused["speedup_vs_torch_fused"] == 1.0
+
+
+def test_bench_with_clipping(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(CLI + ["bench", "--preset", "20x256", "--steps", "3", "--optimizer", "sgd",
+                                   "--max-grad-norm", "0.5", "--json", str(out), "--quiet"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["max_grad_norm"] == 0.5
+    preset = report["presets"][0]
+    median = {r["contender"]: r["median_s"] for r in preset["results"]}
+    assert list(median)[-2:] == ["fusedlr, no clipping", "fusedlr"]
+    assert preset["clipping_cost"] == pytest.approx(median["fusedlr"] / median["fusedlr, no clipping"])
+    read_s = preset["params"] * 4 / report["bandwidth_bytes_per_s"]["read"]
+    assert preset["clipping_floor"] == pytest.approx(1 + read_s / preset["floor_s"])
+    assert "fusedlr with clipping takes" in result.stdout
 
 
 def test_bytes_per_param():

@@ -89,11 +89,19 @@ void run_chunks(const ChunkPlan& plan, const Fn& fn) {
   });
 }
 
-// The sum of squares of grad[begin, end) in double, in kLanes independent sums: a fixed order the
-// compiler can vectorize (it may not reorder one running sum).
+// [note: sum of squares]
+// The norm pass reads the gradients once more, so it must run at the machine's read bandwidth. In
+// double, in kLanes independent sums (a fixed order the compiler can vectorize, as it may not
+// reorder one running sum), it does not: a float32 gradient is summed in float32 over blocks of
+// kRows values per lane, and the block sums in double, within 1e-6 of the exact sum. A chunk whose
+// blocked sum is outside [1e-30, 1e30] (a square overflowed, or underflowed, or the chunk is
+// zero) is summed again in double. Both orders are fixed: the same sum on every machine and for
+// every number of threads.
+constexpr int kLanes = 16;
+constexpr int kRows = 16;
+
 template <typename param_t, typename math_t>
-FUSEDLR_CPU_CLONES double sum_of_squares(const param_t* __restrict__ grad, int64_t begin, int64_t end) {
-  constexpr int kLanes = 16;
+FUSEDLR_CPU_CLONES double sum_of_squares_in_double(const param_t* __restrict__ grad, int64_t begin, int64_t end) {
   double lanes[kLanes] = {};
   int64_t i = begin;
   for (; i + kLanes <= end; i += kLanes) {
@@ -109,6 +117,40 @@ FUSEDLR_CPU_CLONES double sum_of_squares(const param_t* __restrict__ grad, int64
   }
   for (int k = 0; k < kLanes; ++k) total += lanes[k];
   return total;
+}
+
+template <typename param_t>
+FUSEDLR_CPU_CLONES double sum_of_squares_blocked(const param_t* __restrict__ grad, int64_t begin, int64_t end) {
+  double lanes[kLanes] = {};
+  int64_t i = begin;
+  for (; i + kRows * kLanes <= end; i += kRows * kLanes) {
+    float block[kLanes] = {};
+    for (int r = 0; r < kRows; ++r) {
+      for (int k = 0; k < kLanes; ++k) {
+        const float x = static_cast<float>(grad[i + r * kLanes + k]);
+        block[k] += x * x;
+      }
+    }
+    for (int k = 0; k < kLanes; ++k) lanes[k] += block[k];
+  }
+  double total = 0;
+  for (; i < end; ++i) {
+    const double x = static_cast<double>(static_cast<float>(grad[i]));
+    total += x * x;
+  }
+  for (int k = 0; k < kLanes; ++k) total += lanes[k];
+  return total;
+}
+
+template <typename param_t, typename math_t>
+double sum_of_squares(const param_t* grad, int64_t begin, int64_t end) {
+  if constexpr (std::is_same_v<math_t, double>) {
+    return sum_of_squares_in_double<param_t, math_t>(grad, begin, end);
+  } else {
+    const double blocked = sum_of_squares_blocked(grad, begin, end);
+    if (blocked >= 1e-30 && blocked <= 1e30) return blocked;
+    return sum_of_squares_in_double<param_t, math_t>(grad, begin, end);
+  }
 }
 
 // What a step does to its gradients, and whether it is skipped (update_math.h, [note: gradient
