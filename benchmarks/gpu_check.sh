@@ -61,9 +61,12 @@ else
 fi
 
 if [ "$built" = 1 ]; then
-  phase tests 200 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_ops.py tests/test_amp.py || true
+  phase tests 200 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_ops.py tests/test_amp.py \
+    tests/test_grad_options.py || true
   phase bench 200 "$PYTHON" -m fusedlr bench --device cuda --preset llama-1b --preset 2000x1k --quiet \
     --json "$OUT/bench.json" || true
+  phase clip 60 "$PYTHON" -m fusedlr bench --device cuda --preset llama-1b --max-grad-norm 1.0 --steps 20 --quiet \
+    --json "$OUT/bench_clip.json" || true
 fi
 
 {
@@ -74,18 +77,22 @@ fi
   if [ -f "$OUT/tests.log" ]; then
     echo "tests: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
   fi
-  if [ -f "$OUT/bench.json" ]; then
-    "$PYTHON" - "$OUT/bench.json" <<'EOF'
+  for json in "$OUT/bench.json" "$OUT/bench_clip.json"; do
+    [ -f "$json" ] || continue
+    "$PYTHON" - "$json" <<'EOF'
 import json, sys
 report = json.load(open(sys.argv[1]))
 print(f"bench: {report['optimizer']}, schedule {report['schedule']}, {report['dtype']}, "
-      f"floor at {report['floor_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s")
+      f"max_grad_norm {report.get('max_grad_norm')}, floor at {report['floor_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s")
 print(f"{'preset':<10} {'contender':<34} {'median ms':>10} {'% floor':>8} {'vs fused':>9}")
 for preset in report["presets"]:
     for r in preset["results"]:
         print(f"{preset['preset']:<10} {r['contender']:<34} {r['median_s'] * 1e3:>10.3f} "
               f"{r['pct_of_floor']:>7.1f}% {r['speedup_vs_torch_fused']:>8.2f}x")
+    if "clipping_cost" in preset:
+        print(f"{preset['preset']:<10} clipping costs {preset['clipping_cost']:.2f}x "
+              f"(one more gradient read: {preset['clipping_floor']:.2f}x)")
 EOF
-  fi
+  done
 } | tee "$OUT/summary.txt"
 exit "$FAILED"
