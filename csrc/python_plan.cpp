@@ -3,9 +3,10 @@
 // [note: step plans]
 // Called through torch.ops, a step converts every tensor of every list from Python to an IValue and
 // back on every call: for a model of many small tensors that costs more than the update. A plan
-// holds the lists that stay the same from step to step (parameters, optimizer state, step
-// counters) on the C++ side; a step reads the parameters' gradients itself and calls the same op
-// through the dispatcher, unboxed. Under torch.compile the optimizer calls torch.ops instead
+// holds what stays the same from step to step on the C++ side: the lists (parameters, optimizer
+// state, step counters) and the settings (hyperparameters, schedule programs, the group counters'
+// tensors, clipping); a step reads the parameters' gradients itself and calls the same op through
+// the dispatcher, unboxed, with only the GradScaler's tensors passed in from Python. Under torch.compile the optimizer calls torch.ops instead
 // (fusedlr/optim.py).
 
 #include <torch/extension.h>
@@ -29,13 +30,35 @@ c10::List<std::optional<at::Tensor>> grads_of(const std::vector<at::Tensor>& par
 
 using OptionalTensor = std::optional<at::Tensor>;
 
+// The arguments of a step that stay the same until the optimizer's settings change; the optimizer
+// sets them when it builds the plan and whenever they change.
+struct StepSettings {
+  std::vector<double> hyper, programs;
+  at::Tensor group_steps, plateau_state;
+  std::optional<double> max_grad_norm;
+  bool skip_nonfinite = false;
+  OptionalTensor grad_norm;
+
+  void set(std::vector<double> hyper_, std::vector<double> programs_, at::Tensor group_steps_,
+           at::Tensor plateau_state_, std::optional<double> max_grad_norm_, bool skip_nonfinite_,
+           OptionalTensor grad_norm_) {
+    hyper = std::move(hyper_);
+    programs = std::move(programs_);
+    group_steps = std::move(group_steps_);
+    plateau_state = std::move(plateau_state_);
+    max_grad_norm = max_grad_norm_;
+    skip_nonfinite = skip_nonfinite_;
+    grad_norm = std::move(grad_norm_);
+  }
+};
+
 struct SgdPlan {
   std::vector<at::Tensor> params, momentum_buffers, master_weights, steps;
   std::vector<int64_t> tensor_group;
+  StepSettings settings;
 
-  void step(const std::vector<double>& hyper, const std::vector<double>& programs, const at::Tensor& group_steps,
-            const at::Tensor& plateau_state, const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
-            std::optional<double> max_grad_norm, bool skip_nonfinite, const OptionalTensor& grad_norm) const {
+  // grad_scale, found_inf: what torch.amp.GradScaler sets on the optimizer (ops.cpp, [note: amp]).
+  void step(const OptionalTensor& grad_scale, const OptionalTensor& found_inf) const {
     static const auto op =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("fusedlr::sgd_step_", "")
@@ -43,18 +66,18 @@ struct SgdPlan {
                         at::TensorList, at::IntArrayRef, c10::ArrayRef<double>, c10::ArrayRef<double>,
                         const at::Tensor&, const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
                         std::optional<double>, bool, const OptionalTensor&)>();
-    op.call(params, grads_of(params), momentum_buffers, master_weights, steps, tensor_group, hyper, programs,
-            group_steps, plateau_state, grad_scale, found_inf, max_grad_norm, skip_nonfinite, grad_norm);
+    const StepSettings& s = settings;
+    op.call(params, grads_of(params), momentum_buffers, master_weights, steps, tensor_group, s.hyper, s.programs,
+            s.group_steps, s.plateau_state, grad_scale, found_inf, s.max_grad_norm, s.skip_nonfinite, s.grad_norm);
   }
 };
 
 struct AdamPlan {
   std::vector<at::Tensor> params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_weights, steps;
   std::vector<int64_t> tensor_group;
+  StepSettings settings;
 
-  void step(const std::vector<double>& hyper, const std::vector<double>& programs, const at::Tensor& group_steps,
-            const at::Tensor& plateau_state, const OptionalTensor& grad_scale, const OptionalTensor& found_inf,
-            std::optional<double> max_grad_norm, bool skip_nonfinite, const OptionalTensor& grad_norm) const {
+  void step(const OptionalTensor& grad_scale, const OptionalTensor& found_inf) const {
     static const auto op =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("fusedlr::adam_step_", "")
@@ -62,11 +85,27 @@ struct AdamPlan {
                         at::TensorList, at::TensorList, at::TensorList, at::IntArrayRef, c10::ArrayRef<double>,
                         c10::ArrayRef<double>, const at::Tensor&, const at::Tensor&, const OptionalTensor&,
                         const OptionalTensor&, std::optional<double>, bool, const OptionalTensor&)>();
+    const StepSettings& s = settings;
     op.call(params, grads_of(params), exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_weights, steps, tensor_group,
-            hyper, programs, group_steps, plateau_state, grad_scale, found_inf, max_grad_norm, skip_nonfinite,
-            grad_norm);
+            s.hyper, s.programs, s.group_steps, s.plateau_state, grad_scale, found_inf, s.max_grad_norm,
+            s.skip_nonfinite, s.grad_norm);
   }
 };
+
+// plan.configure(hyper, programs, group_steps, plateau_state, max_grad_norm, skip_nonfinite, grad_norm)
+template <typename Plan>
+void define_configure(pybind11::class_<Plan>& plan) {
+  plan.def(
+      "configure",
+      [](Plan& self, std::vector<double> hyper, std::vector<double> programs, at::Tensor group_steps,
+         at::Tensor plateau_state, std::optional<double> max_grad_norm, bool skip_nonfinite,
+         OptionalTensor grad_norm) {
+        self.settings.set(std::move(hyper), std::move(programs), std::move(group_steps), std::move(plateau_state),
+                          max_grad_norm, skip_nonfinite, std::move(grad_norm));
+      },
+      pybind11::arg("hyper"), pybind11::arg("programs"), pybind11::arg("group_steps"), pybind11::arg("plateau_state"),
+      pybind11::arg("max_grad_norm"), pybind11::arg("skip_nonfinite"), pybind11::arg("grad_norm"));
+}
 
 }  // namespace
 }  // namespace fusedlr
@@ -78,18 +117,22 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("cuda_built") = false;
 #endif
-  pybind11::class_<SgdPlan>(m, "SgdPlan")
+  pybind11::class_<SgdPlan> sgd_plan(m, "SgdPlan");
+  sgd_plan
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                           std::vector<at::Tensor>, std::vector<int64_t>>(),
            pybind11::arg("params"), pybind11::arg("momentum_buffers"), pybind11::arg("master_weights"),
            pybind11::arg("steps"), pybind11::arg("tensor_group"))
-      .def("step", &SgdPlan::step);
-  pybind11::class_<AdamPlan>(m, "AdamPlan")
+      .def("step", &SgdPlan::step, pybind11::arg("grad_scale"), pybind11::arg("found_inf"));
+  define_configure(sgd_plan);
+  pybind11::class_<AdamPlan> adam_plan(m, "AdamPlan");
+  adam_plan
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                           std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                           std::vector<int64_t>>(),
            pybind11::arg("params"), pybind11::arg("exp_avgs"), pybind11::arg("exp_avg_sqs"),
            pybind11::arg("max_exp_avg_sqs"), pybind11::arg("master_weights"), pybind11::arg("steps"),
            pybind11::arg("tensor_group"))
-      .def("step", &AdamPlan::step);
+      .def("step", &AdamPlan::step, pybind11::arg("grad_scale"), pybind11::arg("found_inf"));
+  define_configure(adam_plan);
 }

@@ -87,6 +87,8 @@ class _StepLists:
         self.steps: list[Tensor] = []
         self.states: dict[str, list[Tensor]] = {}
         self.stateless: list[Tensor] = []  # parameters not yet given state (never had a gradient)
+        self.hyper: list[float] = []  # the ops' `hyper` and `programs` arguments
+        self.programs: list[float] = []
         self.plan = None
 
 
@@ -109,8 +111,7 @@ class _FusedOptimizer(Optimizer):
         self._group_steps: Tensor | None = None    # int64 [groups]: completed steps of each group
         self._plateau_state: Tensor | None = None  # float64 [groups, 4]: ReduceLROnPlateau state
         self._lists: _StepLists | None = None
-        self._hyper_key: tuple[float, ...] | None = None
-        self._layout_key: tuple | None = None
+        self._key: tuple | None = None  # _step_key() of the cached lists
         self._programs_key: list[Schedule | None] = []
         self._programs: list[float] = []
         self._placeholders: dict[Tensor, Tensor] = {}
@@ -167,6 +168,16 @@ class _FusedOptimizer(Optimizer):
     def _hyper(self) -> tuple[float, ...]:
         return tuple(value for group in self.param_groups for value in self._group_hyper(group))
 
+    def _step_key(self) -> tuple:
+        """What the cached lists and the plan's settings were built from: the optimizer's options,
+        the state dict, and each group's parameter list, schedule and hyperparameters. Replacing or
+        clearing `opt.state`, editing a group's params, or changing a setting rebuilds them; replacing
+        one state tensor in place of another is not seen (load_state_dict is the way to do that)."""
+        return (self.max_grad_norm, self.skip_nonfinite, id(self.state), len(self.state),
+                *(value for group in self.param_groups
+                  for value in (id(group["params"]), len(group["params"]), group["schedule"],
+                                *self._group_hyper(group))))
+
     def _group_hyper(self, group: dict) -> tuple[float, ...]:
         """The group's slots of the ops' `hyper` argument, in csrc/update_math.h's sgd_slot / adam_slot order."""
         raise NotImplementedError
@@ -212,23 +223,19 @@ class _FusedOptimizer(Optimizer):
                 for key in self._STATE_KEYS:
                     value = state.get(key)
                     lists.states[key].append(self._placeholder(p) if value is None else value)
+        lists.hyper = list(self._hyper())
+        lists.programs = self._programs_now()
         lists.plan = self._make_plan(lists)
+        lists.plan.configure(lists.hyper, lists.programs, self._group_steps, self._plateau_state, self.max_grad_norm,
+                             self.skip_nonfinite, self._norm_out())
         return lists
-
-    def _layout(self) -> tuple:
-        """What the cached lists were built from: the state dict and each group's parameter list.
-        Replacing or clearing `opt.state`, or editing a group's params, rebuilds them; replacing one
-        state tensor in place of another is not seen (load_state_dict is the way to do that)."""
-        return (id(self.state), len(self.state), *((id(g["params"]), len(g["params"])) for g in self.param_groups))
 
     def _prepare(self) -> tuple[_StepLists, list[Tensor]]:
         """The lists of this step, creating state for parameters with their first gradient.
         Returns them and the parameters whose state was created here (undone if the step fails)."""
-        hyper = self._hyper()
-        layout = self._layout()
-        if hyper != self._hyper_key or layout != self._layout_key:
-            self._hyper_key = hyper
-            self._layout_key = layout
+        key = self._step_key()
+        if key != self._key:
+            self._key = key
             self._lists = None
         lists = self._lists
         fresh: list[Tensor] = []
@@ -245,7 +252,7 @@ class _FusedOptimizer(Optimizer):
                     self.state[p] = self._new_state(p, group)
                     fresh.append(p)
                 lists = self._lists = self._build_lists()
-            self._layout_key = self._layout()
+            self._key = self._step_key()
         return lists, fresh
 
     def step(self, closure: Callable[[], Any] | None = None):
@@ -266,14 +273,13 @@ class _FusedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         lists, fresh = self._prepare()
-        options = (getattr(self, "grad_scale", None), getattr(self, "found_inf", None), self.max_grad_norm,
-                   self.skip_nonfinite, self._norm_out())
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         try:
             if torch.compiler.is_compiling():
-                self._run_op(lists, [p.grad for p in lists.params], self._hyper_key, self._programs_now(), *options)
+                self._run_op(lists, [p.grad for p in lists.params], lists.hyper, lists.programs, grad_scale,
+                             found_inf, self.max_grad_norm, self.skip_nonfinite, self._norm_out())
             else:
-                lists.plan.step(self._hyper_key, self._programs_now(), self._group_steps, self._plateau_state,
-                                *options)
+                lists.plan.step(grad_scale, found_inf)
         except Exception:
             for p in fresh:
                 del self.state[p]
@@ -451,8 +457,7 @@ class _FusedOptimizer(Optimizer):
         self.param_groups = new_groups
         self._group_steps, self._plateau_state = group_steps.clone(), plateau_state.clone()
         self._lists = None
-        self._hyper_key = None
-        self._layout_key = None
+        self._key = None
         self._programs_key = []
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
@@ -500,7 +505,7 @@ class _FusedOptimizer(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._lists = None
-        self._hyper_key = None
+        self._key = None
         self._programs_key = []
         self._programs = []
         self._placeholders = {}
