@@ -11,6 +11,8 @@
 
 #include <torch/extension.h>
 
+#include "cpu/prepared_step.h"
+
 #include <optional>
 #include <vector>
 
@@ -52,13 +54,32 @@ struct StepSettings {
   }
 };
 
+// The CPU fast path of a plan (cpu/prepared_step.h, [note: prepared steps]), for tensors on the CPU.
+std::shared_ptr<PreparedCpuStep> prepare_on_cpu(PreparedCpuStep::Optimizer optimizer,
+                                                const std::vector<at::Tensor>& params,
+                                                std::vector<std::vector<at::Tensor>> states,
+                                                const std::vector<at::Tensor>& steps,
+                                                const std::vector<int64_t>& tensor_group, const StepSettings& s) {
+  if (!s.group_steps.defined() || !s.group_steps.is_cpu()) return nullptr;
+  return std::make_shared<PreparedCpuStep>(optimizer, params, std::move(states), steps, tensor_group, s.hyper,
+                                           s.programs, s.group_steps, s.plateau_state, s.max_grad_norm,
+                                           s.skip_nonfinite, s.grad_norm);
+}
+
 struct SgdPlan {
   std::vector<at::Tensor> params, momentum_buffers, master_weights, steps;
   std::vector<int64_t> tensor_group;
   StepSettings settings;
+  std::shared_ptr<PreparedCpuStep> prepared;
+
+  void prepare() {
+    prepared = prepare_on_cpu(PreparedCpuStep::Optimizer::kSgd, params, {momentum_buffers, master_weights}, steps,
+                              tensor_group, settings);
+  }
 
   // grad_scale, found_inf: what torch.amp.GradScaler sets on the optimizer (ops.cpp, [note: amp]).
   void step(const OptionalTensor& grad_scale, const OptionalTensor& found_inf) const {
+    if (prepared) return prepared->step(grad_scale, found_inf);
     static const auto op =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("fusedlr::sgd_step_", "")
@@ -76,8 +97,15 @@ struct AdamPlan {
   std::vector<at::Tensor> params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_weights, steps;
   std::vector<int64_t> tensor_group;
   StepSettings settings;
+  std::shared_ptr<PreparedCpuStep> prepared;
+
+  void prepare() {
+    prepared = prepare_on_cpu(PreparedCpuStep::Optimizer::kAdam, params,
+                              {exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_weights}, steps, tensor_group, settings);
+  }
 
   void step(const OptionalTensor& grad_scale, const OptionalTensor& found_inf) const {
+    if (prepared) return prepared->step(grad_scale, found_inf);
     static const auto op =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("fusedlr::adam_step_", "")
@@ -102,6 +130,7 @@ void define_configure(pybind11::class_<Plan>& plan) {
          OptionalTensor grad_norm) {
         self.settings.set(std::move(hyper), std::move(programs), std::move(group_steps), std::move(plateau_state),
                           max_grad_norm, skip_nonfinite, std::move(grad_norm));
+        self.prepare();
       },
       pybind11::arg("hyper"), pybind11::arg("programs"), pybind11::arg("group_steps"), pybind11::arg("plateau_state"),
       pybind11::arg("max_grad_norm"), pybind11::arg("skip_nonfinite"), pybind11::arg("grad_norm"));

@@ -147,79 +147,89 @@ void check_grad_options(const char* op, const at::Device& device, const GradOpti
   }
 }
 
-ActiveTensors check_step_inputs(const char* op, at::DeviceType device_type, at::TensorList params,
-                                          const OptionalTensorList& grads, const std::vector<StateList>& states,
-                                          at::TensorList steps, at::IntArrayRef tensor_group,
-                                          c10::ArrayRef<double> hyper, int64_t hyper_slots,
-                                          c10::ArrayRef<double> programs, const at::Tensor& group_steps,
-                                          const at::Tensor& plateau_state) {
-  const size_t n = params.size();
+int64_t check_step_lists(const char* op, at::DeviceType device_type, size_t params, size_t grads,
+                         const std::vector<StateList>& states, at::TensorList steps, at::IntArrayRef tensor_group,
+                         c10::ArrayRef<double> hyper, int64_t hyper_slots, c10::ArrayRef<double> programs,
+                         const at::Tensor& group_steps, const at::Tensor& plateau_state) {
   TORCH_CHECK(hyper.size() % hyper_slots == 0, op, ": hyper holds ", hyper.size(), " values, not a multiple of ",
               hyper_slots, " per group");
   const int64_t groups = static_cast<int64_t>(hyper.size()) / hyper_slots;
   check_schedule_inputs(op, programs, groups, group_steps, plateau_state);
   TORCH_CHECK(group_steps.device().type() == device_type, op, ": group_steps is on ", group_steps.device());
-  const at::Device device = group_steps.device();
-
   auto check_length = [&](const char* name, size_t length) {
-    TORCH_CHECK(length == n, op, ": ", name, " has ", length, " entries but params has ", n);
+    TORCH_CHECK(length == params, op, ": ", name, " has ", length, " entries but params has ", params);
   };
-  check_length("grads", grads.size());
+  check_length("grads", grads);
   check_length("steps", steps.size());
   check_length("tensor_group", tensor_group.size());
   for (const StateList& state : states) check_length(state.name, state.tensors.size());
+  return groups;
+}
 
+void check_param_tensors(const char* op, at::DeviceType device_type, const at::Device& device, const at::Tensor& param,
+                         const std::vector<StateList>& states, const at::Tensor& step, int64_t group, int64_t groups,
+                         size_t i) {
+  TORCH_CHECK(group >= 0 && group < groups, op, ": tensor_group", " of parameter ", i, " is ", group, ", outside [0, ",
+              groups, ")");
+  check_on_device(op, param, device_type, device, "the tensor", i);
+  TORCH_CHECK(!param.is_complex(), op, ": complex parameter ", i, " is not supported");
+  TORCH_CHECK(param.layout() == at::kStrided && param.is_non_overlapping_and_dense(), op, ": parameter ", i,
+              " must be a dense tensor (no overlapping or strided views)");
+  TORCH_CHECK(is_supported_param_dtype(param.scalar_type()), op, ": parameter ", i, " has dtype ", param.scalar_type(),
+              "; supported are float32, float64, bfloat16 and float16");
+  const at::ScalarType want_state = state_dtype(param.scalar_type());
+  for (const StateList& state : states) {
+    const at::Tensor& s = state.tensors[i];
+    if (state.optional && s.numel() == 0) continue;  // absent (or nothing to hold)
+    TORCH_CHECK(!state.low_precision_only || param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf,
+                op, ": ", state.name, " of parameter ", i, " is given, but only bfloat16 and float16 parameters ",
+                "take one (the parameter is ", param.scalar_type(), ")");
+    check_on_device(op, s, device_type, device, state.name, i);
+    TORCH_CHECK(s.scalar_type() == want_state, op, ": ", state.name, " of parameter ", i, " has dtype ",
+                s.scalar_type(), ", expected ", want_state);
+    TORCH_CHECK(s.sizes() == param.sizes() && s.strides() == param.strides(), op, ": ", state.name, " of parameter ", i,
+                " has shape ", s.sizes(), " and strides ", s.strides(), " but the parameter has shape ", param.sizes(),
+                " and strides ", param.strides(), " (a state_dict from a different parameter layout?)");
+  }
+  check_on_device(op, step, device_type, device, "the step counter", i);
+  TORCH_CHECK(step.scalar_type() == at::kLong && step.numel() == 1, op, ": the step counter", " of parameter ", i,
+              " must be a one-element int64 tensor, got ", step.scalar_type(), " of shape ", step.sizes());
+}
+
+const void* checked_grad_data(const char* op, at::DeviceType device_type, const at::Device& device,
+                              const at::Tensor& param, const at::Tensor& grad, size_t i,
+                              std::vector<at::Tensor>& copies) {
+  check_on_device(op, grad, device_type, device, "the gradient", i);
+  TORCH_CHECK(!grad.is_complex(), op, ": the complex gradient of parameter ", i, " is not supported");
+  TORCH_CHECK(grad.layout() == at::kStrided, op, ": the gradient", " of parameter ", i, " is sparse (", grad.layout(),
+              "); fusedlr optimizers take dense gradients only");
+  TORCH_CHECK(grad.scalar_type() == param.scalar_type(), op, ": the gradient", " of parameter ", i, " has dtype ",
+              grad.scalar_type(), " but the parameter ", param.scalar_type());
+  TORCH_CHECK(grad.sizes() == param.sizes(), op, ": the gradient", " of parameter ", i, " has shape ", grad.sizes(),
+              " but the parameter ", param.sizes());
+  if (grad.strides() == param.strides()) return grad.const_data_ptr();
+  copies.push_back(at::empty_like(param).copy_(grad));
+  return copies.back().const_data_ptr();
+}
+
+ActiveTensors check_step_inputs(const char* op, at::DeviceType device_type, at::TensorList params,
+                                const OptionalTensorList& grads, const std::vector<StateList>& states,
+                                at::TensorList steps, at::IntArrayRef tensor_group, c10::ArrayRef<double> hyper,
+                                int64_t hyper_slots, c10::ArrayRef<double> programs, const at::Tensor& group_steps,
+                                const at::Tensor& plateau_state) {
+  const size_t n = params.size();
+  const int64_t groups = check_step_lists(op, device_type, n, grads.size(), states, steps, tensor_group, hyper,
+                                          hyper_slots, programs, group_steps, plateau_state);
+  const at::Device device = group_steps.device();
   ActiveTensors active;
   active.index.reserve(n);
   active.grad_data.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     const std::optional<at::Tensor> maybe_grad = grads[i];
     if (!maybe_grad.has_value() || !maybe_grad->defined()) continue;
-    const at::Tensor& param = params[i];
-    const at::Tensor& grad = *maybe_grad;
-    TORCH_CHECK(tensor_group[i] >= 0 && tensor_group[i] < groups, op, ": tensor_group", " of parameter ", i, " is ",
-                tensor_group[i], ", outside [0, ", groups, ")");
-    check_on_device(op, param, device_type, device, "the tensor", i);
-    check_on_device(op, grad, device_type, device, "the gradient", i);
-    TORCH_CHECK(!param.is_complex() && !grad.is_complex(), op, ": complex parameter or gradient", " of parameter ", i,
-                " is not supported");
-    TORCH_CHECK(grad.layout() == at::kStrided, op, ": the gradient", " of parameter ", i, " is sparse (", grad.layout(),
-                "); fusedlr optimizers take dense gradients only");
-    TORCH_CHECK(param.layout() == at::kStrided && param.is_non_overlapping_and_dense(), op, ": parameter ", i,
-                " must be a dense tensor (no overlapping or strided views)");
-    TORCH_CHECK(is_supported_param_dtype(param.scalar_type()), op, ": parameter ", i, " has dtype ",
-                param.scalar_type(), "; supported are float32, float64, bfloat16 and float16");
-    TORCH_CHECK(grad.scalar_type() == param.scalar_type(), op, ": the gradient", " of parameter ", i, " has dtype ",
-                grad.scalar_type(), " but the parameter ", param.scalar_type());
-    TORCH_CHECK(grad.sizes() == param.sizes(), op, ": the gradient", " of parameter ", i, " has shape ", grad.sizes(),
-                " but the parameter ", param.sizes());
-    const at::ScalarType want_state = state_dtype(param.scalar_type());
-    for (const StateList& state : states) {
-      const at::Tensor& s = state.tensors[i];
-      if (state.optional && s.numel() == 0) continue;  // absent (or nothing to hold)
-      TORCH_CHECK(!state.low_precision_only || param.scalar_type() == at::kBFloat16 ||
-                      param.scalar_type() == at::kHalf,
-                  op, ": ", state.name, " of parameter ", i, " is given, but only bfloat16 and float16 parameters ",
-                  "take one (the parameter is ", param.scalar_type(), ")");
-      check_on_device(op, s, device_type, device, state.name, i);
-      TORCH_CHECK(s.scalar_type() == want_state, op, ": ", state.name, " of parameter ", i, " has dtype ", s.scalar_type(),
-                  ", expected ", want_state);
-      TORCH_CHECK(s.sizes() == param.sizes() && s.strides() == param.strides(), op, ": ", state.name, " of parameter ", i,
-                  " has shape ", s.sizes(), " and strides ", s.strides(), " but the parameter has shape ",
-                  param.sizes(), " and strides ", param.strides(),
-                  " (a state_dict from a different parameter layout?)");
-    }
-    const at::Tensor& step = steps[i];
-    check_on_device(op, step, device_type, device, "the step counter", i);
-    TORCH_CHECK(step.scalar_type() == at::kLong && step.numel() == 1, op, ": the step counter", " of parameter ", i,
-                " must be a one-element int64 tensor, got ", step.scalar_type(), " of shape ", step.sizes());
+    check_param_tensors(op, device_type, device, params[i], states, steps[i], tensor_group[i], groups, i);
     active.index.push_back(static_cast<int64_t>(i));
-    if (grad.strides() == param.strides()) {
-      active.grad_data.push_back(grad.const_data_ptr());
-    } else {
-      active.copies.push_back(at::empty_like(param).copy_(grad));
-      active.grad_data.push_back(active.copies.back().const_data_ptr());
-    }
+    active.grad_data.push_back(checked_grad_data(op, device_type, device, params[i], *maybe_grad, i, active.copies));
   }
   return active;
 }

@@ -32,11 +32,24 @@ struct ActiveTensors {
 // Everything a step op checks before it touches anything. A failed check raises, and leaves every
 // tensor of the call as it was.
 ActiveTensors check_step_inputs(const char* op, at::DeviceType device_type, at::TensorList params,
-                                          const OptionalTensorList& grads, const std::vector<StateList>& states,
-                                          at::TensorList steps, at::IntArrayRef tensor_group,
-                                          c10::ArrayRef<double> hyper, int64_t hyper_slots,
-                                          c10::ArrayRef<double> programs, const at::Tensor& group_steps,
-                                          const at::Tensor& plateau_state);
+                                const OptionalTensorList& grads, const std::vector<StateList>& states,
+                                at::TensorList steps, at::IntArrayRef tensor_group, c10::ArrayRef<double> hyper,
+                                int64_t hyper_slots, c10::ArrayRef<double> programs, const at::Tensor& group_steps,
+                                const at::Tensor& plateau_state);
+
+// The parts of check_step_inputs, for a caller that checks the optimizer's own tensors once and the
+// gradients at every step (cpu/prepared_step.h). check_step_lists returns the number of groups.
+int64_t check_step_lists(const char* op, at::DeviceType device_type, size_t params, size_t grads,
+                         const std::vector<StateList>& states, at::TensorList steps, at::IntArrayRef tensor_group,
+                         c10::ArrayRef<double> hyper, int64_t hyper_slots, c10::ArrayRef<double> programs,
+                         const at::Tensor& group_steps, const at::Tensor& plateau_state);
+void check_param_tensors(const char* op, at::DeviceType device_type, const at::Device& device, const at::Tensor& param,
+                         const std::vector<StateList>& states, const at::Tensor& step, int64_t group, int64_t groups,
+                         size_t i);
+// The gradient's data in its parameter's layout: the gradient's own, or a copy kept in `copies`.
+const void* checked_grad_data(const char* op, at::DeviceType device_type, const at::Device& device,
+                              const at::Tensor& param, const at::Tensor& grad, size_t i,
+                              std::vector<at::Tensor>& copies);
 
 // The optional inputs of a step that act on its gradients: AMP (ops.cpp, [note: amp]) and the global
 // norm (ops.cpp, [note: norm and master weights]).

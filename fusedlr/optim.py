@@ -251,7 +251,13 @@ class _FusedOptimizer(Optimizer):
                 for p, group in first_grads:
                     self.state[p] = self._new_state(p, group)
                     fresh.append(p)
-                lists = self._lists = self._build_lists()
+                try:
+                    lists = self._lists = self._build_lists()  # the plan checks what it will update
+                except Exception:
+                    for p in fresh:
+                        del self.state[p]
+                    self._lists = None
+                    raise
             self._key = self._step_key()
         return lists, fresh
 

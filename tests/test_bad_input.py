@@ -96,3 +96,35 @@ def test_observe_refuses_a_non_scalar_metric():
         opt.observe("0.5")
     opt.observe(float("inf"))  # as torch: a diverged metric is one more bad epoch, not an error
     assert float(opt.last_lr()[0]) == 1e-3
+
+
+@pytest.mark.parametrize("change", ["dtype", "shape", "transposed"])
+def test_parameter_changed_under_its_state_raises_and_changes_nothing(change):
+    """A parameter given new data of another dtype or layout (p.data = ...) no longer fits the state
+    its optimizer made for it: a clear error, nothing changed."""
+    params, opt = trained_adam()
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # the step plan exists
+    target = params[0]
+    new = {"dtype": lambda t: t.double(), "shape": lambda t: t.reshape(-1),
+           "transposed": lambda t: t.t().contiguous().t()}[change](target.detach().clone())
+    target.data = new
+    target.grad = torch.randn_like(target)
+    params[1].grad = torch.randn_like(params[1])
+    before = snapshot(opt, params)
+    with pytest.raises(RuntimeError, match="parameter 0"):
+        opt.step()
+    assert_unchanged(before, opt, params)
+
+
+def test_parameter_given_new_data_of_the_same_layout_is_updated():
+    """p.data = new tensor of the same dtype and layout: the step updates the new data."""
+    params, opt = trained_adam()
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    fresh = torch.zeros_like(params[0])
+    params[0].data = fresh
+    opt.step()
+    assert int(opt.state[params[0]]["step"]) == 5 and bool((fresh != 0).all())

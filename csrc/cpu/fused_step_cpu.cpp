@@ -17,6 +17,7 @@
 #include "../schedule_math.h"
 #include "../step_inputs.h"
 #include "../update_math.h"
+#include "prepared_step.h"
 
 namespace fusedlr {
 namespace {
@@ -161,8 +162,8 @@ struct StepControl {
   bool skip;
 };
 
-StepControl control_step(const GradOptions& options, const ChunkPlan& plan, const ActiveTensors& active,
-                         at::TensorList params) {
+template <typename Job>
+StepControl control_step(const GradOptions& options, const ChunkPlan& plan, const std::vector<Job>& jobs) {
   StepControl control;
   const bool found_inf = GradOptions::given(options.found_inf) && options.found_inf->item<double>() != 0;
   if (GradOptions::given(options.grad_scale)) control.adjust.scale = options.grad_scale->item<double>();
@@ -170,11 +171,11 @@ StepControl control_step(const GradOptions& options, const ChunkPlan& plan, cons
   if (options.wants_norm()) {
     std::vector<double> partial(plan.chunks.size());
     run_chunks(plan, [&](size_t c, const Chunk& chunk) {
-      const void* grad = active.grad_data[chunk.tensor];
-      dispatch_param_dtype(params[active.index[chunk.tensor]].scalar_type(), [&](auto types) {
+      const Job& job = jobs[chunk.tensor];
+      dispatch_param_dtype(job.dtype, [&](auto types) {
         using Types = decltype(types);
         partial[c] = sum_of_squares<typename Types::param_t, typename Types::math_t>(
-            static_cast<const typename Types::param_t*>(grad), chunk.begin, chunk.end);
+            static_cast<const typename Types::param_t*>(job.grad), chunk.begin, chunk.end);
       });
     });
     double total = 0;
@@ -203,11 +204,49 @@ std::vector<ScheduleValue> evaluate_groups(c10::ArrayRef<double> hyper, int64_t 
   return values;
 }
 
-// Once every check has passed: each group and each updated tensor has completed one more step.
-void advance_counters(const at::Tensor& group_steps, at::TensorList steps, const ActiveTensors& active) {
+// What every job (one updated tensor) of a step carries besides its update's own pointers.
+struct Job {
+  size_t index;  // the parameter's index in the op's lists, for messages
+  void* param;
+  const void* grad;
+  at::ScalarType dtype;
+  int64_t numel;
+  int64_t group;
+  int64_t* step;                 // the tensor's step counter
+  c10::TensorImpl* param_impl;  // for its version counter (ops.cpp, [note: no autograd])
+};
+
+// Once every check has passed: each group and each updated tensor has completed one more step,
+// and each updated parameter has a new version.
+template <typename JobT>
+void advance_counters(const at::Tensor& group_steps, const std::vector<JobT>& jobs) {
   int64_t* group_step = group_steps.data_ptr<int64_t>();
   for (int64_t g = 0; g < group_steps.numel(); ++g) group_step[g] += 1;
-  for (const int64_t i : active.index) *steps[i].mutable_data_ptr<int64_t>() += 1;
+  for (const JobT& job : jobs) {
+    *job.step += 1;
+    job.param_impl->bump_version();
+  }
+}
+
+// The numels of the jobs and their chunks.
+template <typename JobT>
+ChunkPlan plan_jobs(const std::vector<JobT>& jobs) {
+  std::vector<int64_t> numels(jobs.size());
+  for (size_t j = 0; j < jobs.size(); ++j) numels[j] = jobs[j].numel;
+  return plan_chunks(numels);
+}
+
+// A job's common part from the op's lists: parameter i with the gradient data the checks returned.
+Job job_of(size_t i, at::TensorList params, const void* grad, at::TensorList steps, at::IntArrayRef tensor_group) {
+  const at::Tensor& param = params[i];
+  return {i,
+          param.mutable_data_ptr(),
+          grad,
+          param.scalar_type(),
+          param.numel(),
+          tensor_group[i],
+          steps[i].mutable_data_ptr<int64_t>(),
+          param.unsafeGetTensorImpl()};
 }
 
 template <typename T>
@@ -245,12 +284,10 @@ void dispatch_param(at::ScalarType dtype, bool master, Fn&& fn) {
 // ---------------------------------------------------------------------------------------------
 // SGD
 
-struct SgdTensor {
-  void* param;
-  const void* grad;
-  void* momentum_buffer;  // null: no buffer, or momentum 0 this step
+struct SgdTensor : Job {
+  void* momentum_buffer;  // null: none
   void* master;           // null: no master copy
-  at::ScalarType dtype;
+  bool use_momentum;      // this step's momentum is nonzero
   bool weight_decay;
   SgdScalars scalars;
 };
@@ -273,13 +310,46 @@ FUSEDLR_CPU_CLONES void sgd_range(const SgdTensor& job, int64_t begin, int64_t e
 void sgd_chunk(const SgdTensor& job, int64_t begin, int64_t end) {
   dispatch_param(job.dtype, job.master != nullptr, [&](auto types, auto master) {
     using Types = decltype(types);
-    dispatch_bool(job.momentum_buffer != nullptr, [&](auto momentum) {
+    dispatch_bool(job.use_momentum, [&](auto momentum) {
       dispatch_bool(job.weight_decay, [&](auto weight_decay) {
         sgd_range<typename Types::param_t, typename Types::math_t, master(), momentum(), weight_decay()>(job, begin,
                                                                                                         end);
       });
     });
   });
+}
+
+// The SGD step proper, from checked jobs: the checks that need the schedule, then the update.
+void sgd_run(const char* op, std::vector<SgdTensor>& jobs, c10::ArrayRef<double> hyper,
+             c10::ArrayRef<double> programs, const at::Tensor& group_steps, const at::Tensor& plateau_state,
+             const GradOptions& options) {
+  const auto schedule = evaluate_groups(hyper, sgd_slot::kCount, sgd_slot::kLr, programs, group_steps, plateau_state);
+  auto scalars_of = [&](const SgdTensor& job, GradAdjust adjust) {
+    return sgd_scalars(hyper.data() + job.group * sgd_slot::kCount, schedule[job.group], *job.step, adjust);
+  };
+  for (const SgdTensor& job : jobs) {
+    const double momentum = scalars_of(job, {}).momentum;
+    TORCH_CHECK(momentum == 0 || job.momentum_buffer != nullptr || job.numel == 0, op, ": parameter ", job.index,
+                " is updated with momentum ", momentum, " but has no momentum_buffer");
+  }
+  const ChunkPlan plan = plan_jobs(jobs);
+  const StepControl control = control_step(options, plan, jobs);
+  if (control.skip) return;
+  for (SgdTensor& job : jobs) {
+    job.scalars = scalars_of(job, control.adjust);
+    job.use_momentum = job.scalars.momentum != 0;
+    job.weight_decay = job.scalars.weight_decay != 0;
+  }
+  advance_counters(group_steps, jobs);
+  run_chunks(plan, [&](size_t, const Chunk& c) { sgd_chunk(jobs[c.tensor], c.begin, c.end); });
+}
+
+SgdTensor sgd_job(Job base, void* momentum_buffer, void* master) {
+  SgdTensor job{};
+  static_cast<Job&>(job) = base;
+  job.momentum_buffer = momentum_buffer;
+  job.master = master;
+  return job;
 }
 
 void sgd_step_cpu(at::TensorList params, const OptionalTensorList& grads, at::TensorList momentum_buffers,
@@ -295,47 +365,23 @@ void sgd_step_cpu(at::TensorList params, const OptionalTensorList& grads, at::Te
       tensor_group, hyper, sgd_slot::kCount, programs, group_steps, plateau_state);
   const GradOptions options{grad_scale, found_inf, max_grad_norm, skip_nonfinite, grad_norm};
   check_grad_options(op, group_steps.device(), options);
-  const auto schedule = evaluate_groups(hyper, sgd_slot::kCount, sgd_slot::kLr, programs, group_steps, plateau_state);
-  const size_t n = active.index.size();
-  auto scalars_of = [&](int64_t i, GradAdjust adjust) {
-    const int64_t g = tensor_group[i];
-    return sgd_scalars(hyper.data() + g * sgd_slot::kCount, schedule[g], *steps[i].const_data_ptr<int64_t>(), adjust);
-  };
-  std::vector<int64_t> numels(n);
-  for (size_t j = 0; j < n; ++j) {
-    const int64_t i = active.index[j];
-    const double momentum = scalars_of(i, {}).momentum;
-    TORCH_CHECK(momentum == 0 || momentum_buffers[i].numel() == params[i].numel(), op, ": parameter ", i,
-                " is updated with momentum ", momentum, " but has no momentum_buffer");
-    numels[j] = params[i].numel();
+  std::vector<SgdTensor> jobs(active.index.size());
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    const size_t i = static_cast<size_t>(active.index[j]);
+    jobs[j] = sgd_job(job_of(i, params, active.grad_data[j], steps, tensor_group),
+                      data_or_null<void>(momentum_buffers[i]), data_or_null<void>(master_weights[i]));
   }
-  const ChunkPlan plan = plan_chunks(numels);
-  const StepControl control = control_step(options, plan, active, params);
-  if (control.skip) return;
-  std::vector<SgdTensor> jobs(n);
-  for (size_t j = 0; j < n; ++j) {
-    const int64_t i = active.index[j];
-    const SgdScalars s = scalars_of(i, control.adjust);
-    jobs[j] = {params[i].mutable_data_ptr(), active.grad_data[j],
-               s.momentum != 0 ? data_or_null<void>(momentum_buffers[i]) : nullptr,
-               data_or_null<void>(master_weights[i]), params[i].scalar_type(), s.weight_decay != 0, s};
-  }
-  advance_counters(group_steps, steps, active);
-  bump_versions(active, params);
-  run_chunks(plan, [&](size_t, const Chunk& c) { sgd_chunk(jobs[c.tensor], c.begin, c.end); });
+  sgd_run(op, jobs, hyper, programs, group_steps, plateau_state, options);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Adam and AdamW
 
-struct AdamTensor {
-  void* param;
-  const void* grad;
+struct AdamTensor : Job {
   void* exp_avg;
   void* exp_avg_sq;
-  void* max_exp_avg_sq;
-  void* master;  // null: no master copy
-  at::ScalarType dtype;
+  void* max_exp_avg_sq;  // null: none
+  void* master;          // null: no master copy
   AdamScalars scalars;
 };
 
@@ -372,6 +418,46 @@ void adam_chunk(const AdamTensor& job, int64_t begin, int64_t end) {
   });
 }
 
+// The Adam step proper, from checked jobs.
+void adam_run(const char* op, std::vector<AdamTensor>& jobs, c10::ArrayRef<double> hyper,
+              c10::ArrayRef<double> programs, const at::Tensor& group_steps, const at::Tensor& plateau_state,
+              const GradOptions& options) {
+  for (const AdamTensor& job : jobs) {
+    const bool amsgrad = hyper[job.group * adam_slot::kCount + adam_slot::kAmsgrad] != 0;
+    TORCH_CHECK(!amsgrad || job.max_exp_avg_sq != nullptr || job.numel == 0, op, ": parameter ", job.index,
+                " is in an amsgrad group but has no max_exp_avg_sq");
+  }
+  const auto schedule = evaluate_groups(hyper, adam_slot::kCount, adam_slot::kLr, programs, group_steps, plateau_state);
+  const ChunkPlan plan = plan_jobs(jobs);
+  const StepControl control = control_step(options, plan, jobs);
+  if (control.skip) return;
+  // Consecutive tensors of a group usually share their step count: reuse the powers.
+  int64_t last_group = -1, last_step = -1;
+  AdamScalars last_scalars{};
+  for (AdamTensor& job : jobs) {
+    const int64_t step = *job.step + 1;
+    if (job.group != last_group || step != last_step) {
+      last_scalars = adam_scalars(hyper.data() + job.group * adam_slot::kCount, schedule[job.group], step,
+                                  control.adjust);
+      last_group = job.group;
+      last_step = step;
+    }
+    job.scalars = last_scalars;
+  }
+  advance_counters(group_steps, jobs);
+  run_chunks(plan, [&](size_t, const Chunk& c) { adam_chunk(jobs[c.tensor], c.begin, c.end); });
+}
+
+AdamTensor adam_job(Job base, void* exp_avg, void* exp_avg_sq, void* max_exp_avg_sq, void* master) {
+  AdamTensor job{};
+  static_cast<Job&>(job) = base;
+  job.exp_avg = exp_avg;
+  job.exp_avg_sq = exp_avg_sq;
+  job.max_exp_avg_sq = max_exp_avg_sq;
+  job.master = master;
+  return job;
+}
+
 void adam_step_cpu(at::TensorList params, const OptionalTensorList& grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList master_weights,
                    at::TensorList steps, at::IntArrayRef tensor_group, c10::ArrayRef<double> hyper,
@@ -387,41 +473,16 @@ void adam_step_cpu(at::TensorList params, const OptionalTensorList& grads, at::T
        {"max_exp_avg_sq", max_exp_avg_sqs, true},
        {"master_weight", master_weights, true, true}},
       steps, tensor_group, hyper, adam_slot::kCount, programs, group_steps, plateau_state);
-  for (const int64_t i : active.index) {
-    const bool amsgrad = hyper[tensor_group[i] * adam_slot::kCount + adam_slot::kAmsgrad] != 0;
-    TORCH_CHECK(!amsgrad || max_exp_avg_sqs[i].numel() == params[i].numel(), op, ": parameter ", i,
-                " is in an amsgrad group but has no max_exp_avg_sq");
-  }
   const GradOptions options{grad_scale, found_inf, max_grad_norm, skip_nonfinite, grad_norm};
   check_grad_options(op, group_steps.device(), options);
-  const auto schedule = evaluate_groups(hyper, adam_slot::kCount, adam_slot::kLr, programs, group_steps, plateau_state);
-  const size_t n = active.index.size();
-  std::vector<int64_t> numels(n);
-  for (size_t j = 0; j < n; ++j) numels[j] = params[active.index[j]].numel();
-  const ChunkPlan plan = plan_chunks(numels);
-  const StepControl control = control_step(options, plan, active, params);
-  if (control.skip) return;
-  std::vector<AdamTensor> jobs(n);
-  // Consecutive tensors of a group usually share their step count: reuse the powers.
-  int64_t last_group = -1, last_step = -1;
-  AdamScalars last_scalars{};
-  for (size_t j = 0; j < n; ++j) {
-    const int64_t i = active.index[j];
-    const int64_t g = tensor_group[i];
-    const int64_t step = *steps[i].const_data_ptr<int64_t>() + 1;
-    if (g != last_group || step != last_step) {
-      last_scalars = adam_scalars(hyper.data() + g * adam_slot::kCount, schedule[g], step, control.adjust);
-      last_group = g;
-      last_step = step;
-    }
-    jobs[j] = {params[i].mutable_data_ptr(),      active.grad_data[j],
-               exp_avgs[i].mutable_data_ptr(),    exp_avg_sqs[i].mutable_data_ptr(),
-               data_or_null<void>(max_exp_avg_sqs[i]), data_or_null<void>(master_weights[i]),
-               params[i].scalar_type(),           last_scalars};
+  std::vector<AdamTensor> jobs(active.index.size());
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    const size_t i = static_cast<size_t>(active.index[j]);
+    jobs[j] = adam_job(job_of(i, params, active.grad_data[j], steps, tensor_group), exp_avgs[i].mutable_data_ptr(),
+                       exp_avg_sqs[i].mutable_data_ptr(), data_or_null<void>(max_exp_avg_sqs[i]),
+                       data_or_null<void>(master_weights[i]));
   }
-  advance_counters(group_steps, steps, active);
-  bump_versions(active, params);
-  run_chunks(plan, [&](size_t, const Chunk& c) { adam_chunk(jobs[c.tensor], c.begin, c.end); });
+  adam_run(op, jobs, hyper, programs, group_steps, plateau_state, options);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -465,6 +526,108 @@ at::Tensor evaluate_schedules_cpu(c10::ArrayRef<double> programs, c10::ArrayRef<
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Prepared steps (prepared_step.h)
+
+namespace {
+const char* op_name(PreparedCpuStep::Optimizer optimizer) {
+  return optimizer == PreparedCpuStep::Optimizer::kSgd ? "fusedlr.sgd_step_" : "fusedlr.adam_step_";
+}
+}  // namespace
+
+PreparedCpuStep::PreparedCpuStep(Optimizer optimizer, std::vector<at::Tensor> params,
+                                 std::vector<std::vector<at::Tensor>> states, std::vector<at::Tensor> steps,
+                                 std::vector<int64_t> tensor_group, std::vector<double> hyper,
+                                 std::vector<double> programs, at::Tensor group_steps, at::Tensor plateau_state,
+                                 std::optional<double> max_grad_norm, bool skip_nonfinite,
+                                 std::optional<at::Tensor> grad_norm)
+    : optimizer_(optimizer),
+      hyper_(std::move(hyper)),
+      programs_(std::move(programs)),
+      group_steps_(std::move(group_steps)),
+      plateau_state_(std::move(plateau_state)),
+      max_grad_norm_(max_grad_norm),
+      skip_nonfinite_(skip_nonfinite),
+      grad_norm_(std::move(grad_norm)) {
+  const char* op = op_name(optimizer);
+  const bool sgd = optimizer == Optimizer::kSgd;
+  const std::vector<const char*> names =
+      sgd ? std::vector<const char*>{"momentum_buffer", "master_weight"}
+          : std::vector<const char*>{"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_weight"};
+  TORCH_CHECK(states.size() == names.size(), op, ": a prepared step takes ", names.size(), " state lists, got ",
+              states.size());
+  std::vector<StateList> lists;
+  for (size_t k = 0; k < names.size(); ++k) {
+    const bool optional = sgd || k >= 2;
+    lists.push_back({names[k], states[k], optional, k + 1 == names.size()});
+  }
+  const int64_t groups =
+      check_step_lists(op, at::kCPU, params.size(), params.size(), lists, steps, tensor_group, hyper_,
+                       sgd ? sgd_slot::kCount : adam_slot::kCount, programs_, group_steps_, plateau_state_);
+  const at::Device cpu(at::kCPU);
+  check_grad_options(op, cpu, GradOptions{std::nullopt, std::nullopt, max_grad_norm_, skip_nonfinite_, grad_norm_});
+  params_.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_param_tensors(op, at::kCPU, cpu, params[i], lists, steps[i], tensor_group[i], groups, i);
+    Param p;
+    p.param = params[i];
+    p.dtype = params[i].scalar_type();
+    p.sizes.assign(params[i].sizes().begin(), params[i].sizes().end());
+    p.strides.assign(params[i].strides().begin(), params[i].strides().end());
+    p.group = tensor_group[i];
+    for (size_t k = 0; k < names.size(); ++k) {
+      const at::Tensor& state = states[k][i];
+      p.state[k] = state.numel() == 0 ? nullptr : state.mutable_data_ptr();
+      if (p.state[k] != nullptr) storages_.push_back(state.storage());
+    }
+    p.step = steps[i].mutable_data_ptr<int64_t>();
+    storages_.push_back(steps[i].storage());
+    params_.push_back(std::move(p));
+  }
+}
+
+void PreparedCpuStep::step(const std::optional<at::Tensor>& grad_scale,
+                           const std::optional<at::Tensor>& found_inf) const {
+  const char* op = op_name(optimizer_);
+  const GradOptions options{grad_scale, found_inf, max_grad_norm_, skip_nonfinite_, grad_norm_};
+  check_grad_options(op, group_steps_.device(), options);
+  const at::Device cpu(at::kCPU);
+  std::vector<at::Tensor> copies;
+  auto job_base = [&](size_t i, const Param& p, const at::Tensor& grad) {
+    const at::Tensor& param = p.param;
+    TORCH_CHECK(param.device().is_cpu() && param.scalar_type() == p.dtype && param.sizes() == at::IntArrayRef(p.sizes) &&
+                    param.strides() == at::IntArrayRef(p.strides),
+                op, ": parameter ", i, " is now ", param.scalar_type(), " of shape ", param.sizes(), " and strides ",
+                param.strides(), " on ", param.device(), ", no longer the ", p.dtype, " of shape ",
+                at::IntArrayRef(p.sizes), " and strides ", at::IntArrayRef(p.strides),
+                " its optimizer state was made for");
+    const void* grad_data = checked_grad_data(op, at::kCPU, cpu, param, grad, i, copies);
+    return Job{i, param.mutable_data_ptr(), grad_data, p.dtype, param.numel(), p.group, p.step,
+               param.unsafeGetTensorImpl()};
+  };
+  if (optimizer_ == Optimizer::kSgd) {
+    std::vector<SgdTensor> jobs;
+    jobs.reserve(params_.size());
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const Param& p = params_[i];
+      const at::Tensor& grad = p.param.grad();
+      if (!grad.defined()) continue;
+      jobs.push_back(sgd_job(job_base(i, p, grad), p.state[0], p.state[1]));
+    }
+    sgd_run(op, jobs, hyper_, programs_, group_steps_, plateau_state_, options);
+  } else {
+    std::vector<AdamTensor> jobs;
+    jobs.reserve(params_.size());
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const Param& p = params_[i];
+      const at::Tensor& grad = p.param.grad();
+      if (!grad.defined()) continue;
+      jobs.push_back(adam_job(job_base(i, p, grad), p.state[0], p.state[1], p.state[2], p.state[3]));
+    }
+    adam_run(op, jobs, hyper_, programs_, group_steps_, plateau_state_, options);
+  }
+}
 
 TORCH_LIBRARY_IMPL(fusedlr, CPU, m) {
   m.impl("sgd_step_", &sgd_step_cpu);
