@@ -111,7 +111,7 @@ class _FusedOptimizer(Optimizer):
         self._group_steps: Tensor | None = None    # int64 [groups]: completed steps of each group
         self._plateau_state: Tensor | None = None  # float64 [groups, 4]: ReduceLROnPlateau state
         self._lists: _StepLists | None = None
-        self._key: tuple | None = None  # _step_key() of the cached lists
+        self._key: list | None = None  # _step_key() of the cached lists
         self._programs_key: list[Schedule | None] = []
         self._programs: list[float] = []
         self._placeholders: dict[Tensor, Tensor] = {}
@@ -168,15 +168,17 @@ class _FusedOptimizer(Optimizer):
     def _hyper(self) -> tuple[float, ...]:
         return tuple(value for group in self.param_groups for value in self._group_hyper(group))
 
-    def _step_key(self) -> tuple:
+    def _step_key(self) -> list:
         """What the cached lists and the plan's settings were built from: the optimizer's options,
         the state dict, and each group's parameter list, schedule and hyperparameters. Replacing or
         clearing `opt.state`, editing a group's params, or changing a setting rebuilds them; replacing
         one state tensor in place of another is not seen (load_state_dict is the way to do that)."""
-        return (self.max_grad_norm, self.skip_nonfinite, id(self.state), len(self.state),
-                *(value for group in self.param_groups
-                  for value in (id(group["params"]), len(group["params"]), group["schedule"],
-                                *self._group_hyper(group))))
+        key = [self.max_grad_norm, self.skip_nonfinite, id(self.state), len(self.state)]
+        for group in self.param_groups:
+            params = group["params"]
+            key += (id(params), len(params), group["schedule"])
+            key += self._group_hyper(group)
+        return key
 
     def _group_hyper(self, group: dict) -> tuple[float, ...]:
         """The group's slots of the ops' `hyper` argument, in csrc/update_math.h's sgd_slot / adam_slot order."""
@@ -239,7 +241,7 @@ class _FusedOptimizer(Optimizer):
             self._lists = None
         lists = self._lists
         fresh: list[Tensor] = []
-        if lists is None or any(p.grad is not None for p in lists.stateless):
+        if lists is None or (lists.stateless and any(p.grad is not None for p in lists.stateless)):
             first_grads = [(p, group) for group in self.param_groups for p in group["params"]
                            if p.grad is not None and not self.state.get(p)]
             for p, _ in first_grads:
