@@ -564,7 +564,8 @@ PreparedCpuStep::PreparedCpuStep(Optimizer optimizer, std::vector<at::Tensor> pa
   }
   const int64_t groups =
       check_step_lists(op, at::kCPU, params.size(), params.size(), lists, steps, tensor_group, hyper_,
-                       sgd ? sgd_slot::kCount : adam_slot::kCount, programs_, group_steps_, plateau_state_);
+                       sgd ? int64_t{sgd_slot::kCount} : int64_t{adam_slot::kCount}, programs_, group_steps_,
+                       plateau_state_);
   const at::Device cpu(at::kCPU);
   check_grad_options(op, cpu, GradOptions{std::nullopt, std::nullopt, max_grad_norm_, skip_nonfinite_, grad_norm_});
   params_.reserve(params.size());
