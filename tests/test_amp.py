@@ -20,13 +20,13 @@ def model_pair(seed=0, device="cpu"):
     return model, copy.deepcopy(model)
 
 
-def train(model, opt, scaler, batches, clip=None, poison=(), bad=math.nan):
+def train(model, opt, scaler, batches, clip=None, poison=(), bad=math.nan, dtype=torch.float16):
     skipped = []
     device = next(model.parameters()).device
     for k, (x, y) in enumerate(batches):
         x, y = x.to(device), y.to(device)
         opt.zero_grad()
-        with torch.autocast(device.type, dtype=torch.float16):
+        with torch.autocast(device.type, dtype=dtype):
             loss = torch.nn.functional.mse_loss(model(x).float(), y)
         scaler.scale(loss).backward()
         if k in poison:
@@ -44,8 +44,10 @@ def train(model, opt, scaler, batches, clip=None, poison=(), bad=math.nan):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 @pytest.mark.parametrize("clip", [None, "clip_grad_norm_", "max_grad_norm"])
-def test_grad_scaler_matches_torch(device, optimizer, clip):
-    """A scale of 2**30 overflows fp16 in the first steps, and NaN is injected at steps 25 and 31:
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_grad_scaler_matches_torch(device, optimizer, clip, dtype):
+    """fp16 and bf16 autocast. A scale of 2**30 overflows fp16 in the first steps, and NaN is injected
+    at steps 25 and 31:
     the same steps are skipped as with torch's fused optimizer, and the parameters agree. Clipping
     to a norm of 1 (which clips most steps here) is either clip_grad_norm_ after scaler.unscale_ on
     both sides, or fusedlr's own max_grad_norm, unscaled in the step, against the former in torch."""
@@ -65,17 +67,23 @@ def test_grad_scaler_matches_torch(device, optimizer, clip):
         opt = fusedlr.SGD(model.parameters(), lr=1e-2, momentum=0.9, **fused_clip)
         ref = torch.optim.SGD(ref_model.parameters(), lr=1e-2, momentum=0.9, **impl)
     poison = {25, 31}
-    # growth_interval=1000: once the scale fits, only the poisoned steps skip, whatever the rounding
-    skipped = train(model, opt, torch.amp.GradScaler(device, init_scale=2.0 ** 30, growth_interval=1000), batches,
-                    1.0 if clip == "clip_grad_norm_" else None, poison)
-    ref_skipped = train(ref_model, ref, torch.amp.GradScaler(device, init_scale=2.0 ** 30, growth_interval=1000),
-                        batches, None if clip is None else 1.0, poison)
+    # growth_interval=1000: once the scale fits, only the poisoned steps skip, whatever the rounding.
+    # In fp16 the first scale overflows; bf16 has float32's range, where only the poison does.
+    init_scale = 2.0 ** 30 if dtype == torch.float16 else 2.0 ** 16
+    skipped = train(model, opt, torch.amp.GradScaler(device, init_scale=init_scale, growth_interval=1000), batches,
+                    1.0 if clip == "clip_grad_norm_" else None, poison, dtype=dtype)
+    ref_skipped = train(ref_model, ref, torch.amp.GradScaler(device, init_scale=init_scale, growth_interval=1000),
+                        batches, None if clip is None else 1.0, poison, dtype=dtype)
     assert skipped == ref_skipped and skipped[25] and skipped[31] and skipped.count(False) > 20
+    assert skipped[0] == (dtype == torch.float16)
     assert opt.schedule_steps().tolist() == [skipped.count(False)]
     # fp32 roundings differ (ATen's vector kernels fuse multiply-adds); 40 steps of lr 1e-2 on
-    # values of order 0.1 keep them far below 1e-4
+    # values of order 0.1 keep them far below 1e-4. Under bf16 autocast such an ulp can flip a bf16
+    # rounding of the next forward pass (2**-8 relative) and grow: 1e-3 still sits far below the
+    # steps themselves (40 steps of 1e-2), which a wrong update would be off by.
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float16 else dict(rtol=1e-3, atol=1e-3)
     for p, q in zip(model.parameters(), ref_model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(p, q, **tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
