@@ -170,10 +170,11 @@ class _FusedOptimizer(Optimizer):
 
     def _step_key(self) -> list:
         """What the cached lists and the plan's settings were built from: the optimizer's options,
-        the state dict, and each group's parameter list, schedule and hyperparameters. Replacing or
-        clearing `opt.state`, editing a group's params, or changing a setting rebuilds them; replacing
-        one state tensor in place of another is not seen (load_state_dict is the way to do that)."""
-        key = [self.max_grad_norm, self.skip_nonfinite, id(self.state), len(self.state)]
+        the state dict, and each group's parameter list, schedule and hyperparameters. Replacing,
+        clearing or resizing `opt.state` or a group's params list, or changing a setting, rebuilds
+        them; putting one parameter or state tensor in place of another (same count) is not seen
+        (load_state_dict is the way to do that)."""
+        key = [self.max_grad_norm, self.skip_nonfinite, self.master_weights, id(self.state), len(self.state)]
         for group in self.param_groups:
             params = group["params"]
             key += (id(params), len(params), group["schedule"])
@@ -249,17 +250,17 @@ class _FusedOptimizer(Optimizer):
                     raise RuntimeError(f"fusedlr optimizers take dense gradients only, got a {p.grad.layout} gradient")
                 if p.grad.is_complex():
                     raise RuntimeError("fusedlr optimizers do not support complex gradients")
-            with torch.no_grad():
-                for p, group in first_grads:
-                    self.state[p] = self._new_state(p, group)
-                    fresh.append(p)
-                try:
-                    lists = self._lists = self._build_lists()  # the plan checks what it will update
-                except Exception:
-                    for p in fresh:
-                        del self.state[p]
-                    self._lists = None
-                    raise
+            try:
+                with torch.no_grad():
+                    for p, group in first_grads:
+                        self.state[p] = self._new_state(p, group)
+                        fresh.append(p)
+                    lists = self._lists = self._build_lists()
+            except Exception:
+                for p in fresh:
+                    del self.state[p]
+                self._lists = None
+                raise
             self._key = self._step_key()
         return lists, fresh
 

@@ -128,3 +128,45 @@ def test_parameter_given_new_data_of_the_same_layout_is_updated():
     params[0].data = fresh
     opt.step()
     assert int(opt.state[params[0]]["step"]) == 5 and bool((fresh != 0).all())
+
+
+def test_state_moved_in_place_is_followed():
+    """share_memory_() moves a state tensor's memory: the next step updates it where it now is, as
+    a torch optimizer would."""
+    params, opt = trained_adam()
+    ref_params = [p.detach().clone().requires_grad_() for p in params]
+    ref = fusedlr.AdamW(ref_params, lr=0.01, schedule=S.StepLR(step_size=2))
+    ref.load_state_dict(opt.state_dict())
+    for p in params:
+        opt.state[p]["exp_avg"].share_memory_()
+    for _ in range(2):
+        for p, q in zip(params, ref_params):
+            p.grad = torch.ones_like(p)
+            q.grad = torch.ones_like(q)
+        opt.step()
+        ref.step()
+    for p, q in zip(params, ref_params):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["exp_avg"], ref.state[q]["exp_avg"])
+
+
+def test_state_resized_in_place_raises_and_changes_nothing():
+    params, opt = trained_adam()
+    opt.state[params[1]]["exp_avg_sq"].resize_(1 << 16).zero_()  # a new allocation
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = snapshot(opt, params)
+    with pytest.raises(RuntimeError, match="exp_avg_sq of parameter 1"):
+        opt.step()
+    assert_unchanged(before, opt, params)
+
+
+def test_frozen_parameter_with_unfit_state_does_not_stop_the_others():
+    """The state of a parameter without a gradient is not checked (the op skips it too)."""
+    params, opt = trained_adam()
+    params[1].data = params[1].data.double()  # its state no longer fits; it has no gradient
+    params[1].grad = None
+    params[0].grad = torch.randn_like(params[0])
+    opt.param_groups[0]["lr"] = 0.02  # a new plan is built
+    opt.step()
+    assert int(opt.state[params[0]]["step"]) == 4 and int(opt.state[params[1]]["step"]) == 3

@@ -557,74 +557,95 @@ PreparedCpuStep::PreparedCpuStep(Optimizer optimizer, std::vector<at::Tensor> pa
           : std::vector<const char*>{"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_weight"};
   TORCH_CHECK(states.size() == names.size(), op, ": a prepared step takes ", names.size(), " state lists, got ",
               states.size());
-  std::vector<StateList> lists;
   for (size_t k = 0; k < names.size(); ++k) {
     const bool optional = sgd || k >= 2;
-    lists.push_back({names[k], states[k], optional, k + 1 == names.size()});
+    state_lists_.push_back({names[k], states[k], optional, k + 1 == names.size()});
   }
-  const int64_t groups =
-      check_step_lists(op, at::kCPU, params.size(), params.size(), lists, steps, tensor_group, hyper_,
-                       sgd ? int64_t{sgd_slot::kCount} : int64_t{adam_slot::kCount}, programs_, group_steps_,
-                       plateau_state_);
-  const at::Device cpu(at::kCPU);
-  check_grad_options(op, cpu, GradOptions{std::nullopt, std::nullopt, max_grad_norm_, skip_nonfinite_, grad_norm_});
-  params_.reserve(params.size());
+  groups_ = check_step_lists(op, at::kCPU, params.size(), params.size(), state_lists_, steps, tensor_group, hyper_,
+                             sgd ? int64_t{sgd_slot::kCount} : int64_t{adam_slot::kCount}, programs_, group_steps_,
+                             plateau_state_);
+  check_grad_options(op, at::Device(at::kCPU),
+                     GradOptions{std::nullopt, std::nullopt, max_grad_norm_, skip_nonfinite_, grad_norm_});
+  states_ = std::move(states);
+  for (size_t k = 0; k < state_lists_.size(); ++k) state_lists_[k].tensors = states_[k];
+  params_.resize(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    check_param_tensors(op, at::kCPU, cpu, params[i], lists, steps[i], tensor_group[i], groups, i);
-    Param p;
-    p.param = params[i];
-    p.dtype = params[i].scalar_type();
-    p.sizes.assign(params[i].sizes().begin(), params[i].sizes().end());
-    p.strides.assign(params[i].strides().begin(), params[i].strides().end());
-    p.group = tensor_group[i];
-    for (size_t k = 0; k < names.size(); ++k) {
-      const at::Tensor& state = states[k][i];
-      p.state[k] = state.numel() == 0 ? nullptr : state.mutable_data_ptr();
-      if (p.state[k] != nullptr) storages_.push_back(state.storage());
-    }
-    p.step = steps[i].mutable_data_ptr<int64_t>();
-    storages_.push_back(steps[i].storage());
-    params_.push_back(std::move(p));
+    params_[i].param = std::move(params[i]);
+    params_[i].step_tensor = std::move(steps[i]);
+    params_[i].group = tensor_group[i];
   }
 }
 
-void PreparedCpuStep::step(const std::optional<at::Tensor>& grad_scale,
-                           const std::optional<at::Tensor>& found_inf) const {
+bool PreparedCpuStep::still_checked(size_t i) const {
+  const Param& p = params_[i];
+  if (!p.checked) return false;
+  const at::Tensor& param = p.param;
+  if (param.scalar_type() != p.dtype || param.sizes() != at::IntArrayRef(p.sizes) ||
+      param.strides() != at::IntArrayRef(p.strides) || !param.device().is_cpu()) {
+    return false;
+  }
+  // The state's memory: each storage still holds the allocation the check saw.
+  for (size_t k = 0; k < p.storage.size(); ++k) {
+    if (p.storage[k] && p.storage[k]->data() != p.storage_data[k]) return false;
+  }
+  return true;
+}
+
+void PreparedCpuStep::check(size_t i) {
+  Param& p = params_[i];
+  p.checked = false;
+  check_param_tensors(op_name(optimizer_), at::kCPU, at::Device(at::kCPU), p.param, state_lists_, p.step_tensor,
+                      p.group, groups_, i);
+  p.dtype = p.param.scalar_type();
+  p.state_dtype = state_dtype(p.dtype);
+  p.sizes.assign(p.param.sizes().begin(), p.param.sizes().end());
+  p.strides.assign(p.param.strides().begin(), p.param.strides().end());
+  auto keep = [&](size_t k, const at::Tensor& t) {
+    p.storage[k] = c10::intrusive_ptr<c10::StorageImpl>::reclaim_copy(t.storage().unsafeGetStorageImpl());
+    p.storage_data[k] = p.storage[k]->data();
+  };
+  for (size_t k = 0; k < states_.size(); ++k) {
+    const at::Tensor& state = states_[k][i];
+    p.state[k] = state.numel() == 0 ? nullptr : state.mutable_data_ptr();
+    if (p.state[k] != nullptr) keep(k, state);
+  }
+  p.step = p.step_tensor.mutable_data_ptr<int64_t>();
+  keep(4, p.step_tensor);
+  p.checked = true;
+}
+
+void PreparedCpuStep::step(const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const char* op = op_name(optimizer_);
   const GradOptions options{grad_scale, found_inf, max_grad_norm_, skip_nonfinite_, grad_norm_};
   check_grad_options(op, group_steps_.device(), options);
   const at::Device cpu(at::kCPU);
   std::vector<at::Tensor> copies;
-  auto job_base = [&](size_t i, const Param& p, const at::Tensor& grad) {
-    const at::Tensor& param = p.param;
-    TORCH_CHECK(param.device().is_cpu() && param.scalar_type() == p.dtype && param.sizes() == at::IntArrayRef(p.sizes) &&
-                    param.strides() == at::IntArrayRef(p.strides),
-                op, ": parameter ", i, " is now ", param.scalar_type(), " of shape ", param.sizes(), " and strides ",
-                param.strides(), " on ", param.device(), ", no longer the ", p.dtype, " of shape ",
-                at::IntArrayRef(p.sizes), " and strides ", at::IntArrayRef(p.strides),
-                " its optimizer state was made for");
-    const void* grad_data = checked_grad_data(op, at::kCPU, cpu, param, grad, i, copies);
-    return Job{i, param.mutable_data_ptr(), grad_data, p.dtype, param.numel(), p.group, p.step,
-               param.unsafeGetTensorImpl()};
+  auto job_base = [&](size_t i, const at::Tensor& grad) {
+    if (!still_checked(i)) check(i);
+    const Param& p = params_[i];
+    const void* grad_data = checked_grad_data(op, at::kCPU, cpu, p.param, grad, i, copies);
+    return Job{i, p.param.mutable_data_ptr(), grad_data, p.dtype, p.param.numel(), p.group, p.step,
+               p.param.unsafeGetTensorImpl()};
   };
   if (optimizer_ == Optimizer::kSgd) {
     std::vector<SgdTensor> jobs;
     jobs.reserve(params_.size());
     for (size_t i = 0; i < params_.size(); ++i) {
-      const Param& p = params_[i];
-      const at::Tensor& grad = p.param.grad();
+      const at::Tensor& grad = params_[i].param.grad();
       if (!grad.defined()) continue;
-      jobs.push_back(sgd_job(job_base(i, p, grad), p.state[0], p.state[1]));
+      const Job base = job_base(i, grad);
+      jobs.push_back(sgd_job(base, params_[i].state[0], params_[i].state[1]));
     }
     sgd_run(op, jobs, hyper_, programs_, group_steps_, plateau_state_, options);
   } else {
     std::vector<AdamTensor> jobs;
     jobs.reserve(params_.size());
     for (size_t i = 0; i < params_.size(); ++i) {
-      const Param& p = params_[i];
-      const at::Tensor& grad = p.param.grad();
+      const at::Tensor& grad = params_[i].param.grad();
       if (!grad.defined()) continue;
-      jobs.push_back(adam_job(job_base(i, p, grad), p.state[0], p.state[1], p.state[2], p.state[3]));
+      const Job base = job_base(i, grad);
+      const auto& state = params_[i].state;
+      jobs.push_back(adam_job(base, state[0], state[1], state[2], state[3]));
     }
     adam_run(op, jobs, hyper_, programs_, group_steps_, plateau_state_, options);
   }

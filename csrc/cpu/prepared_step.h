@@ -1,14 +1,16 @@
 #pragma once
 // [note: prepared steps]
-// A step op checks every tensor it is given, every call: for a model of thousands of small tensors,
-// reading each optimizer state tensor's metadata (cold in the cache after a forward and backward
-// pass) costs more than the update. A step plan on the CPU (python_plan.cpp) instead checks the
-// optimizer's own tensors (state, step counters, schedule programs) once, when it is built, and
-// keeps their data pointers and storages; each step then reads and checks only what may change
-// between steps: each parameter (still of the dtype, shape and strides its state was made for) and
-// its gradient. The update itself is the op's: the same jobs, the same run (fused_step_cpu.cpp).
-// The state belongs to the optimizer: a state tensor given new storage in place (.data =, set_)
-// after the plan was built is not seen; the optimizer rebuilds its plan whenever it replaces state.
+// A step op takes every tensor as an argument, every call: the dispatcher reads each one's keys,
+// the lists are boxed, and each tensor is checked in full. For a model of thousands of small
+// tensors, whose metadata a forward and backward pass has pushed out of the caches, that costs
+// more than the update. A step plan on the CPU (python_plan.cpp) holds the lists instead, and
+// checks a parameter's tensors in full, as the op does, the first time the parameter has a
+// gradient. Later steps compare the parameter's dtype, shape and strides with what the check saw,
+// and whether each state storage (held by the plan, so never freed under it) still holds the same
+// allocation (share_memory_ and resize_ move it); on any difference the parameter is checked in full
+// again. The state tensors' own metadata is not read again: a state tensor given another storage
+// (.data =, set_) is not seen, as one replaced in opt.state is not (optimizer.py rebuilds the plan
+// when it replaces state). The update is the op's (fused_step_cpu.cpp).
 
 #include <ATen/ATen.h>
 #include <c10/util/SmallVector.h>
@@ -16,6 +18,8 @@
 #include <array>
 #include <optional>
 #include <vector>
+
+#include "../step_inputs.h"
 
 namespace fusedlr {
 
@@ -32,21 +36,31 @@ class PreparedCpuStep {
                   std::optional<double> max_grad_norm, bool skip_nonfinite, std::optional<at::Tensor> grad_norm);
 
   // One step with the parameters' current gradients, as the op with the same arguments.
-  void step(const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) const;
+  void step(const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
 
  private:
+  // A parameter, its step counter, and what its last full check saw.
   struct Param {
-    at::Tensor param;
-    at::ScalarType dtype;
+    at::Tensor param, step_tensor;
+    int64_t group = 0;
+    bool checked = false;
+    at::ScalarType dtype = at::kFloat, state_dtype = at::kFloat;
     c10::SmallVector<int64_t, 5> sizes, strides;
-    int64_t group;
     std::array<void*, 4> state{};  // null: absent
-    int64_t* step;
+    int64_t* step = nullptr;
+    // the storages of the state tensors and of the step counter, and their allocations
+    std::array<c10::intrusive_ptr<c10::StorageImpl>, 5> storage;
+    std::array<const void*, 5> storage_data{};
   };
+
+  bool still_checked(size_t i) const;  // parameter i's tensors are as its last check saw them
+  void check(size_t i);                // the op's checks of parameter i's tensors; raises
 
   Optimizer optimizer_;
   std::vector<Param> params_;
-  std::vector<c10::Storage> storages_;  // the state's memory stays alive while the plan uses it
+  std::vector<std::vector<at::Tensor>> states_;  // [state list][parameter]
+  std::vector<StateList> state_lists_;           // views of states_ for the checks
+  int64_t groups_ = 0;
   std::vector<double> hyper_, programs_;
   at::Tensor group_steps_, plateau_state_;
   std::optional<double> max_grad_norm_;
