@@ -11,6 +11,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <exception>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -217,15 +219,23 @@ struct Job {
 };
 
 // Once every check has passed: each group and each updated tensor has completed one more step,
-// and each updated parameter has a new version.
+// and each updated parameter has a new version. A tensor's counters advance with its first chunk,
+// in the parallel region (the scalars of the step are computed before it); a tensor without
+// elements has no chunk, so its counters advance here.
+void advance_tensor_counters(const Job& job);
+
 template <typename JobT>
-void advance_counters(const at::Tensor& group_steps, const std::vector<JobT>& jobs) {
+void advance_group_counters(const at::Tensor& group_steps, const std::vector<JobT>& jobs) {
   int64_t* group_step = group_steps.data_ptr<int64_t>();
   for (int64_t g = 0; g < group_steps.numel(); ++g) group_step[g] += 1;
   for (const JobT& job : jobs) {
-    *job.step += 1;
-    job.param_impl->bump_version();
+    if (job.numel == 0) advance_tensor_counters(job);
   }
+}
+
+void advance_tensor_counters(const Job& job) {
+  *job.step += 1;
+  job.param_impl->bump_version();
 }
 
 // The numels of the jobs and their chunks.
@@ -340,8 +350,11 @@ void sgd_run(const char* op, std::vector<SgdTensor>& jobs, c10::ArrayRef<double>
     job.use_momentum = job.scalars.momentum != 0;
     job.weight_decay = job.scalars.weight_decay != 0;
   }
-  advance_counters(group_steps, jobs);
-  run_chunks(plan, [&](size_t, const Chunk& c) { sgd_chunk(jobs[c.tensor], c.begin, c.end); });
+  advance_group_counters(group_steps, jobs);
+  run_chunks(plan, [&](size_t, const Chunk& c) {
+    if (c.begin == 0) advance_tensor_counters(jobs[c.tensor]);
+    sgd_chunk(jobs[c.tensor], c.begin, c.end);
+  });
 }
 
 SgdTensor sgd_job(Job base, void* momentum_buffer, void* master) {
@@ -444,8 +457,11 @@ void adam_run(const char* op, std::vector<AdamTensor>& jobs, c10::ArrayRef<doubl
     }
     job.scalars = last_scalars;
   }
-  advance_counters(group_steps, jobs);
-  run_chunks(plan, [&](size_t, const Chunk& c) { adam_chunk(jobs[c.tensor], c.begin, c.end); });
+  advance_group_counters(group_steps, jobs);
+  run_chunks(plan, [&](size_t, const Chunk& c) {
+    if (c.begin == 0) advance_tensor_counters(jobs[c.tensor]);
+    adam_chunk(jobs[c.tensor], c.begin, c.end);
+  });
 }
 
 AdamTensor adam_job(Job base, void* exp_avg, void* exp_avg_sq, void* max_exp_avg_sq, void* master) {
@@ -614,39 +630,77 @@ void PreparedCpuStep::check(size_t i) {
   p.checked = true;
 }
 
+// The jobs of a step: make(i, common part) for each parameter i with a gradient, in order, and the
+// gradient copies they read. Thousands of parameters are gathered by all threads (their metadata
+// is mostly out of the caches: the misses of different threads overlap); a failed check raises the
+// error of the first parameter that fails, as a serial loop would.
+template <typename JobT, typename Make>
+std::vector<JobT> PreparedCpuStep::gather(const Make& make, std::vector<at::Tensor>& copies) {
+  const char* op = op_name(optimizer_);
+  const at::Device cpu(at::kCPU);
+  const size_t n = params_.size();
+  std::vector<JobT> slots(n);
+  std::vector<char> active(n, 0);
+  std::mutex mutex;
+  size_t failed_at = n;
+  std::exception_ptr failure;
+  auto gather_range = [&](int64_t begin, int64_t end) {
+    std::vector<at::Tensor> range_copies;
+    for (int64_t index = begin; index < end; ++index) {
+      const size_t i = static_cast<size_t>(index);
+      try {
+        const at::Tensor& grad = params_[i].param.grad();
+        if (!grad.defined()) continue;
+        if (!still_checked(i)) check(i);
+        const Param& p = params_[i];
+        const void* grad_data = checked_grad_data(op, at::kCPU, cpu, p.param, grad, i, range_copies);
+        slots[i] = make(i, Job{i, p.param.mutable_data_ptr(), grad_data, p.dtype, p.param.numel(), p.group, p.step,
+                               p.param.unsafeGetTensorImpl()});
+        active[i] = 1;
+      } catch (...) {
+        const std::lock_guard<std::mutex> lock(mutex);
+        if (i < failed_at) {
+          failed_at = i;
+          failure = std::current_exception();
+        }
+        break;
+      }
+    }
+    if (!range_copies.empty()) {
+      const std::lock_guard<std::mutex> lock(mutex);
+      for (at::Tensor& copy : range_copies) copies.push_back(std::move(copy));
+    }
+  };
+  if (n >= kParallelGatherFrom) {
+    at::parallel_for(0, static_cast<int64_t>(n), kParallelGatherFrom / 2, gather_range);
+  } else {
+    gather_range(0, static_cast<int64_t>(n));
+  }
+  if (failure) std::rethrow_exception(failure);
+  std::vector<JobT> jobs;
+  jobs.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (active[i]) jobs.push_back(slots[i]);
+  }
+  return jobs;
+}
+
 void PreparedCpuStep::step(const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const char* op = op_name(optimizer_);
   const GradOptions options{grad_scale, found_inf, max_grad_norm_, skip_nonfinite_, grad_norm_};
   check_grad_options(op, group_steps_.device(), options);
-  const at::Device cpu(at::kCPU);
-  std::vector<at::Tensor> copies;
-  auto job_base = [&](size_t i, const at::Tensor& grad) {
-    if (!still_checked(i)) check(i);
-    const Param& p = params_[i];
-    const void* grad_data = checked_grad_data(op, at::kCPU, cpu, p.param, grad, i, copies);
-    return Job{i, p.param.mutable_data_ptr(), grad_data, p.dtype, p.param.numel(), p.group, p.step,
-               p.param.unsafeGetTensorImpl()};
-  };
+  std::vector<at::Tensor> copies;  // gradients in another layout than their parameter's
   if (optimizer_ == Optimizer::kSgd) {
-    std::vector<SgdTensor> jobs;
-    jobs.reserve(params_.size());
-    for (size_t i = 0; i < params_.size(); ++i) {
-      const at::Tensor& grad = params_[i].param.grad();
-      if (!grad.defined()) continue;
-      const Job base = job_base(i, grad);
-      jobs.push_back(sgd_job(base, params_[i].state[0], params_[i].state[1]));
-    }
+    auto jobs = gather<SgdTensor>(
+        [&](size_t i, const Job& base) { return sgd_job(base, params_[i].state[0], params_[i].state[1]); }, copies);
     sgd_run(op, jobs, hyper_, programs_, group_steps_, plateau_state_, options);
   } else {
-    std::vector<AdamTensor> jobs;
-    jobs.reserve(params_.size());
-    for (size_t i = 0; i < params_.size(); ++i) {
-      const at::Tensor& grad = params_[i].param.grad();
-      if (!grad.defined()) continue;
-      const Job base = job_base(i, grad);
-      const auto& state = params_[i].state;
-      jobs.push_back(adam_job(base, state[0], state[1], state[2], state[3]));
-    }
+    auto jobs = gather<AdamTensor>(
+        [&](size_t i, const Job& base) {
+          const auto& state = params_[i].state;
+          return adam_job(base, state[0], state[1], state[2], state[3]);
+        },
+        copies);
     adam_run(op, jobs, hyper_, programs_, group_steps_, plateau_state_, options);
   }
 }

@@ -53,6 +53,10 @@ class PreparedCpuStep {
     std::array<const void*, 5> storage_data{};
   };
 
+  static constexpr size_t kParallelGatherFrom = 512;  // parameters
+
+  template <typename JobT, typename Make>
+  std::vector<JobT> gather(const Make& make, std::vector<at::Tensor>& copies);
   bool still_checked(size_t i) const;  // parameter i's tensors are as its last check saw them
   void check(size_t i);                // the op's checks of parameter i's tensors; raises
 
