@@ -170,3 +170,21 @@ def test_frozen_parameter_with_unfit_state_does_not_stop_the_others():
     opt.param_groups[0]["lr"] = 0.02  # a new plan is built
     opt.step()
     assert int(opt.state[params[0]]["step"]) == 4 and int(opt.state[params[1]]["step"]) == 3
+
+
+def test_many_parameters_first_bad_gradient_is_reported_and_nothing_changes():
+    """Past 512 parameters the step gathers them on all threads: the error is still the first
+    parameter's that fails, and nothing changes."""
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(1200)]
+    opt = fusedlr.AdamW(params, lr=0.01)
+    for p in params:
+        p.grad = torch.randn(3)
+    opt.step()
+    for p in params:
+        p.grad = torch.randn(3)
+    for bad in (1100, 700):
+        params[bad].grad = torch.zeros(3).to_sparse()
+    before = snapshot(opt, params)
+    with pytest.raises(RuntimeError, match="parameter 700 is sparse"):
+        opt.step()
+    assert_unchanged(before, opt, params)

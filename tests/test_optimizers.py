@@ -308,3 +308,27 @@ def test_step_updates_parameter_version_counters():
     before = p._version
     opt.step()
     assert p._version > before
+
+
+def test_many_parameters_match_torch():
+    """1,200 parameters (the CPU step gathers them on all threads), some without a gradient and some
+    with a gradient in another layout (transposed), against torch for-loop AdamW."""
+    gen = torch.Generator().manual_seed(9)
+    start = [torch.randn(4, 3, generator=gen, dtype=torch.float64) for _ in range(1200)]
+    fused = [p.clone().requires_grad_() for p in start]
+    ref = [p.clone().requires_grad_() for p in start]
+    opt = fusedlr.AdamW(fused, lr=0.01, weight_decay=0.1, schedule=S.StepLR(step_size=2))
+    ref_opt = torch.optim.AdamW(ref, lr=0.01, weight_decay=0.1, foreach=False)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=2)
+    for k in range(6):
+        for i, (p, q) in enumerate(zip(fused, ref)):
+            if (i + k) % 5 == 0:
+                p.grad = q.grad = None
+                continue
+            g = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+            p.grad = g.t() if i % 3 == 0 else g.t().contiguous()
+            q.grad = g.t().contiguous()
+        opt.step()
+        ref_opt.step()
+        ref_sched.step()
+    compare_state(opt, ref_opt, fused, ref, F64_TOL, "after 6 steps")
