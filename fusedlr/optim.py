@@ -272,6 +272,11 @@ class _FusedOptimizer(Optimizer):
                 or _torch_optimizer._global_optimizer_pre_hooks or _torch_optimizer._global_optimizer_post_hooks
                 or torch.autograd._profiler_enabled()):
             return self._hooked_step(closure)
+        lists = self._lists
+        if closure is None and lists is not None and not lists.stateless and self._step_key() == self._key:
+            # the common step: nothing to build (_prepare), nothing to undo
+            lists.plan.step(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+            return None
         return self._step(closure)
 
     step.hooked = True  # torch's Optimizer.__init__ must not wrap it again
