@@ -2,6 +2,8 @@
 
 #include "schedule_math.h"
 
+#include <c10/core/InferenceMode.h>
+
 #include <utility>
 #include <vector>
 
@@ -173,8 +175,10 @@ void check_param_tensors(const char* op, at::DeviceType device_type, const at::D
               groups, ")");
   check_on_device(op, param, device_type, device, "the tensor", i);
   TORCH_CHECK(!param.is_complex(), op, ": complex parameter ", i, " is not supported");
-  TORCH_CHECK(param.layout() == at::kStrided && param.is_non_overlapping_and_dense(), op, ": parameter ", i,
-              " must be a dense tensor (no overlapping or strided views)");
+  TORCH_CHECK(param.layout() == at::kStrided && param.is_non_overlapping_and_dense() && !param.is_neg(), op,
+              ": parameter ", i, " must be a dense tensor (no overlapping, strided or negative views)");
+  TORCH_CHECK(!param.is_inference() || c10::InferenceMode::is_enabled(), op, ": parameter ", i,
+              " is an inference tensor, which can be updated in place only in inference mode");
   TORCH_CHECK(is_supported_param_dtype(param.scalar_type()), op, ": parameter ", i, " has dtype ", param.scalar_type(),
               "; supported are float32, float64, bfloat16 and float16");
   const at::ScalarType want_state = state_dtype(param.scalar_type());
@@ -207,7 +211,7 @@ const void* checked_grad_data(const char* op, at::DeviceType device_type, const 
               grad.scalar_type(), " but the parameter ", param.scalar_type());
   TORCH_CHECK(grad.sizes() == param.sizes(), op, ": the gradient", " of parameter ", i, " has shape ", grad.sizes(),
               " but the parameter ", param.sizes());
-  if (grad.strides() == param.strides()) return grad.const_data_ptr();
+  if (grad.strides() == param.strides() && !grad.is_neg()) return grad.const_data_ptr();
   copies.push_back(at::empty_like(param).copy_(grad));
   return copies.back().const_data_ptr();
 }

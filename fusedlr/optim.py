@@ -77,6 +77,21 @@ def _is_low_precision(param: Tensor) -> bool:
     return param.dtype in (torch.bfloat16, torch.float16)
 
 
+class _Same:
+    """An object in a step key: equal to another _Same of the very same object (not an equal one),
+    and holding it, so that its id cannot pass to a new object while the key lives."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Same) and other.obj is self.obj
+
+    __hash__ = None
+
+
 class _StepLists:
     """The op's per-parameter lists for every parameter that has optimizer state, and the plan that
     holds them on the C++ side (csrc/python_plan.cpp, [note: step plans])."""
@@ -173,11 +188,12 @@ class _FusedOptimizer(Optimizer):
         the state dict, and each group's parameter list, schedule and hyperparameters. Replacing,
         clearing or resizing `opt.state` or a group's params list, or changing a setting, rebuilds
         them; putting one parameter or state tensor in place of another (same count) is not seen
-        (load_state_dict is the way to do that)."""
-        key = [self.max_grad_norm, self.skip_nonfinite, self.master_weights, id(self.state), len(self.state)]
+        (load_state_dict is the way to do that). A tensor hyperparameter is read as a float (a host
+        sync on a GPU: set floats)."""
+        key = [self.max_grad_norm, self.skip_nonfinite, self.master_weights, _Same(self.state), len(self.state)]
         for group in self.param_groups:
             params = group["params"]
-            key += (id(params), len(params), group["schedule"])
+            key += (_Same(params), len(params), group["schedule"])
             key += self._group_hyper(group)
         return key
 
@@ -588,8 +604,9 @@ class SGD(_FusedOptimizer):
         return group["momentum"] != 0 or (schedule is not None and schedule.cycles_momentum)
 
     def _group_hyper(self, group: dict) -> tuple[float, ...]:
-        return (group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
-                float(group["nesterov"]), float(group["maximize"]))
+        # float(): a tensor value changed in place (fill_) is a changed value
+        return (float(group["lr"]), float(group["momentum"]), float(group["dampening"]),
+                float(group["weight_decay"]), float(group["nesterov"]), float(group["maximize"]))
 
     def _static_momentum(self, group: dict) -> float:
         return float(group["momentum"])
@@ -662,8 +679,9 @@ class Adam(_FusedOptimizer):
 
     def _group_hyper(self, group: dict) -> tuple[float, ...]:
         beta1, beta2 = group["betas"]
-        return (group["lr"], beta1, beta2, group["eps"], group["weight_decay"], float(group["amsgrad"]),
-                float(group["maximize"]), float(group["decoupled_weight_decay"]))
+        # float(): a tensor value changed in place (fill_) is a changed value
+        return (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
+                float(group["amsgrad"]), float(group["maximize"]), float(group["decoupled_weight_decay"]))
 
     def _static_momentum(self, group: dict) -> float:
         return float(group["betas"][0])

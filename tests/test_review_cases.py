@@ -166,3 +166,41 @@ def test_malformed_programs_raise_instead_of_crashing(corrupt):
     with pytest.raises(RuntimeError, match="program"):
         _ops.evaluate_schedules(program, [0.1], torch.tensor([5]), _ops.initial_plateau_state(1, "cpu"))
     assert math.isfinite(S.StepLR(step_size=2)(5, 0.1))
+
+
+def test_inference_tensors_update_in_inference_mode_only():
+    """Inference tensors (no version counter) are updated in inference mode, by every thread of the
+    step; outside it the step refuses them before anything changes."""
+    with torch.inference_mode():
+        params = [torch.randn(40_000) for _ in range(4)]
+        for p in params:
+            p.grad = torch.ones(40_000)
+        opt = fusedlr.SGD(params, lr=0.1)
+        before = [p.clone() for p in params]
+        opt.step()
+        assert all(torch.equal(p, b - 0.1) for p, b in zip(params, before))
+    counters = opt.schedule_steps().clone()
+    with pytest.raises(RuntimeError, match="inference"):
+        opt.step()
+    with torch.inference_mode():
+        assert all(torch.equal(p, b - 0.1) for p, b in zip(params, before))
+    assert torch.equal(opt.schedule_steps(), counters)
+
+
+def test_tensor_hyperparameter_changed_in_place_is_seen():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = fusedlr.SGD([p], lr=0.1)
+    opt.param_groups[0]["lr"] = lr = torch.tensor(0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    lr.fill_(0.0)
+    opt.step()
+    assert torch.allclose(p.detach(), torch.full((3,), -0.1))
+
+
+def test_negative_view_gradient_is_applied_with_its_sign():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = fusedlr.SGD([p], lr=0.1)
+    p.grad = torch.ones(3)._neg_view()  # reads as -1
+    opt.step()
+    assert torch.allclose(p.detach(), torch.full((3,), 0.1))

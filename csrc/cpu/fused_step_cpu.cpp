@@ -234,8 +234,11 @@ void advance_group_counters(const at::Tensor& group_steps, const std::vector<Job
 }
 
 void advance_tensor_counters(const Job& job) {
-  *job.step += 1;
-  job.param_impl->bump_version();
+  // atomic: tensors passed to the op may share a step counter
+  __atomic_fetch_add(job.step, int64_t{1}, __ATOMIC_RELAXED);
+  // An inference tensor has no version counter (check_param_tensors allows one in inference mode,
+  // which the pool's threads do not inherit).
+  if (job.param_impl->version_counter().enabled()) job.param_impl->bump_version();
 }
 
 // The numels of the jobs and their chunks.
@@ -597,7 +600,8 @@ bool PreparedCpuStep::still_checked(size_t i) const {
   if (!p.checked) return false;
   const at::Tensor& param = p.param;
   if (param.scalar_type() != p.dtype || param.sizes() != at::IntArrayRef(p.sizes) ||
-      param.strides() != at::IntArrayRef(p.strides) || !param.device().is_cpu()) {
+      param.strides() != at::IntArrayRef(p.strides) || !param.device().is_cpu() || param.is_inference() ||
+      param.is_neg()) {
     return false;
   }
   // The state's memory: each storage still holds the allocation the check saw.
@@ -616,6 +620,15 @@ void PreparedCpuStep::check(size_t i) {
   p.state_dtype = state_dtype(p.dtype);
   p.sizes.assign(p.param.sizes().begin(), p.param.sizes().end());
   p.strides.assign(p.param.strides().begin(), p.param.strides().end());
+  {
+    // Storages released here, maybe on a pool thread, could be the last owners of Python objects:
+    // step() frees them on the calling thread.
+    const std::lock_guard<std::mutex> lock(retired_mutex_);
+    for (auto& storage : p.storage) {
+      if (storage) retired_.push_back(std::move(storage));
+    }
+  }
+  p.storage = {};
   auto keep = [&](size_t k, const at::Tensor& t) {
     p.storage[k] = c10::intrusive_ptr<c10::StorageImpl>::reclaim_copy(t.storage().unsafeGetStorageImpl());
     p.storage_data[k] = p.storage[k]->data();
@@ -676,6 +689,7 @@ std::vector<JobT> PreparedCpuStep::gather(const Make& make, std::vector<at::Tens
   } else {
     gather_range(0, static_cast<int64_t>(n));
   }
+  retired_.clear();
   if (failure) std::rethrow_exception(failure);
   std::vector<JobT> jobs;
   jobs.reserve(n);

@@ -9,13 +9,15 @@
 // and whether each state storage (held by the plan, so never freed under it) still holds the same
 // allocation (share_memory_ and resize_ move it); on any difference the parameter is checked in full
 // again. The state tensors' own metadata is not read again: a state tensor given another storage
-// (.data =, set_) is not seen, as one replaced in opt.state is not (optimizer.py rebuilds the plan
-// when it replaces state). The update is the op's (fused_step_cpu.cpp).
+// (.data =, set_) or reshaped in place (t_, as_strided_, a smaller resize_) is not seen, as one
+// replaced in opt.state is not (optimizer.py rebuilds the plan when it replaces state). The update
+// is the op's (fused_step_cpu.cpp).
 
 #include <ATen/ATen.h>
 #include <c10/util/SmallVector.h>
 
 #include <array>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -65,6 +67,8 @@ class PreparedCpuStep {
   std::vector<std::vector<at::Tensor>> states_;  // [state list][parameter]
   std::vector<StateList> state_lists_;           // views of states_ for the checks
   int64_t groups_ = 0;
+  std::mutex retired_mutex_;
+  std::vector<c10::intrusive_ptr<c10::StorageImpl>> retired_;  // released by step(), after a gather
   std::vector<double> hyper_, programs_;
   at::Tensor group_steps_, plateau_state_;
   std::optional<double> max_grad_norm_;
