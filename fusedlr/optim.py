@@ -289,7 +289,8 @@ class _FusedOptimizer(Optimizer):
                 or torch.autograd._profiler_enabled()):
             return self._hooked_step(closure)
         lists = self._lists
-        if closure is None and lists is not None and not lists.stateless and self._step_key() == self._key:
+        if (closure is None and lists is not None and self._step_key() == self._key
+                and not (lists.stateless and any(p.grad is not None for p in lists.stateless))):
             # the common step: nothing to build (_prepare), nothing to undo
             lists.plan.step(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
             return None

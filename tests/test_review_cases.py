@@ -204,3 +204,23 @@ def test_negative_view_gradient_is_applied_with_its_sign():
     p.grad = torch.ones(3)._neg_view()  # reads as -1
     opt.step()
     assert torch.allclose(p.detach(), torch.full((3,), 0.1))
+
+
+def test_parameter_with_a_late_first_gradient_gets_its_state():
+    """A parameter without a gradient for the first steps (frozen, then unfrozen) joins the step the
+    first time it has one, as in torch."""
+    params = [torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))]
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    opt = fusedlr.AdamW(params, lr=0.1)
+    ref_opt = torch.optim.AdamW(ref, lr=0.1, foreach=False)
+    for k in range(6):
+        for p, q in zip(params, ref):
+            p.grad = q.grad = None
+        for p, q in list(zip(params, ref))[: 1 if k < 3 else 2]:
+            p.grad = torch.full((4,), float(k + 1))
+            q.grad = p.grad.clone()
+        opt.step()
+        ref_opt.step()
+    assert int(opt.state[params[1]]["step"]) == 3 and int(opt.state[params[0]]["step"]) == 6
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p, q)
