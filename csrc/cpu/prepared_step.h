@@ -10,7 +10,7 @@
 // allocation (share_memory_ and resize_ move it); on any difference the parameter is checked in full
 // again. The state tensors' own metadata is not read again: a state tensor given another storage
 // (.data =, set_) or reshaped in place (t_, as_strided_, a smaller resize_) is not seen, as one
-// replaced in opt.state is not (optimizer.py rebuilds the plan when it replaces state). The update
+// replaced in opt.state is not (fusedlr/optim.py rebuilds the plan when it replaces state). The update
 // is the op's (fused_step_cpu.cpp).
 
 #include <ATen/ATen.h>
