@@ -27,6 +27,12 @@ void check_on_device(const char* op, const at::Tensor& t, at::DeviceType device_
               "; all tensors of one optimizer must be on one device");
 }
 
+// Whether a dense tensor's elements lie inside its storage (a storage can be shrunk under a tensor).
+bool fits_storage(const at::Tensor& t) {
+  const size_t end = static_cast<size_t>(t.storage_offset() + t.numel()) * t.element_size();
+  return t.numel() == 0 || (t.has_storage() && t.storage().nbytes() >= end);
+}
+
 }  // namespace
 
 namespace {
@@ -179,6 +185,7 @@ void check_param_tensors(const char* op, at::DeviceType device_type, const at::D
               ": parameter ", i, " must be a dense tensor (no overlapping, strided or negative views)");
   TORCH_CHECK(!param.is_inference() || c10::InferenceMode::is_enabled(), op, ": parameter ", i,
               " is an inference tensor, which can be updated in place only in inference mode");
+  TORCH_CHECK(fits_storage(param), op, ": parameter ", i, " lies outside its storage");
   TORCH_CHECK(is_supported_param_dtype(param.scalar_type()), op, ": parameter ", i, " has dtype ", param.scalar_type(),
               "; supported are float32, float64, bfloat16 and float16");
   const at::ScalarType want_state = state_dtype(param.scalar_type());
@@ -194,10 +201,12 @@ void check_param_tensors(const char* op, at::DeviceType device_type, const at::D
     TORCH_CHECK(s.sizes() == param.sizes() && s.strides() == param.strides(), op, ": ", state.name, " of parameter ", i,
                 " has shape ", s.sizes(), " and strides ", s.strides(), " but the parameter has shape ", param.sizes(),
                 " and strides ", param.strides(), " (a state_dict from a different parameter layout?)");
+    TORCH_CHECK(fits_storage(s), op, ": ", state.name, " of parameter ", i, " lies outside its storage");
   }
   check_on_device(op, step, device_type, device, "the step counter", i);
   TORCH_CHECK(step.scalar_type() == at::kLong && step.numel() == 1, op, ": the step counter", " of parameter ", i,
               " must be a one-element int64 tensor, got ", step.scalar_type(), " of shape ", step.sizes());
+  TORCH_CHECK(fits_storage(step), op, ": the step counter of parameter ", i, " lies outside its storage");
 }
 
 const void* checked_grad_data(const char* op, at::DeviceType device_type, const at::Device& device,
@@ -211,6 +220,7 @@ const void* checked_grad_data(const char* op, at::DeviceType device_type, const 
               grad.scalar_type(), " but the parameter ", param.scalar_type());
   TORCH_CHECK(grad.sizes() == param.sizes(), op, ": the gradient", " of parameter ", i, " has shape ", grad.sizes(),
               " but the parameter ", param.sizes());
+  TORCH_CHECK(fits_storage(grad), op, ": the gradient of parameter ", i, " lies outside its storage");
   if (grad.strides() == param.strides() && !grad.is_neg()) return grad.const_data_ptr();
   copies.push_back(at::empty_like(param).copy_(grad));
   return copies.back().const_data_ptr();

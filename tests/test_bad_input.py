@@ -188,3 +188,19 @@ def test_many_parameters_first_bad_gradient_is_reported_and_nothing_changes():
     with pytest.raises(RuntimeError, match="parameter 700 is sparse"):
         opt.step()
     assert_unchanged(before, opt, params)
+
+
+def test_state_storage_shrunk_in_place_raises_and_changes_nothing():
+    """A state storage made smaller in place (its allocation may even stay where it was) is checked
+    again and refused, where writing the state would run past its storage."""
+    params, opt = trained_adam()
+    opt.state[params[0]]["exp_avg"].untyped_storage().resize_(8)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    # not all of params[0]'s state can be read any more: its exp_avg runs past its storage
+    before = [t.clone() for t in (params[0].detach(), params[1].detach(), *opt.state[params[1]].values())]
+    with pytest.raises(RuntimeError, match="exp_avg of parameter 0 lies outside its storage"):
+        opt.step()
+    after = (params[0].detach(), params[1].detach(), *opt.state[params[1]].values())
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert int(opt.state[params[0]]["step"]) == 3 and opt.schedule_steps().tolist() == [3]

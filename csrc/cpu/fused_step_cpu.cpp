@@ -604,9 +604,12 @@ bool PreparedCpuStep::still_checked(size_t i) const {
       param.is_neg()) {
     return false;
   }
-  // The state's memory: each storage still holds the allocation the check saw.
+  // The state's memory: each storage still holds the allocation the check saw, of the same size.
   for (size_t k = 0; k < p.storage.size(); ++k) {
-    if (p.storage[k] && p.storage[k]->data() != p.storage_data[k]) return false;
+    if (p.storage[k] &&
+        (p.storage[k]->data() != p.storage_data[k] || p.storage[k]->nbytes() != p.storage_nbytes[k])) {
+      return false;
+    }
   }
   return true;
 }
@@ -632,6 +635,7 @@ void PreparedCpuStep::check(size_t i) {
   auto keep = [&](size_t k, const at::Tensor& t) {
     p.storage[k] = c10::intrusive_ptr<c10::StorageImpl>::reclaim_copy(t.storage().unsafeGetStorageImpl());
     p.storage_data[k] = p.storage[k]->data();
+    p.storage_nbytes[k] = p.storage[k]->nbytes();
   };
   for (size_t k = 0; k < states_.size(); ++k) {
     const at::Tensor& state = states_[k][i];

@@ -53,6 +53,7 @@ class PreparedCpuStep {
     // the storages of the state tensors and of the step counter, and their allocations
     std::array<c10::intrusive_ptr<c10::StorageImpl>, 5> storage;
     std::array<const void*, 5> storage_data{};
+    std::array<size_t, 5> storage_nbytes{};
   };
 
   static constexpr size_t kParallelGatherFrom = 512;  // parameters
