@@ -377,7 +377,7 @@ void sgd_step_cpu(at::TensorList params, const OptionalTensorList& grads, at::Te
   const char* op = "fusedlr.sgd_step_";
   const ActiveTensors active = check_step_inputs(
       op, at::kCPU, params, grads,
-      {{"momentum_buffer", momentum_buffers, true}, {"master_weight", master_weights, true, true}}, steps,
+      sgd_state_lists(momentum_buffers, master_weights), steps,
       tensor_group, hyper, sgd_slot::kCount, programs, group_steps, plateau_state);
   const GradOptions options{grad_scale, found_inf, max_grad_norm, skip_nonfinite, grad_norm};
   check_grad_options(op, group_steps.device(), options);
@@ -487,10 +487,7 @@ void adam_step_cpu(at::TensorList params, const OptionalTensorList& grads, at::T
   const char* op = "fusedlr.adam_step_";
   const ActiveTensors active = check_step_inputs(
       op, at::kCPU, params, grads,
-      {{"exp_avg", exp_avgs, false},
-       {"exp_avg_sq", exp_avg_sqs, false},
-       {"max_exp_avg_sq", max_exp_avg_sqs, true},
-       {"master_weight", master_weights, true, true}},
+      adam_state_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_weights),
       steps, tensor_group, hyper, adam_slot::kCount, programs, group_steps, plateau_state);
   const GradOptions options{grad_scale, found_inf, max_grad_norm, skip_nonfinite, grad_norm};
   check_grad_options(op, group_steps.device(), options);
@@ -571,22 +568,16 @@ PreparedCpuStep::PreparedCpuStep(Optimizer optimizer, std::vector<at::Tensor> pa
       grad_norm_(std::move(grad_norm)) {
   const char* op = op_name(optimizer);
   const bool sgd = optimizer == Optimizer::kSgd;
-  const std::vector<const char*> names =
-      sgd ? std::vector<const char*>{"momentum_buffer", "master_weight"}
-          : std::vector<const char*>{"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_weight"};
-  TORCH_CHECK(states.size() == names.size(), op, ": a prepared step takes ", names.size(), " state lists, got ",
-              states.size());
-  for (size_t k = 0; k < names.size(); ++k) {
-    const bool optional = sgd || k >= 2;
-    state_lists_.push_back({names[k], states[k], optional, k + 1 == names.size()});
-  }
+  const size_t lists = sgd ? 2 : 4;
+  TORCH_CHECK(states.size() == lists, op, ": a prepared step takes ", lists, " state lists, got ", states.size());
+  states_ = std::move(states);
+  state_lists_ = sgd ? sgd_state_lists(states_[0], states_[1])
+                     : adam_state_lists(states_[0], states_[1], states_[2], states_[3]);
   groups_ = check_step_lists(op, at::kCPU, params.size(), params.size(), state_lists_, steps, tensor_group, hyper_,
                              sgd ? int64_t{sgd_slot::kCount} : int64_t{adam_slot::kCount}, programs_, group_steps_,
                              plateau_state_);
   check_grad_options(op, at::Device(at::kCPU),
                      GradOptions{std::nullopt, std::nullopt, max_grad_norm_, skip_nonfinite_, grad_norm_});
-  states_ = std::move(states);
-  for (size_t k = 0; k < state_lists_.size(); ++k) state_lists_[k].tensors = states_[k];
   params_.resize(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     params_[i].param = std::move(params[i]);

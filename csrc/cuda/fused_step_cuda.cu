@@ -656,7 +656,7 @@ void sgd_step_cuda(at::TensorList params, const OptionalTensorList& grads, at::T
   const char* op = "fusedlr.sgd_step_";
   const ActiveTensors active = check_step_inputs(
       op, at::kCUDA, params, grads,
-      {{"momentum_buffer", momentum_buffers, true}, {"master_weight", master_weights, true, true}}, steps,
+      sgd_state_lists(momentum_buffers, master_weights), steps,
       tensor_group, hyper, sgd_slot::kCount, programs, group_steps, plateau_state);
   const int64_t groups = static_cast<int64_t>(hyper.size()) / sgd_slot::kCount;
   check_capacity(op, groups, programs);
@@ -697,10 +697,7 @@ void adam_step_cuda(at::TensorList params, const OptionalTensorList& grads, at::
   const char* op = "fusedlr.adam_step_";
   const ActiveTensors active = check_step_inputs(
       op, at::kCUDA, params, grads,
-      {{"exp_avg", exp_avgs, false},
-       {"exp_avg_sq", exp_avg_sqs, false},
-       {"max_exp_avg_sq", max_exp_avg_sqs, true},
-       {"master_weight", master_weights, true, true}},
+      adam_state_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_weights),
       steps, tensor_group, hyper, adam_slot::kCount, programs, group_steps, plateau_state);
   check_capacity(op, static_cast<int64_t>(hyper.size()) / adam_slot::kCount, programs);
   for (const int64_t i : active.index) {
