@@ -54,6 +54,14 @@ def test_mixed_devices_are_refused_meta():
     assert len(opt.param_groups) == 1 and opt.schedule_steps().shape == (1,)
 
 
+def assert_step_raises_and_changes_nothing(opt, params, message, errors=RuntimeError):
+    """opt.step() raises `errors` matching `message`; params, state and counters are as before."""
+    before = snapshot(opt, params)
+    with pytest.raises(errors, match=message):
+        opt.step()
+    assert_unchanged(before, opt, params)
+
+
 def bad_gradient_cases():
     # autograd itself refuses a .grad of another dtype, shape or device; test_ops checks the op's own checks
     yield "sparse", lambda p: torch.zeros_like(p).to_sparse(), "sparse|dense"
@@ -72,10 +80,7 @@ def test_bad_gradient_raises_and_changes_nothing(name, make_grad, message, fresh
         p.grad = torch.randn_like(p)
     target = extra if fresh else params[1]
     target.grad = make_grad(target)
-    before = snapshot(opt, all_params)
-    with pytest.raises((RuntimeError, ValueError, TypeError), match=message):
-        opt.step()
-    assert_unchanged(before, opt, all_params)
+    assert_step_raises_and_changes_nothing(opt, all_params, message, errors=(RuntimeError, ValueError, TypeError))
     # and once the gradient is fixed, training goes on
     target.grad = torch.randn_like(target)
     opt.step()
@@ -112,10 +117,7 @@ def test_parameter_changed_under_its_state_raises_and_changes_nothing(change):
     target.data = new
     target.grad = torch.randn_like(target)
     params[1].grad = torch.randn_like(params[1])
-    before = snapshot(opt, params)
-    with pytest.raises(RuntimeError, match="parameter 0"):
-        opt.step()
-    assert_unchanged(before, opt, params)
+    assert_step_raises_and_changes_nothing(opt, params, "parameter 0")
 
 
 def test_parameter_given_new_data_of_the_same_layout_is_updated():
@@ -155,10 +157,7 @@ def test_state_resized_in_place_raises_and_changes_nothing():
     opt.state[params[1]]["exp_avg_sq"].resize_(1 << 16).zero_()  # a new allocation
     for p in params:
         p.grad = torch.randn_like(p)
-    before = snapshot(opt, params)
-    with pytest.raises(RuntimeError, match="exp_avg_sq of parameter 1"):
-        opt.step()
-    assert_unchanged(before, opt, params)
+    assert_step_raises_and_changes_nothing(opt, params, "exp_avg_sq of parameter 1")
 
 
 def test_frozen_parameter_with_unfit_state_does_not_stop_the_others():
@@ -184,10 +183,7 @@ def test_many_parameters_first_bad_gradient_is_reported_and_nothing_changes():
         p.grad = torch.randn(3)
     for bad in (1100, 700):
         params[bad].grad = torch.zeros(3).to_sparse()
-    before = snapshot(opt, params)
-    with pytest.raises(RuntimeError, match="parameter 700 is sparse"):
-        opt.step()
-    assert_unchanged(before, opt, params)
+    assert_step_raises_and_changes_nothing(opt, params, "parameter 700 is sparse")
 
 
 def test_state_storage_shrunk_in_place_raises_and_changes_nothing():

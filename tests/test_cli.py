@@ -13,14 +13,19 @@ from fusedlr import bench
 CLI = [sys.executable, "-m", "fusedlr"]
 
 
-def test_bench_runs_end_to_end_and_writes_json(tmp_path):
+def run_bench(tmp_path, *args):
+    """`python -m fusedlr bench ARGS --json ... --quiet`: its output and its JSON report."""
     out = tmp_path / "bench.json"
-    result = subprocess.run(CLI + ["bench", "--preset", "20x256", "--preset", "2000x1k", "--steps", "3",
-                                   "--schedule", "warmup-cosine", "--json", str(out), "--quiet"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(CLI + ["bench", *args, "--json", str(out), "--quiet"], capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "torch fused" in result.stdout and "fusedlr" in result.stdout
-    report = json.loads(out.read_text())
+    return result.stdout, json.loads(out.read_text())
+
+
+def test_bench_runs_end_to_end_and_writes_json(tmp_path):
+    stdout, report = run_bench(tmp_path, "--preset", "20x256", "--preset", "2000x1k", "--steps", "3",
+                               "--schedule", "warmup-cosine")
+    assert "torch fused" in stdout and "fusedlr" in stdout
     assert report["machine"]["torch"] == torch.__version__
     bandwidths = report["bandwidth_bytes_per_s"]
     assert set(bandwidths) == {"copy", "in_place", "scale", "read"} and min(bandwidths.values()) > 0
@@ -43,12 +48,8 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path):
 
 
 def test_bench_with_clipping(tmp_path):
-    out = tmp_path / "bench.json"
-    result = subprocess.run(CLI + ["bench", "--preset", "20x256", "--steps", "3", "--optimizer", "sgd",
-                                   "--max-grad-norm", "0.5", "--json", str(out), "--quiet"],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    report = json.loads(out.read_text())
+    stdout, report = run_bench(tmp_path, "--preset", "20x256", "--steps", "3", "--optimizer", "sgd",
+                               "--max-grad-norm", "0.5")
     assert report["max_grad_norm"] == 0.5
     preset = report["presets"][0]
     median = {r["contender"]: r["median_s"] for r in preset["results"]}
@@ -56,7 +57,7 @@ def test_bench_with_clipping(tmp_path):
     assert preset["clipping_cost"] == pytest.approx(median["fusedlr"] / median["fusedlr, no clipping"])
     read_s = preset["params"] * 4 / report["bandwidth_bytes_per_s"]["read"]
     assert preset["clipping_floor"] == pytest.approx(1 + read_s / preset["floor_s"])
-    assert "fusedlr with clipping takes" in result.stdout
+    assert "fusedlr with clipping takes" in stdout
 
 
 def test_bytes_per_param():
