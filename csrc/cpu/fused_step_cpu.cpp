@@ -48,14 +48,17 @@ struct ChunkPlan {
   std::vector<size_t> first;  // thread t runs chunks [first[t], first[t + 1])
 };
 
-ChunkPlan plan_chunks(const std::vector<int64_t>& numels) {
-  ChunkPlan plan;
+// Fills `plan` with the chunks of the jobs' tensors (JobT::numel), reusing its memory.
+template <typename JobT>
+void plan_chunks(const std::vector<JobT>& jobs, ChunkPlan& plan) {
+  plan.chunks.clear();
   int64_t total = 0;
-  for (size_t i = 0; i < numels.size(); ++i) {
-    for (int64_t begin = 0; begin < numels[i]; begin += kChunkSize) {
-      plan.chunks.push_back({static_cast<int64_t>(i), begin, std::min(begin + kChunkSize, numels[i])});
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    const int64_t numel = jobs[i].numel;
+    for (int64_t begin = 0; begin < numel; begin += kChunkSize) {
+      plan.chunks.push_back({static_cast<int64_t>(i), begin, std::min(begin + kChunkSize, numel)});
     }
-    total += numels[i];
+    total += numel;
   }
   const auto& chunks = plan.chunks;
   const int64_t threads =
@@ -73,7 +76,6 @@ ChunkPlan plan_chunks(const std::vector<int64_t>& numels) {
     }
     plan.first[t] = next;
   }
-  return plan;
 }
 
 // Runs fn(chunk index, chunk) over every chunk of the plan, in one parallel region.
@@ -156,6 +158,18 @@ double sum_of_squares(const param_t* grad, int64_t begin, int64_t end) {
   }
 }
 
+// [note: no allocation]
+// A step of a small model takes microseconds, and the first malloc of a kilobyte or more after other
+// code has freed many small blocks can cost as much: glibc then consolidates its free lists. The
+// vectors a step needs (its jobs, their chunks, the groups' schedule values, the norm's partial
+// sums) are kept from one step to the next: by the prepared step (prepared_step.h) for good, by an
+// op call for that call.
+struct StepScratch {
+  ChunkPlan plan;
+  std::vector<ScheduleValue> schedule;
+  std::vector<double> partial;
+};
+
 // What a step does to its gradients, and whether it is skipped (update_math.h, [note: gradient
 // adjustments]). With options.grad_norm the global norm is computed, by chunks in a fixed order
 // (the same norm whatever the number of threads), and written there.
@@ -165,13 +179,15 @@ struct StepControl {
 };
 
 template <typename Job>
-StepControl control_step(const GradOptions& options, const ChunkPlan& plan, const std::vector<Job>& jobs) {
+StepControl control_step(const GradOptions& options, StepScratch& scratch, const std::vector<Job>& jobs) {
+  const ChunkPlan& plan = scratch.plan;
   StepControl control;
   const bool found_inf = GradOptions::given(options.found_inf) && options.found_inf->item<double>() != 0;
   if (GradOptions::given(options.grad_scale)) control.adjust.scale = options.grad_scale->item<double>();
   double norm = 0;
   if (options.wants_norm()) {
-    std::vector<double> partial(plan.chunks.size());
+    std::vector<double>& partial = scratch.partial;
+    partial.assign(plan.chunks.size(), 0.0);
     run_chunks(plan, [&](size_t c, const Chunk& chunk) {
       const Job& job = jobs[chunk.tensor];
       dispatch_param_dtype(job.dtype, [&](auto types) {
@@ -190,20 +206,19 @@ StepControl control_step(const GradOptions& options, const ChunkPlan& plan, cons
   return control;
 }
 
-// The schedule of every group at its current step.
-std::vector<ScheduleValue> evaluate_groups(c10::ArrayRef<double> hyper, int64_t hyper_slots, int64_t lr_slot,
-                                           c10::ArrayRef<double> programs, const at::Tensor& group_steps,
-                                           const at::Tensor& plateau_state) {
+// The schedule of every group at its current step, in `values`.
+void evaluate_groups(c10::ArrayRef<double> hyper, int64_t hyper_slots, int64_t lr_slot, c10::ArrayRef<double> programs,
+                     const at::Tensor& group_steps, const at::Tensor& plateau_state,
+                     std::vector<ScheduleValue>& values) {
   const int64_t groups = group_steps.numel();
   const int64_t* step = group_steps.data_ptr<int64_t>();
   const double* plateau = plateau_state.data_ptr<double>();
-  std::vector<ScheduleValue> values(groups);
+  values.resize(groups);
   for (int64_t g = 0; g < groups; ++g) {
     TORCH_CHECK(step[g] >= 0, "fusedlr: the step counter of group ", g, " is negative (", step[g], ")");
     values[g] = evaluate_schedule(programs.data(), static_cast<int>(g), step[g], hyper[g * hyper_slots + lr_slot],
                                   plateau + g * plateau_slot::kCount);
   }
-  return values;
 }
 
 // What every job (one updated tensor) of a step carries besides its update's own pointers.
@@ -239,14 +254,6 @@ void advance_tensor_counters(const Job& job) {
   // An inference tensor has no version counter (check_param_tensors allows one in inference mode,
   // which the pool's threads do not inherit).
   if (job.param_impl->version_counter().enabled()) job.param_impl->bump_version();
-}
-
-// The numels of the jobs and their chunks.
-template <typename JobT>
-ChunkPlan plan_jobs(const std::vector<JobT>& jobs) {
-  std::vector<int64_t> numels(jobs.size());
-  for (size_t j = 0; j < jobs.size(); ++j) numels[j] = jobs[j].numel;
-  return plan_chunks(numels);
 }
 
 // A job's common part from the op's lists: parameter i with the gradient data the checks returned.
@@ -335,8 +342,9 @@ void sgd_chunk(const SgdTensor& job, int64_t begin, int64_t end) {
 // The SGD step proper, from checked jobs: the checks that need the schedule, then the update.
 void sgd_run(const char* op, std::vector<SgdTensor>& jobs, c10::ArrayRef<double> hyper,
              c10::ArrayRef<double> programs, const at::Tensor& group_steps, const at::Tensor& plateau_state,
-             const GradOptions& options) {
-  const auto schedule = evaluate_groups(hyper, sgd_slot::kCount, sgd_slot::kLr, programs, group_steps, plateau_state);
+             const GradOptions& options, StepScratch& scratch) {
+  const std::vector<ScheduleValue>& schedule = scratch.schedule;
+  evaluate_groups(hyper, sgd_slot::kCount, sgd_slot::kLr, programs, group_steps, plateau_state, scratch.schedule);
   auto scalars_of = [&](const SgdTensor& job, GradAdjust adjust) {
     return sgd_scalars(hyper.data() + job.group * sgd_slot::kCount, schedule[job.group], *job.step, adjust);
   };
@@ -345,8 +353,8 @@ void sgd_run(const char* op, std::vector<SgdTensor>& jobs, c10::ArrayRef<double>
     TORCH_CHECK(momentum == 0 || job.momentum_buffer != nullptr || job.numel == 0, op, ": parameter ", job.index,
                 " is updated with momentum ", momentum, " but has no momentum_buffer");
   }
-  const ChunkPlan plan = plan_jobs(jobs);
-  const StepControl control = control_step(options, plan, jobs);
+  plan_chunks(jobs, scratch.plan);
+  const StepControl control = control_step(options, scratch, jobs);
   if (control.skip) return;
   for (SgdTensor& job : jobs) {
     job.scalars = scalars_of(job, control.adjust);
@@ -354,7 +362,7 @@ void sgd_run(const char* op, std::vector<SgdTensor>& jobs, c10::ArrayRef<double>
     job.weight_decay = job.scalars.weight_decay != 0;
   }
   advance_group_counters(group_steps, jobs);
-  run_chunks(plan, [&](size_t, const Chunk& c) {
+  run_chunks(scratch.plan, [&](size_t, const Chunk& c) {
     if (c.begin == 0) advance_tensor_counters(jobs[c.tensor]);
     sgd_chunk(jobs[c.tensor], c.begin, c.end);
   });
@@ -387,7 +395,8 @@ void sgd_step_cpu(at::TensorList params, const OptionalTensorList& grads, at::Te
     jobs[j] = sgd_job(job_of(i, params, active.grad_data[j], steps, tensor_group),
                       data_or_null<void>(momentum_buffers[i]), data_or_null<void>(master_weights[i]));
   }
-  sgd_run(op, jobs, hyper, programs, group_steps, plateau_state, options);
+  StepScratch scratch;
+  sgd_run(op, jobs, hyper, programs, group_steps, plateau_state, options, scratch);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -437,15 +446,16 @@ void adam_chunk(const AdamTensor& job, int64_t begin, int64_t end) {
 // The Adam step proper, from checked jobs.
 void adam_run(const char* op, std::vector<AdamTensor>& jobs, c10::ArrayRef<double> hyper,
               c10::ArrayRef<double> programs, const at::Tensor& group_steps, const at::Tensor& plateau_state,
-              const GradOptions& options) {
+              const GradOptions& options, StepScratch& scratch) {
   for (const AdamTensor& job : jobs) {
     const bool amsgrad = hyper[job.group * adam_slot::kCount + adam_slot::kAmsgrad] != 0;
     TORCH_CHECK(!amsgrad || job.max_exp_avg_sq != nullptr || job.numel == 0, op, ": parameter ", job.index,
                 " is in an amsgrad group but has no max_exp_avg_sq");
   }
-  const auto schedule = evaluate_groups(hyper, adam_slot::kCount, adam_slot::kLr, programs, group_steps, plateau_state);
-  const ChunkPlan plan = plan_jobs(jobs);
-  const StepControl control = control_step(options, plan, jobs);
+  const std::vector<ScheduleValue>& schedule = scratch.schedule;
+  evaluate_groups(hyper, adam_slot::kCount, adam_slot::kLr, programs, group_steps, plateau_state, scratch.schedule);
+  plan_chunks(jobs, scratch.plan);
+  const StepControl control = control_step(options, scratch, jobs);
   if (control.skip) return;
   // Consecutive tensors of a group usually share their step count: reuse the powers.
   int64_t last_group = -1, last_step = -1;
@@ -461,7 +471,7 @@ void adam_run(const char* op, std::vector<AdamTensor>& jobs, c10::ArrayRef<doubl
     job.scalars = last_scalars;
   }
   advance_group_counters(group_steps, jobs);
-  run_chunks(plan, [&](size_t, const Chunk& c) {
+  run_chunks(scratch.plan, [&](size_t, const Chunk& c) {
     if (c.begin == 0) advance_tensor_counters(jobs[c.tensor]);
     adam_chunk(jobs[c.tensor], c.begin, c.end);
   });
@@ -498,7 +508,8 @@ void adam_step_cpu(at::TensorList params, const OptionalTensorList& grads, at::T
                        exp_avg_sqs[i].mutable_data_ptr(), data_or_null<void>(max_exp_avg_sqs[i]),
                        data_or_null<void>(master_weights[i]));
   }
-  adam_run(op, jobs, hyper, programs, group_steps, plateau_state, options);
+  StepScratch scratch;
+  adam_run(op, jobs, hyper, programs, group_steps, plateau_state, options, scratch);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -552,6 +563,19 @@ const char* op_name(PreparedCpuStep::Optimizer optimizer) {
 }
 }  // namespace
 
+// What a prepared step keeps from one step to the next ([note: no allocation]).
+struct PreparedCpuStep::Scratch {
+  StepScratch step;
+  std::vector<SgdTensor> sgd_jobs;
+  std::vector<AdamTensor> adam_jobs;
+  std::vector<char> active;  // gather: which parameters have a job
+
+  std::vector<SgdTensor>& jobs(SgdTensor*) { return sgd_jobs; }
+  std::vector<AdamTensor>& jobs(AdamTensor*) { return adam_jobs; }
+};
+
+PreparedCpuStep::~PreparedCpuStep() = default;
+
 PreparedCpuStep::PreparedCpuStep(Optimizer optimizer, std::vector<at::Tensor> params,
                                  std::vector<std::vector<at::Tensor>> states, std::vector<at::Tensor> steps,
                                  std::vector<int64_t> tensor_group, std::vector<double> hyper,
@@ -565,7 +589,8 @@ PreparedCpuStep::PreparedCpuStep(Optimizer optimizer, std::vector<at::Tensor> pa
       plateau_state_(std::move(plateau_state)),
       max_grad_norm_(max_grad_norm),
       skip_nonfinite_(skip_nonfinite),
-      grad_norm_(std::move(grad_norm)) {
+      grad_norm_(std::move(grad_norm)),
+      scratch_(std::make_unique<Scratch>()) {
   const char* op = op_name(optimizer);
   const bool sgd = optimizer == Optimizer::kSgd;
   const size_t lists = sgd ? 2 : 4;
@@ -641,14 +666,16 @@ void PreparedCpuStep::check(size_t i) {
 // The jobs of a step: make(i, common part) for each parameter i with a gradient, in order, and the
 // gradient copies they read. Thousands of parameters are gathered by all threads (their metadata
 // is mostly out of the caches: the misses of different threads overlap); a failed check raises the
-// error of the first parameter that fails, as a serial loop would.
+// error of the first parameter that fails, as a serial loop would. The jobs are the scratch's.
 template <typename JobT, typename Make>
-std::vector<JobT> PreparedCpuStep::gather(const Make& make, std::vector<at::Tensor>& copies) {
+std::vector<JobT>& PreparedCpuStep::gather(const Make& make, std::vector<at::Tensor>& copies) {
   const char* op = op_name(optimizer_);
   const at::Device cpu(at::kCPU);
   const size_t n = params_.size();
-  std::vector<JobT> slots(n);
-  std::vector<char> active(n, 0);
+  std::vector<JobT>& slots = scratch_->jobs(static_cast<JobT*>(nullptr));
+  std::vector<char>& active = scratch_->active;
+  slots.resize(n);
+  active.assign(n, 0);
   std::mutex mutex;
   size_t failed_at = n;
   std::exception_ptr failure;
@@ -686,12 +713,12 @@ std::vector<JobT> PreparedCpuStep::gather(const Make& make, std::vector<at::Tens
   }
   retired_.clear();
   if (failure) std::rethrow_exception(failure);
-  std::vector<JobT> jobs;
-  jobs.reserve(n);
+  size_t count = 0;  // the jobs, in order, at the front
   for (size_t i = 0; i < n; ++i) {
-    if (active[i]) jobs.push_back(slots[i]);
+    if (active[i]) slots[count++] = slots[i];
   }
-  return jobs;
+  slots.resize(count);
+  return slots;
 }
 
 void PreparedCpuStep::step(const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
@@ -700,17 +727,17 @@ void PreparedCpuStep::step(const std::optional<at::Tensor>& grad_scale, const st
   check_grad_options(op, group_steps_.device(), options);
   std::vector<at::Tensor> copies;  // gradients in another layout than their parameter's
   if (optimizer_ == Optimizer::kSgd) {
-    auto jobs = gather<SgdTensor>(
+    auto& jobs = gather<SgdTensor>(
         [&](size_t i, const Job& base) { return sgd_job(base, params_[i].state[0], params_[i].state[1]); }, copies);
-    sgd_run(op, jobs, hyper_, programs_, group_steps_, plateau_state_, options);
+    sgd_run(op, jobs, hyper_, programs_, group_steps_, plateau_state_, options, scratch_->step);
   } else {
-    auto jobs = gather<AdamTensor>(
+    auto& jobs = gather<AdamTensor>(
         [&](size_t i, const Job& base) {
           const auto& state = params_[i].state;
           return adam_job(base, state[0], state[1], state[2], state[3]);
         },
         copies);
-    adam_run(op, jobs, hyper_, programs_, group_steps_, plateau_state_, options);
+    adam_run(op, jobs, hyper_, programs_, group_steps_, plateau_state_, options, scratch_->step);
   }
 }
 

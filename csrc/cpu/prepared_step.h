@@ -17,6 +17,7 @@
 #include <c10/util/SmallVector.h>
 
 #include <array>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <vector>
@@ -36,6 +37,7 @@ class PreparedCpuStep {
                   std::vector<at::Tensor> steps, std::vector<int64_t> tensor_group, std::vector<double> hyper,
                   std::vector<double> programs, at::Tensor group_steps, at::Tensor plateau_state,
                   std::optional<double> max_grad_norm, bool skip_nonfinite, std::optional<at::Tensor> grad_norm);
+  ~PreparedCpuStep();
 
   // One step with the parameters' current gradients, as the op with the same arguments.
   void step(const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
@@ -58,8 +60,10 @@ class PreparedCpuStep {
 
   static constexpr size_t kParallelGatherFrom = 512;  // parameters
 
+  struct Scratch;  // the memory a step reuses (fused_step_cpu.cpp, [note: no allocation])
+
   template <typename JobT, typename Make>
-  std::vector<JobT> gather(const Make& make, std::vector<at::Tensor>& copies);
+  std::vector<JobT>& gather(const Make& make, std::vector<at::Tensor>& copies);
   bool still_checked(size_t i) const;  // parameter i's tensors are as its last check saw them
   void check(size_t i);                // the op's checks of parameter i's tensors; raises
 
@@ -75,6 +79,7 @@ class PreparedCpuStep {
   std::optional<double> max_grad_norm_;
   bool skip_nonfinite_;
   std::optional<at::Tensor> grad_norm_;
+  std::unique_ptr<Scratch> scratch_;
 };
 
 }  // namespace fusedlr
