@@ -77,6 +77,46 @@ def _is_low_precision(param: Tensor) -> bool:
     return param.dtype in (torch.bfloat16, torch.float16)
 
 
+# [note: packed state]
+# The optimizer creates the state of many parameters at once (their first step, load_state_dict).
+# Each state entry of those parameters ("exp_avg", "momentum_buffer", ...) is then a view into one
+# buffer per dtype, and their step counters are the elements of one int64 vector. The views have
+# their parameter's shape and strides, as torch's state does, and start on 64-byte boundaries.
+# A step reads every state tensor's storage: shared by all, it is read once, not once per
+# parameter from wherever the allocator put it. State added later (a new momentum buffer, say)
+# gets a tensor of its own.
+_PACK_ALIGN = 16  # elements
+
+
+def _packed_like(likes: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """A zero tensor of `dtype` with each of `likes`' shape and strides, all views of one buffer."""
+    if not likes:
+        return []
+    offsets, total = [], 0
+    for like in likes:
+        offsets.append(total)
+        total += -(-like.numel() // _PACK_ALIGN) * _PACK_ALIGN
+    buffer = torch.zeros(total, dtype=dtype, device=likes[0].device)
+    return [buffer.as_strided(like.shape, like.stride(), offset) for like, offset in zip(likes, offsets)]
+
+
+def _packed_state(params: Sequence[Tensor]) -> list[Tensor]:
+    """Zero state tensors for `params` (float32 for low-precision ones), packed by state dtype."""
+    out: list[Tensor | None] = [None] * len(params)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(params):
+        by_dtype.setdefault(_state_dtype(p), []).append(i)
+    for dtype, indices in by_dtype.items():
+        for i, t in zip(indices, _packed_like([params[i] for i in indices], dtype)):
+            out[i] = t
+    return out
+
+
+def _packed_steps(counts: Sequence[int], device: torch.device) -> list[Tensor]:
+    """0-dim int64 step counters holding `counts`, the elements of one vector."""
+    return list(torch.tensor(list(counts), dtype=torch.int64, device=device).unbind()) if counts else []
+
+
 class _Same:
     """An object in a step key: equal to another _Same of the very same object (not an equal one),
     and holding it, so that its id cannot pass to a new object while the key lives."""
@@ -211,13 +251,32 @@ class _FusedOptimizer(Optimizer):
             self._programs_key = schedules
         return self._programs
 
-    def _new_state(self, param: Tensor, group: dict) -> dict:
-        raise NotImplementedError
+    def _has_state(self, key: str, param: Tensor, group: dict) -> bool:
+        """Whether the parameter's state holds `key` (one of _STATE_KEYS) under the current settings."""
+        return key == "master_weight" and self.master_weights and _is_low_precision(param)
+
+    def _new_states(self, fresh: Sequence[tuple[Tensor, dict]]) -> list[dict]:
+        """The state of parameters with their first gradient, [note: packed state]: step 0, zero
+        buffers, master weights copied from the parameters."""
+        if not fresh:
+            return []
+        states = [{"step": step} for step in _packed_steps([0] * len(fresh), fresh[0][0].device)]
+        for key in self._STATE_KEYS:
+            holders = [i for i, (p, group) in enumerate(fresh) if self._has_state(key, p, group)]
+            for i, tensor in zip(holders, _packed_state([fresh[i][0] for i in holders])):
+                states[i][key] = tensor
+        for (p, _), state in zip(fresh, states):
+            if "master_weight" in state:
+                state["master_weight"].copy_(p.detach())
+        return states
 
     def _ensure_state(self, param: Tensor, group: dict, state: dict) -> None:
         """Adds state the settings now need (a momentum buffer, max_exp_avg_sq, a master weight)."""
-        if self.master_weights and _is_low_precision(param) and state.get("master_weight") is None:
-            state["master_weight"] = param.detach().to(torch.float32, copy=True)
+        for key in self._STATE_KEYS:
+            if state.get(key) is None and self._has_state(key, param, group):
+                state[key] = torch.zeros_like(param, dtype=_state_dtype(param))
+                if key == "master_weight":
+                    state[key].copy_(param.detach())
 
     def _placeholder(self, param: Tensor) -> Tensor:
         """An empty tensor standing for optional state a parameter does not have."""
@@ -268,8 +327,8 @@ class _FusedOptimizer(Optimizer):
                     raise RuntimeError("fusedlr optimizers do not support complex gradients")
             try:
                 with torch.no_grad():
-                    for p, group in first_grads:
-                        self.state[p] = self._new_state(p, group)
+                    for (p, _), state in zip(first_grads, self._new_states(first_grads)):
+                        self.state[p] = state
                         fresh.append(p)
                     lists = self._lists = self._build_lists()
             except Exception:
@@ -442,12 +501,12 @@ class _FusedOptimizer(Optimizer):
         id_map = {saved_id: p for group, saved in zip(groups, saved_groups)
                   for saved_id, p in zip(saved["params"], group["params"])}
 
-        new_state: dict[Tensor, dict] = {}
+        loaded: dict[Tensor, dict] = {}
         for saved_id, saved_state in state_dict["state"].items():
             param = id_map.get(saved_id)
             if param is None:
                 raise ValueError(f"loaded state dict has state for parameter {saved_id!r}, which no group holds")
-            new_state[param] = self._load_param_state(param, saved_state, saved_id)
+            loaded[param] = self._load_param_state(param, saved_state, saved_id)
 
         new_groups = []
         for g, (group, saved) in enumerate(zip(groups, saved_groups)):
@@ -479,10 +538,11 @@ class _FusedOptimizer(Optimizer):
             plateau_state = plateau_state.to(device=self._device, dtype=torch.float64)
         else:
             group_steps = torch.tensor(
-                [max((int(new_state[p]["step"]) for p in group["params"] if p in new_state), default=0)
+                [max((loaded[p]["step"] for p in group["params"] if p in loaded), default=0)
                  for group in groups], dtype=torch.int64, device=self._device)
             plateau_state = _ops.initial_plateau_state(len(groups), self._device)
 
+        new_state = self._packed_copy(loaded)
         self.state.clear()
         self.state.update(new_state)
         self.param_groups = new_groups
@@ -498,6 +558,7 @@ class _FusedOptimizer(Optimizer):
         return None
 
     def _load_param_state(self, param: Tensor, saved: dict, saved_id) -> dict:
+        """The saved state of one parameter, checked: its step count as an int, its tensors as saved."""
         state: dict[str, Any] = {}
         for key in self._REQUIRED_KEYS:
             if not isinstance(saved.get(key), Tensor):
@@ -509,7 +570,7 @@ class _FusedOptimizer(Optimizer):
         if (isinstance(step, bool) or not isinstance(step, numbers.Real) or not math.isfinite(step) or step < 0
                 or step != int(step)):
             raise ValueError(f"loaded state of parameter {saved_id!r} has an invalid step {saved['step']!r}")
-        state["step"] = torch.tensor(int(step), dtype=torch.int64, device=param.device)
+        state["step"] = int(step)
         for key, value in saved.items():
             if key == "step" or value is None:
                 continue
@@ -523,7 +584,20 @@ class _FusedOptimizer(Optimizer):
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"loaded {key} of parameter {saved_id!r} has shape {shape}, the parameter "
                                  f"{tuple(param.shape)}: a state_dict from a different parameter layout")
-            state[key] = torch.empty_like(param, dtype=_state_dtype(param)).copy_(value)
+            state[key] = value
+        return state
+
+    def _packed_copy(self, loaded: dict[Tensor, dict]) -> dict[Tensor, dict]:
+        """The optimizer's state from checked saved state ([note: packed state]): copies on the
+        parameters' device, in their layout."""
+        params = list(loaded)
+        device = params[0].device if params else self._device
+        state = {p: {"step": step} for p, step in zip(params, _packed_steps([loaded[p]["step"] for p in params], device))}
+        for key in self._STATE_KEYS:
+            holders = [p for p in params if key in loaded[p]]
+            with torch.no_grad():
+                for p, tensor in zip(holders, _packed_state(holders)):
+                    state[p][key] = tensor.copy_(loaded[p][key])
         return state
 
     def __getstate__(self) -> dict:
@@ -612,15 +686,10 @@ class SGD(_FusedOptimizer):
     def _static_momentum(self, group: dict) -> float:
         return float(group["momentum"])
 
-    def _new_state(self, param: Tensor, group: dict) -> dict:
-        state = {"step": torch.zeros((), dtype=torch.int64, device=param.device)}
-        self._ensure_state(param, group, state)
-        return state
-
-    def _ensure_state(self, param: Tensor, group: dict, state: dict) -> None:
-        if self._uses_momentum(group) and state.get("momentum_buffer") is None:
-            state["momentum_buffer"] = torch.zeros_like(param, dtype=_state_dtype(param))
-        super()._ensure_state(param, group, state)
+    def _has_state(self, key: str, param: Tensor, group: dict) -> bool:
+        if key == "momentum_buffer":
+            return self._uses_momentum(group)
+        return super()._has_state(key, param, group)
 
     def _make_plan(self, lists):
         return _C.SgdPlan(lists.params, lists.states["momentum_buffer"], lists.states["master_weight"], lists.steps,
@@ -687,17 +756,12 @@ class Adam(_FusedOptimizer):
     def _static_momentum(self, group: dict) -> float:
         return float(group["betas"][0])
 
-    def _new_state(self, param: Tensor, group: dict) -> dict:
-        state = {"step": torch.zeros((), dtype=torch.int64, device=param.device),
-                 "exp_avg": torch.zeros_like(param, dtype=_state_dtype(param)),
-                 "exp_avg_sq": torch.zeros_like(param, dtype=_state_dtype(param))}
-        self._ensure_state(param, group, state)
-        return state
-
-    def _ensure_state(self, param: Tensor, group: dict, state: dict) -> None:
-        if group["amsgrad"] and state.get("max_exp_avg_sq") is None:
-            state["max_exp_avg_sq"] = torch.zeros_like(param, dtype=_state_dtype(param))
-        super()._ensure_state(param, group, state)
+    def _has_state(self, key: str, param: Tensor, group: dict) -> bool:
+        if key in ("exp_avg", "exp_avg_sq"):
+            return True
+        if key == "max_exp_avg_sq":
+            return bool(group["amsgrad"])
+        return super()._has_state(key, param, group)
 
     def _make_plan(self, lists):
         return _C.AdamPlan(lists.params, lists.states["exp_avg"], lists.states["exp_avg_sq"],
