@@ -117,19 +117,19 @@ def _packed_steps(counts: Sequence[int], device: torch.device) -> list[Tensor]:
     return list(torch.tensor(list(counts), dtype=torch.int64, device=device).unbind()) if counts else []
 
 
-class _Same:
-    """An object in a step key: equal to another _Same of the very same object (not an equal one),
-    and holding it, so that its id cannot pass to a new object while the key lives."""
+def _changes_in_place(value: Any) -> bool:
+    """Whether a hyperparameter's value could change while it stays the same object (a tensor filled
+    in place, a list): such a value is read at every step."""
+    if isinstance(value, tuple):
+        return any(_changes_in_place(v) for v in value)
+    return not isinstance(value, (numbers.Number, Schedule, type(None)))
 
-    __slots__ = ("obj",)
 
-    def __init__(self, obj):
-        self.obj = obj
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, _Same) and other.obj is self.obj
-
-    __hash__ = None
+# The step's hot path calls these once per step: looked up once here.
+_is_compiling = torch.compiler.is_compiling
+_profiler_enabled = torch.autograd._profiler_enabled
+_global_pre_hooks = _torch_optimizer._global_optimizer_pre_hooks
+_global_post_hooks = _torch_optimizer._global_optimizer_post_hooks
 
 
 class _StepLists:
@@ -156,6 +156,11 @@ class _FusedOptimizer(Optimizer):
     _STATE_KEYS: tuple[str, ...]  # tensor state besides "step", in the op's argument order
     _REQUIRED_KEYS: tuple[str, ...]  # what loaded state must hold
 
+    @staticmethod
+    def _settings_of(group: dict) -> tuple:
+        """A group's hyperparameters and schedule, as set (the objects, not their float values)."""
+        raise NotImplementedError
+
     def __init__(self, params, defaults: dict, max_grad_norm: float | None, skip_nonfinite: bool,
                  master_weights: bool):
         self.max_grad_norm: float | None = _check_max_grad_norm(max_grad_norm)
@@ -167,6 +172,7 @@ class _FusedOptimizer(Optimizer):
         self._plateau_state: Tensor | None = None  # float64 [groups, 4]: ReduceLROnPlateau state
         self._lists: _StepLists | None = None
         self._key: list | None = None  # _step_key() of the cached lists
+        self._key_reads_values = False  # the key holds hyperparameter values, not only the objects
         self._programs_key: list[Schedule | None] = []
         self._programs: list[float] = []
         self._placeholders: dict[Tensor, Tensor] = {}
@@ -228,13 +234,19 @@ class _FusedOptimizer(Optimizer):
         the state dict, and each group's parameter list, schedule and hyperparameters. Replacing,
         clearing or resizing `opt.state` or a group's params list, or changing a setting, rebuilds
         them; putting one parameter or state tensor in place of another (same count) is not seen
-        (load_state_dict is the way to do that). A tensor hyperparameter is read as a float (a host
-        sync on a GPU: set floats)."""
-        key = [self.max_grad_norm, self.skip_nonfinite, self.master_weights, _Same(self.state), len(self.state)]
+        (load_state_dict is the way to do that). A hyperparameter that can change in place (a
+        tensor, a list) is read by value at every step (for a GPU tensor, a host sync: set floats).
+
+        An object is in the key with its id first: a list comparison stops at the first unequal
+        item, so two different objects are told apart by their ids (the key holds the objects, so
+        their ids cannot pass to others) and never compared by value (a list of tensors cannot be)."""
+        state = self.state
+        key = [self.max_grad_norm, self.skip_nonfinite, self.master_weights, id(state), len(state), state]
         for group in self.param_groups:
             params = group["params"]
-            key += (_Same(params), len(params), group["schedule"])
-            key += self._group_hyper(group)
+            key += (id(params), len(params), params, self._settings_of(group))
+            if self._key_reads_values:
+                key += self._group_hyper(group)
         return key
 
     def _group_hyper(self, group: dict) -> tuple[float, ...]:
@@ -311,6 +323,8 @@ class _FusedOptimizer(Optimizer):
     def _prepare(self) -> tuple[_StepLists, list[Tensor]]:
         """The lists of this step, creating state for parameters with their first gradient.
         Returns them and the parameters whose state was created here (undone if the step fails)."""
+        self._key_reads_values = any(_changes_in_place(value) for group in self.param_groups
+                                     for value in self._settings_of(group))
         key = self._step_key()
         if key != self._key:
             self._key = key
@@ -343,9 +357,8 @@ class _FusedOptimizer(Optimizer):
         """One fused update of every parameter that has a gradient, at each group's scheduled lr."""
         # torch wraps every optimizer's step in a profiler range and its step hooks, which costs
         # more than a fused step of a small model: pay for it only when it does something.
-        if (torch.compiler.is_compiling() or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
-                or _torch_optimizer._global_optimizer_pre_hooks or _torch_optimizer._global_optimizer_post_hooks
-                or torch.autograd._profiler_enabled()):
+        if (_is_compiling() or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+                or _global_pre_hooks or _global_post_hooks or _profiler_enabled()):
             return self._hooked_step(closure)
         lists = self._lists
         if (closure is None and lists is not None and self._step_key() == self._key
@@ -648,6 +661,11 @@ class SGD(_FusedOptimizer):
     _STATE_KEYS = ("momentum_buffer", "master_weight")
     _REQUIRED_KEYS = ()
 
+    @staticmethod
+    def _settings_of(group: dict) -> tuple:
+        return (group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"],
+                group["maximize"], group["schedule"])
+
     def _missing_step(self, saved: dict) -> int:
         # torch's SGD state is only the momentum buffer; a buffer means at least one step was taken.
         return 1 if saved.get("momentum_buffer") is not None else 0
@@ -720,6 +738,11 @@ class Adam(_FusedOptimizer):
 
     _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_weight")
     _REQUIRED_KEYS = ("exp_avg", "exp_avg_sq")
+
+    @staticmethod
+    def _settings_of(group: dict) -> tuple:
+        return (group["lr"], group["betas"], group["eps"], group["weight_decay"], group["amsgrad"], group["maximize"],
+                group["decoupled_weight_decay"], group["schedule"])
 
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *,

@@ -1,6 +1,7 @@
 """Edge cases: the step's cached lists follow the optimizer's state, torch checkpoints of every
 optimizer, zero-size parameters, groups without parameters, malformed input."""
 
+import collections
 import copy
 import io
 import math
@@ -196,6 +197,40 @@ def test_tensor_hyperparameter_changed_in_place_is_seen():
     lr.fill_(0.0)
     opt.step()
     assert torch.allclose(p.detach(), torch.full((3,), -0.1))
+
+
+def test_hyperparameter_changes_are_seen_between_steps():
+    """Each kind of change to a group: a new float, a list (then edited in place), a new params
+    list holding the same tensors (never compared by value), a new state dict."""
+    (a, ta), (b, tb) = pair([1.0, -2.0]), pair([0.5, 3.0])
+    opt = fusedlr.Adam([a, b], lr=0.1)
+    ref = torch.optim.Adam([ta, tb], lr=0.1, foreach=False)
+    edits = [
+        lambda g: g.__setitem__("lr", 0.05),
+        lambda g: g.__setitem__("betas", [0.8, 0.99]),
+        lambda g: g["betas"].__setitem__(0, 0.5),  # the same list, edited in place
+        lambda g: g.__setitem__("params", list(g["params"])),
+        lambda g: g.__setitem__("eps", 1e-3),
+        lambda g: g.__setitem__("weight_decay", 0.1),
+    ]
+    gen = torch.Generator().manual_seed(0)
+    for edit in [None] + edits + [None]:
+        if edit is not None:
+            edit(opt.param_groups[0])
+            edit(ref.param_groups[0])
+        for p, q in ((a, ta), (b, tb)):
+            p.grad = torch.randn(2, generator=gen)
+            q.grad = p.grad.clone()
+        opt.step(), ref.step()
+        assert torch.equal(a, ta) and torch.equal(b, tb)
+    opt.state = collections.defaultdict(dict, opt.state)  # another dict: its tensors are read again
+    opt.state[a] = {key: value.clone() for key, value in opt.state[a].items()}
+    opt.state[a]["exp_avg"].zero_()
+    ref.state[ta]["exp_avg"].zero_()
+    a.grad = torch.ones(2)
+    ta.grad = torch.ones(2)
+    opt.step(), ref.step()
+    assert torch.equal(a, ta)
 
 
 def test_negative_view_gradient_is_applied_with_its_sign():
