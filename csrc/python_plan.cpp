@@ -12,6 +12,7 @@
 #include <torch/extension.h>
 
 #include "cpu/prepared_step.h"
+#include "cpu/state_memory.h"
 
 #include <optional>
 #include <vector>
@@ -146,6 +147,8 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("cuda_built") = false;
 #endif
+  m.def("packed_state_buffer", &packed_state_buffer, pybind11::arg("numel"), pybind11::arg("dtype"),
+        "A zero CPU tensor for packed optimizer state, on huge pages where the kernel gives them on request.");
   pybind11::class_<SgdPlan> sgd_plan(m, "SgdPlan");
   sgd_plan
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,

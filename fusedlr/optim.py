@@ -96,8 +96,11 @@ def _packed_like(likes: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
     for like in likes:
         offsets.append(total)
         total += -(-like.numel() // _PACK_ALIGN) * _PACK_ALIGN
-    buffer = torch.zeros(total, dtype=dtype, device=likes[0].device)
-    return [buffer.as_strided(like.shape, like.stride(), offset) for like, offset in zip(likes, offsets)]
+    device = likes[0].device
+    buffer = _C.packed_state_buffer(total, dtype) if device.type == "cpu" else torch.zeros(total, dtype=dtype,
+                                                                                            device=device)
+    base = buffer.storage_offset()  # as_strided takes offsets into the storage, which may start before buffer
+    return [buffer.as_strided(like.shape, like.stride(), base + offset) for like, offset in zip(likes, offsets)]
 
 
 def _packed_state(params: Sequence[Tensor]) -> list[Tensor]:
