@@ -3,4 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# DeepSpeedCPUAdam joins the CPU contenders where deepspeed installs (it builds its op on first use).
+if ! .venv/bin/python -c "import deepspeed" 2>/dev/null; then
+  .venv/bin/python -m pip install -q --no-build-isolation deepspeed ||
+    echo "bench: deepspeed did not install; DeepSpeedCPUAdam is left out" >&2
+fi
 .venv/bin/python -m fusedlr bench "$@"

@@ -1,9 +1,12 @@
 """The command line: the benchmark end to end at a tiny size, its floor arithmetic, and plots."""
 
+import builtins
 import json
 import math
+import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -58,6 +61,31 @@ def test_bench_with_clipping(tmp_path):
     read_s = preset["params"] * 4 / report["bandwidth_bytes_per_s"]["read"]
     assert preset["clipping_floor"] == pytest.approx(1 + read_s / preset["floor_s"])
     assert "fusedlr with clipping takes" in stdout
+
+
+def test_deepspeed_import_leaves_torch_cuda_check_as_it_was(monkeypatch):
+    """deepspeed's import sets PYTORCH_NVML_BASED_CUDA_CHECK, which slows torch's own contenders;
+    the bench puts it back. A stand-in module plays deepspeed, as the real one may not be installed."""
+    class Imported:
+        pass
+
+    real_import = builtins.__import__
+
+    def setting_import(name, *args, **kwargs):
+        if name == "deepspeed.ops.adam":
+            os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+            return types.SimpleNamespace(DeepSpeedCPUAdam=Imported)
+        return real_import(name, *args, **kwargs)
+
+    for before in (None, "0"):
+        if before is None:
+            monkeypatch.delenv("PYTORCH_NVML_BASED_CUDA_CHECK", raising=False)
+        else:
+            monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", before)
+        with monkeypatch.context() as m:
+            m.setattr(builtins, "__import__", setting_import)
+            assert bench.import_deepspeed_cpu_adam() is Imported
+        assert os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == before
 
 
 def test_bytes_per_param():

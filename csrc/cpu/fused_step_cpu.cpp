@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <exception>
 #include <mutex>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -566,12 +567,8 @@ const char* op_name(PreparedCpuStep::Optimizer optimizer) {
 // What a prepared step keeps from one step to the next ([note: no allocation]).
 struct PreparedCpuStep::Scratch {
   StepScratch step;
-  std::vector<SgdTensor> sgd_jobs;
-  std::vector<AdamTensor> adam_jobs;
+  std::tuple<std::vector<SgdTensor>, std::vector<AdamTensor>> jobs;  // the optimizer's kind
   std::vector<char> active;  // gather: which parameters have a job
-
-  std::vector<SgdTensor>& jobs(SgdTensor*) { return sgd_jobs; }
-  std::vector<AdamTensor>& jobs(AdamTensor*) { return adam_jobs; }
 };
 
 PreparedCpuStep::~PreparedCpuStep() = default;
@@ -672,7 +669,7 @@ std::vector<JobT>& PreparedCpuStep::gather(const Make& make, std::vector<at::Ten
   const char* op = op_name(optimizer_);
   const at::Device cpu(at::kCPU);
   const size_t n = params_.size();
-  std::vector<JobT>& slots = scratch_->jobs(static_cast<JobT*>(nullptr));
+  std::vector<JobT>& slots = std::get<std::vector<JobT>>(scratch_->jobs);
   std::vector<char>& active = scratch_->active;
   slots.resize(n);
   active.assign(n, 0);
