@@ -255,7 +255,7 @@ class Progress:
 def default_rounds(preset: str, device: torch.device) -> int:
     if device.type == "cuda":
         return 50 if preset in LARGE else 200
-    return 5 if preset in LARGE else 40
+    return 11 if preset in LARGE else 40
 
 
 def run_preset(preset: str, args, device: torch.device, bandwidths: dict[str, float], progress: Progress) -> dict:
