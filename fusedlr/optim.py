@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -79,28 +80,72 @@ def _is_low_precision(param: Tensor) -> bool:
 
 # [note: packed state]
 # The optimizer creates the state of many parameters at once (their first step, load_state_dict).
-# Each state entry of those parameters ("exp_avg", "momentum_buffer", ...) is then a view into one
-# buffer per dtype, and their step counters are the elements of one int64 vector. The views have
-# their parameter's shape and strides, as torch's state does, and start on 64-byte boundaries.
-# A step reads every state tensor's storage: shared by all, it is read once, not once per
-# parameter from wherever the allocator put it. State added later (a new momentum buffer, say)
-# gets a tensor of its own.
+# The state entries of those parameters ("exp_avg", "momentum_buffer", ...) that are small are then
+# views into shared buffers ("packs") of at most _PACK_BYTES, one set per dtype, and their step
+# counters are the elements of one int64 vector. The views have their parameter's shape and
+# strides, as torch's state does, and start on 64-byte boundaries. A step reads every state
+# tensor's storage: shared by thousands of small tensors, it is read once, not once per tensor from
+# wherever the allocator put it. An entry of _ALONE_BYTES or more has a storage of its own (it
+# gains nothing from sharing, and saving or copying it alone should not carry others along), as
+# has state added later (a new momentum buffer, say) and the state of a parameter that is not
+# dense (its strides do not span exactly its elements).
 _PACK_ALIGN = 16  # elements
+_PACK_BYTES = 16 << 20
+_ALONE_BYTES = 4 << 20
+
+
+def _zero_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    if device.type == "cpu":
+        return _C.packed_state_buffer(numel, dtype)  # on huge pages where the kernel gives them
+    return torch.zeros(numel, dtype=dtype, device=device)
+
+
+def _is_dense(t: Tensor) -> bool:
+    """Whether t's elements take exactly numel consecutive places of its storage, in some order of
+    its dimensions (a contiguous, channels-last or transposed tensor; not a slice or an expand)."""
+    if t.numel() == 0:
+        return True
+    span = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda dim: dim[1]):
+        if size != 1:
+            if stride != span:
+                return False
+            span *= size
+    return True
 
 
 def _packed_like(likes: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
-    """A zero tensor of `dtype` with each of `likes`' shape and strides, all views of one buffer."""
-    if not likes:
-        return []
-    offsets, total = [], 0
-    for like in likes:
-        offsets.append(total)
-        total += -(-like.numel() // _PACK_ALIGN) * _PACK_ALIGN
-    device = likes[0].device
-    buffer = _C.packed_state_buffer(total, dtype) if device.type == "cpu" else torch.zeros(total, dtype=dtype,
-                                                                                            device=device)
-    base = buffer.storage_offset()  # as_strided takes offsets into the storage, which may start before buffer
-    return [buffer.as_strided(like.shape, like.stride(), base + offset) for like, offset in zip(likes, offsets)]
+    """A zero tensor of `dtype` with each of `likes`' shape and strides, the small ones views of
+    shared packs ([note: packed state])."""
+    out: list[Tensor | None] = [None] * len(likes)
+    itemsize = dtype.itemsize
+    packs: list[list[int]] = []  # indices into likes
+    current: list[int] = []
+    current_bytes = 0
+    for i, like in enumerate(likes):
+        nbytes = -(-like.numel() // _PACK_ALIGN) * _PACK_ALIGN * itemsize
+        if not _is_dense(like):
+            out[i] = torch.zeros_like(like, dtype=dtype)
+        elif nbytes >= _ALONE_BYTES:
+            packs.append([i])
+        else:
+            if current_bytes + nbytes > _PACK_BYTES:
+                packs.append(current)
+                current, current_bytes = [], 0
+            current.append(i)
+            current_bytes += nbytes
+    packs.append(current)
+    for pack in packs:
+        if not pack:
+            continue
+        offsets, total = [], 0
+        for i in pack:
+            offsets.append(total)
+            total += -(-likes[i].numel() // _PACK_ALIGN) * _PACK_ALIGN
+        buffer = _zero_buffer(total, dtype, likes[pack[0]].device)
+        for i, offset in zip(pack, offsets):
+            out[i] = buffer.as_strided(likes[i].shape, likes[i].stride(), offset)
+    return out
 
 
 def _packed_state(params: Sequence[Tensor]) -> list[Tensor]:
@@ -118,6 +163,21 @@ def _packed_state(params: Sequence[Tensor]) -> list[Tensor]:
 def _packed_steps(counts: Sequence[int], device: torch.device) -> list[Tensor]:
     """0-dim int64 step counters holding `counts`, the elements of one vector."""
     return list(torch.tensor(list(counts), dtype=torch.int64, device=device).unbind()) if counts else []
+
+
+class _Same:
+    """An object in a step key: equal to another _Same of the very same object (not an equal one),
+    and holding it, so that its id cannot pass to a new object while the key lives."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Same) and other.obj is self.obj
+
+    __hash__ = None
 
 
 def _changes_in_place(value: Any) -> bool:
@@ -175,7 +235,8 @@ class _FusedOptimizer(Optimizer):
         self._plateau_state: Tensor | None = None  # float64 [groups, 4]: ReduceLROnPlateau state
         self._lists: _StepLists | None = None
         self._key: list | None = None  # _step_key() of the cached lists
-        self._key_reads_values = False  # the key holds hyperparameter values, not only the objects
+        self._seen: tuple[list, list[int]] | None = None  # _objects() when _key was last found current
+        self._seen_hyper: tuple[float, ...] | None = None  # _hyper() then, where a setting can change in place
         self._programs_key: list[Schedule | None] = []
         self._programs: list[float] = []
         self._placeholders: dict[Tensor, Tensor] = {}
@@ -234,23 +295,41 @@ class _FusedOptimizer(Optimizer):
 
     def _step_key(self) -> list:
         """What the cached lists and the plan's settings were built from: the optimizer's options,
-        the state dict, and each group's parameter list, schedule and hyperparameters. Replacing,
-        clearing or resizing `opt.state` or a group's params list, or changing a setting, rebuilds
-        them; putting one parameter or state tensor in place of another (same count) is not seen
-        (load_state_dict is the way to do that). A hyperparameter that can change in place (a
-        tensor, a list) is read by value at every step (for a GPU tensor, a host sync: set floats).
-
-        An object is in the key with its id first: a list comparison stops at the first unequal
-        item, so two different objects are told apart by their ids (the key holds the objects, so
-        their ids cannot pass to others) and never compared by value (a list of tensors cannot be)."""
-        state = self.state
-        key = [self.max_grad_norm, self.skip_nonfinite, self.master_weights, id(state), len(state), state]
+        the state dict, and each group's parameter list, schedule and hyperparameter values.
+        Replacing, clearing or resizing `opt.state` or a group's params list, or changing a
+        setting's value, rebuilds them; putting one parameter or state tensor in place of another
+        (same count) is not seen (load_state_dict is the way to do that). A tensor setting is read
+        as a float (a host sync on a GPU: set floats)."""
+        key = [self.max_grad_norm, self.skip_nonfinite, self.master_weights, _Same(self.state), len(self.state)]
         for group in self.param_groups:
             params = group["params"]
-            key += (id(params), len(params), params, self._settings_of(group))
-            if self._key_reads_values:
-                key += self._group_hyper(group)
+            key += (_Same(params), len(params), group["schedule"])
+            key += self._group_hyper(group)
         return key
+
+    def _objects(self) -> tuple[list, list[int]]:
+        """The objects _step_key() reads (the state dict, the params lists, the settings as set) and
+        the sizes of the containers among them: the common step's cheaper test of _step_key()."""
+        state = self.state
+        objects = [state, self.max_grad_norm, self.skip_nonfinite, self.master_weights]
+        sizes = [len(state)]
+        for group in self.param_groups:
+            params = group["params"]
+            objects.append(params)
+            objects += self._settings_of(group)
+            sizes.append(len(params))
+        return objects, sizes
+
+    def _unchanged(self) -> bool:
+        """Whether _step_key() is as it was when last checked, judged from _objects(): the same
+        objects (by identity: a setting may be a tensor, which has no plain equality) of the same
+        sizes, and, where a setting can change in place (a tensor, a list), the same values. A
+        different object of an equal value sends the step to _prepare, which compares values."""
+        objects, sizes = self._objects()
+        seen_objects, seen_sizes = self._seen
+        return (sizes == seen_sizes and len(objects) == len(seen_objects)
+                and all(map(operator.is_, objects, seen_objects))
+                and (self._seen_hyper is None or self._hyper() == self._seen_hyper))
 
     def _group_hyper(self, group: dict) -> tuple[float, ...]:
         """The group's slots of the ops' `hyper` argument, in csrc/update_math.h's sgd_slot / adam_slot order."""
@@ -326,8 +405,6 @@ class _FusedOptimizer(Optimizer):
     def _prepare(self) -> tuple[_StepLists, list[Tensor]]:
         """The lists of this step, creating state for parameters with their first gradient.
         Returns them and the parameters whose state was created here (undone if the step fails)."""
-        self._key_reads_values = any(_changes_in_place(value) for group in self.param_groups
-                                     for value in self._settings_of(group))
         key = self._step_key()
         if key != self._key:
             self._key = key
@@ -354,6 +431,9 @@ class _FusedOptimizer(Optimizer):
                 self._lists = None
                 raise
             self._key = self._step_key()
+        self._seen = self._objects()
+        in_place = any(_changes_in_place(value) for group in self.param_groups for value in self._settings_of(group))
+        self._seen_hyper = self._hyper() if in_place else None
         return lists, fresh
 
     def step(self, closure: Callable[[], Any] | None = None):
@@ -364,7 +444,7 @@ class _FusedOptimizer(Optimizer):
                 or _global_pre_hooks or _global_post_hooks or _profiler_enabled()):
             return self._hooked_step(closure)
         lists = self._lists
-        if (closure is None and lists is not None and self._step_key() == self._key
+        if (closure is None and lists is not None and self._unchanged()
                 and not (lists.stateless and any(p.grad is not None for p in lists.stateless))):
             # the common step: nothing to build (_prepare), nothing to undo
             lists.plan.step(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
@@ -564,7 +644,7 @@ class _FusedOptimizer(Optimizer):
         self.param_groups = new_groups
         self._group_steps, self._plateau_state = group_steps.clone(), plateau_state.clone()
         self._lists = None
-        self._key = None
+        self._key = self._seen = self._seen_hyper = None
         self._programs_key = []
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
@@ -626,7 +706,7 @@ class _FusedOptimizer(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._lists = None
-        self._key = None
+        self._key = self._seen = self._seen_hyper = None
         self._programs_key = []
         self._programs = []
         self._placeholders = {}

@@ -115,3 +115,66 @@ def test_loaded_state_is_packed():
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
             assert torch.equal(opt.state[p][key], ref.state[q][key].to(state_dtype(p)))
         assert int(opt.state[p]["step"]) == 1
+
+
+def test_large_entries_stand_alone_and_packs_stay_small():
+    """State of 4 MiB or more has its own storage; smaller state shares packs of at most 16 MiB. A
+    step on them (huge-page buffers included) matches torch's AdamW."""
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(1100, 1000)] + [(1 << 18,)] * 20 + [(5, 7)]  # 4.4 MB, then 20 of 1 MiB, then a small one
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = fusedlr.AdamW(params, lr=1e-2)
+    ref = torch.optim.AdamW(twins, lr=1e-2, foreach=False)
+    for _ in range(3):
+        for p, q in zip(params, twins):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+    storages = {}
+    for p in params:
+        t = opt.state[p]["exp_avg"]
+        storages.setdefault(t.untyped_storage().data_ptr(), []).append(p)
+    big = opt.state[params[0]]["exp_avg"]
+    assert storages[big.untyped_storage().data_ptr()] == [params[0]]
+    assert big.untyped_storage().nbytes() == big.numel() * 4
+    packs = [ps for ps in storages.values() if ps != [params[0]]]
+    assert len(packs) == 2 and sorted(len(ps) for ps in packs) == [5, 16]  # 16 of 1 MiB fill a pack
+    for ps in packs:
+        assert opt.state[ps[0]]["exp_avg"].untyped_storage().nbytes() <= 16 << 20
+        assert_packed([opt.state[p]["exp_avg"] for p in ps], ps)
+
+
+def test_a_parameter_that_is_not_dense_is_refused_at_its_first_step():
+    dense = torch.nn.Parameter(torch.randn(4))
+    sliced = torch.nn.Parameter(torch.randn(8, 8)[:, ::2])
+    opt = fusedlr.Adam([dense, sliced], lr=1e-3)
+    dense.grad, sliced.grad = torch.randn(4), torch.randn(8, 4)
+    before = dense.detach().clone(), sliced.detach().clone()
+    with pytest.raises(RuntimeError, match="parameter 1 must be a dense tensor"):
+        opt.step()
+    assert torch.equal(dense, before[0]) and torch.equal(sliced, before[1]) and not opt.state
+
+
+def test_settings_replaced_by_tensors_are_read_by_value():
+    """A setting replaced by a tensor (of a lower precision, or of two elements for betas) is read
+    as its float value, as the same float would be."""
+    gen = torch.Generator().manual_seed(11)
+    start = torch.randn(6, generator=gen)
+    a, b = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    by_tensor, by_float = fusedlr.Adam([a], lr=0.1), fusedlr.Adam([b], lr=0.1)
+    edits = [("lr", torch.tensor(0.1, dtype=torch.bfloat16)), ("betas", torch.tensor([0.8, 0.99])),
+             ("betas", torch.tensor([0.7, 0.95])), ("lr", torch.tensor(0.05))]
+    for name, value in [(None, None)] + edits:
+        if name is not None:
+            by_tensor.param_groups[0][name] = value
+            by_float.param_groups[0][name] = value.item() if value.numel() == 1 else tuple(value.tolist())
+        grad = torch.randn(6, generator=gen)
+        a.grad, b.grad = grad.clone(), grad.clone()
+        by_tensor.step()
+        by_float.step()
+        assert torch.equal(a, b)
