@@ -188,9 +188,9 @@ def _changes_in_place(value: Any) -> bool:
     return not isinstance(value, (numbers.Number, Schedule, type(None)))
 
 
-# The step's hot path calls these once per step: looked up once here.
+# The step's hot path reads these once per step: looked up once here.
 _is_compiling = torch.compiler.is_compiling
-_profiler_enabled = torch.autograd._profiler_enabled
+_autograd_profiler = torch.autograd.profiler  # ._is_profiler_enabled: torch's flag for fast checks
 _global_pre_hooks = _torch_optimizer._global_optimizer_pre_hooks
 _global_post_hooks = _torch_optimizer._global_optimizer_post_hooks
 
@@ -213,8 +213,10 @@ class _StepLists:
 class _FusedOptimizer(Optimizer):
     """What SGD, Adam and AdamW share: groups, device step counters, state_dict, the step path."""
 
-    # torch.amp.GradScaler hands the step its scale and inf flag (grad_scale, found_inf attributes)
-    # instead of unscaling and checking on the host (csrc/ops.cpp, [note: amp]).
+    # torch.amp.GradScaler hands the step its scale and inf flag (grad_scale, found_inf attributes
+    # it sets on the optimizer and deletes after the step; it reads an existing grad_scale as a
+    # scale of the user's, so there is no class default) instead of unscaling and checking on the
+    # host (csrc/ops.cpp, [note: amp]).
     _step_supports_amp_scaling = True
     _STATE_KEYS: tuple[str, ...]  # tensor state besides "step", in the op's argument order
     _REQUIRED_KEYS: tuple[str, ...]  # what loaded state must hold
@@ -308,16 +310,15 @@ class _FusedOptimizer(Optimizer):
         return key
 
     def _objects(self) -> tuple[list, list[int]]:
-        """The objects _step_key() reads (the state dict, the params lists, the settings as set) and
-        the sizes of the containers among them: the common step's cheaper test of _step_key()."""
+        """The objects _step_key() reads (the state dict, every value of every group: its params list
+        and settings as set) and the sizes of the containers among them: the common step's
+        cheaper test of _step_key()."""
         state = self.state
         objects = [state, self.max_grad_norm, self.skip_nonfinite, self.master_weights]
         sizes = [len(state)]
         for group in self.param_groups:
-            params = group["params"]
-            objects.append(params)
-            objects += self._settings_of(group)
-            sizes.append(len(params))
+            objects += group.values()
+            sizes.append(len(group["params"]))
         return objects, sizes
 
     def _unchanged(self) -> bool:
@@ -441,7 +442,7 @@ class _FusedOptimizer(Optimizer):
         # torch wraps every optimizer's step in a profiler range and its step hooks, which costs
         # more than a fused step of a small model: pay for it only when it does something.
         if (_is_compiling() or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
-                or _global_pre_hooks or _global_post_hooks or _profiler_enabled()):
+                or _global_pre_hooks or _global_post_hooks or _autograd_profiler._is_profiler_enabled):
             return self._hooked_step(closure)
         lists = self._lists
         if (closure is None and lists is not None and self._unchanged()

@@ -301,6 +301,18 @@ def test_step_hooks_run():
     assert calls == ["pre", "post", "global"] and p.detach().tolist() == [0.0, 0.0]
 
 
+def test_step_is_recorded_by_the_profiler():
+    """Under torch.profiler the step runs in torch's profiling wrapper, as torch's optimizers do."""
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = fusedlr.AdamW([p], lr=0.5)
+    p.grad = torch.ones(2)
+    opt.step()  # the common step, outside the profiler
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    names = [event.name for event in prof.events()]
+    assert "Optimizer.step#AdamW.step" in names
+
+
 def test_step_updates_parameter_version_counters():
     p = torch.nn.Parameter(torch.ones(2))
     opt = fusedlr.Adam([p], lr=0.5)
