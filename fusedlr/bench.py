@@ -9,6 +9,7 @@ streams several arrays at once can move more, and then runs at more than 100% of
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -119,15 +120,23 @@ def import_deepspeed_cpu_adam():
     torch.cuda.is_available() asks NVML again; on a machine without a GPU that made torch's fused
     CPU step of 20 x 256 parameters 1.7x slower. The variable is put back as it was, so that torch's
     contenders run as they do without deepspeed."""
-    saved = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
-    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)  # its import reports the accelerator it picked
+    saved = {name: os.environ.get(name) for name in ("PYTORCH_NVML_BASED_CUDA_CHECK", "DS_ACCELERATOR")}
+    # Named, the CPU accelerator is taken without a warning that none other was found; so is the
+    # build of its op without torch's warning that no CUDA runtime is there.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    build_log = logging.getLogger("torch.utils.cpp_extension")
+    build_level = build_log.level
+    build_log.setLevel(logging.ERROR)
     try:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam  # optional: builds its own op with ninja
+        importlib.import_module("torch.utils.cpp_extension")  # deepspeed builds its op with it, on first use
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # optional
     finally:
-        if saved is None:
-            os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
-        else:
-            os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = saved
+        build_log.setLevel(build_level)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return DeepSpeedCPUAdam
 
 
