@@ -65,7 +65,7 @@ def test_bench_with_clipping(tmp_path):
 
 def test_deepspeed_import_leaves_torch_cuda_check_as_it_was(monkeypatch):
     """deepspeed's import sets PYTORCH_NVML_BASED_CUDA_CHECK, which slows torch's own contenders;
-    the bench puts it back. A stand-in module plays deepspeed, as the real one may not be installed."""
+    the bench puts it back, and DS_ACCELERATOR, which it sets for the import. A stand-in module plays deepspeed, as the real one may not be installed."""
     class Imported:
         pass
 
@@ -77,6 +77,7 @@ def test_deepspeed_import_leaves_torch_cuda_check_as_it_was(monkeypatch):
             return types.SimpleNamespace(DeepSpeedCPUAdam=Imported)
         return real_import(name, *args, **kwargs)
 
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
     for before in (None, "0"):
         if before is None:
             monkeypatch.delenv("PYTORCH_NVML_BASED_CUDA_CHECK", raising=False)
@@ -86,6 +87,7 @@ def test_deepspeed_import_leaves_torch_cuda_check_as_it_was(monkeypatch):
             m.setattr(builtins, "__import__", setting_import)
             assert bench.import_deepspeed_cpu_adam() is Imported
         assert os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == before
+        assert "DS_ACCELERATOR" not in os.environ  # set for the import only
 
 
 def test_bytes_per_param():
