@@ -161,8 +161,14 @@ def _packed_state(params: Sequence[Tensor]) -> list[Tensor]:
 
 
 def _packed_steps(counts: Sequence[int], device: torch.device) -> list[Tensor]:
-    """0-dim int64 step counters holding `counts`, the elements of one vector."""
-    return list(torch.tensor(list(counts), dtype=torch.int64, device=device).unbind()) if counts else []
+    """0-dim int64 step counters holding `counts`, the elements of one vector. Fresh counters (all
+    zero) take no copy from the host, as torch's own lazily created state does not."""
+    if not counts:
+        return []
+    steps = torch.zeros(len(counts), dtype=torch.int64, device=device)
+    if any(counts):
+        steps.copy_(torch.tensor(list(counts), dtype=torch.int64))
+    return list(steps.unbind())
 
 
 class _Same:
