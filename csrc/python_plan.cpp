@@ -5,9 +5,10 @@
 // back on every call: for a model of many small tensors that costs more than the update. A plan
 // holds what stays the same from step to step on the C++ side: the lists (parameters, optimizer
 // state, step counters) and the settings (hyperparameters, schedule programs, the group counters'
-// tensors, clipping); a step reads the parameters' gradients itself and calls the same op through
-// the dispatcher, unboxed, with only the GradScaler's tensors passed in from Python. Under torch.compile the optimizer calls torch.ops instead
-// (fusedlr/optim.py).
+// tensors, clipping). A step reads the parameters' gradients itself and calls the same op through
+// the dispatcher, unboxed, with only the GradScaler's tensors passed in from Python; on the CPU it
+// runs the prepared step instead (cpu/prepared_step.h). Under torch.compile the optimizer calls
+// torch.ops (fusedlr/optim.py).
 
 #include <torch/extension.h>
 

@@ -393,8 +393,8 @@ def main(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(machine=machine_info(device), optimizer=args.optimizer, schedule=args.schedule,
-                           dtype=args.dtype, max_grad_norm=args.max_grad_norm, bandwidth_bytes_per_s=bandwidths, floor_bandwidth_bytes_per_s=bandwidth,
-                           presets=reports), f, indent=1)
+                           dtype=args.dtype, max_grad_norm=args.max_grad_norm, bandwidth_bytes_per_s=bandwidths,
+                           floor_bandwidth_bytes_per_s=bandwidth, presets=reports), f, indent=1)
         print(f"\nwrote {args.json}")
     if args.plot:
         write_plot(reports, args.plot)

@@ -118,33 +118,27 @@ def _packed_like(likes: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
     """A zero tensor of `dtype` with each of `likes`' shape and strides, the small ones views of
     shared packs ([note: packed state])."""
     out: list[Tensor | None] = [None] * len(likes)
-    itemsize = dtype.itemsize
-    packs: list[list[int]] = []  # indices into likes
-    current: list[int] = []
-    current_bytes = 0
+    packs: list[tuple[list[tuple[int, int]], int]] = []  # ([(index into likes, offset)], elements)
+    members: list[tuple[int, int]] = []
+    size = 0
     for i, like in enumerate(likes):
-        nbytes = -(-like.numel() // _PACK_ALIGN) * _PACK_ALIGN * itemsize
+        padded = -(-like.numel() // _PACK_ALIGN) * _PACK_ALIGN
         if not _is_dense(like):
             out[i] = torch.zeros_like(like, dtype=dtype)
-        elif nbytes >= _ALONE_BYTES:
-            packs.append([i])
+        elif padded * dtype.itemsize >= _ALONE_BYTES:
+            packs.append(([(i, 0)], padded))
         else:
-            if current_bytes + nbytes > _PACK_BYTES:
-                packs.append(current)
-                current, current_bytes = [], 0
-            current.append(i)
-            current_bytes += nbytes
-    packs.append(current)
-    for pack in packs:
-        if not pack:
-            continue
-        offsets, total = [], 0
-        for i in pack:
-            offsets.append(total)
-            total += -(-likes[i].numel() // _PACK_ALIGN) * _PACK_ALIGN
-        buffer = _zero_buffer(total, dtype, likes[pack[0]].device)
-        for i, offset in zip(pack, offsets):
-            out[i] = buffer.as_strided(likes[i].shape, likes[i].stride(), offset)
+            if (size + padded) * dtype.itemsize > _PACK_BYTES:
+                packs.append((members, size))
+                members, size = [], 0
+            members.append((i, size))
+            size += padded
+    packs.append((members, size))
+    for members, size in packs:
+        if members:
+            buffer = _zero_buffer(size, dtype, likes[members[0][0]].device)
+            for i, offset in members:
+                out[i] = buffer.as_strided(likes[i].shape, likes[i].stride(), offset)
     return out
 
 
@@ -187,8 +181,8 @@ class _Same:
 
 
 def _changes_in_place(value: Any) -> bool:
-    """Whether a hyperparameter's value could change while it stays the same object (a tensor filled
-    in place, a list): such a value is read at every step."""
+    """Whether a group's value could change while it stays the same object (a tensor filled in
+    place, a list): then the groups' settings are read by value at every step."""
     if isinstance(value, tuple):
         return any(_changes_in_place(v) for v in value)
     return not isinstance(value, (numbers.Number, Schedule, type(None)))
@@ -226,11 +220,6 @@ class _FusedOptimizer(Optimizer):
     _step_supports_amp_scaling = True
     _STATE_KEYS: tuple[str, ...]  # tensor state besides "step", in the op's argument order
     _REQUIRED_KEYS: tuple[str, ...]  # what loaded state must hold
-
-    @staticmethod
-    def _settings_of(group: dict) -> tuple:
-        """A group's hyperparameters and schedule, as set (the objects, not their float values)."""
-        raise NotImplementedError
 
     def __init__(self, params, defaults: dict, max_grad_norm: float | None, skip_nonfinite: bool,
                  master_weights: bool):
@@ -439,7 +428,9 @@ class _FusedOptimizer(Optimizer):
                 raise
             self._key = self._step_key()
         self._seen = self._objects()
-        in_place = any(_changes_in_place(value) for group in self.param_groups for value in self._settings_of(group))
+        # the params list and its names aside, a group's values are settings (or the user's own)
+        in_place = any(_changes_in_place(value) for group in self.param_groups for key, value in group.items()
+                       if key not in ("params", "param_names"))
         self._seen_hyper = self._hyper() if in_place else None
         return lists, fresh
 
@@ -695,7 +686,8 @@ class _FusedOptimizer(Optimizer):
         parameters' device, in their layout."""
         params = list(loaded)
         device = params[0].device if params else self._device
-        state = {p: {"step": step} for p, step in zip(params, _packed_steps([loaded[p]["step"] for p in params], device))}
+        steps = _packed_steps([loaded[p]["step"] for p in params], device)
+        state = {p: {"step": step} for p, step in zip(params, steps)}
         for key in self._STATE_KEYS:
             holders = [p for p in params if key in loaded[p]]
             with torch.no_grad():
@@ -750,11 +742,6 @@ class SGD(_FusedOptimizer):
 
     _STATE_KEYS = ("momentum_buffer", "master_weight")
     _REQUIRED_KEYS = ()
-
-    @staticmethod
-    def _settings_of(group: dict) -> tuple:
-        return (group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"],
-                group["maximize"], group["schedule"])
 
     def _missing_step(self, saved: dict) -> int:
         # torch's SGD state is only the momentum buffer; a buffer means at least one step was taken.
@@ -828,11 +815,6 @@ class Adam(_FusedOptimizer):
 
     _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_weight")
     _REQUIRED_KEYS = ("exp_avg", "exp_avg_sq")
-
-    @staticmethod
-    def _settings_of(group: dict) -> tuple:
-        return (group["lr"], group["betas"], group["eps"], group["weight_decay"], group["amsgrad"], group["maximize"],
-                group["decoupled_weight_decay"], group["schedule"])
 
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *,

@@ -106,6 +106,18 @@ void run_chunks(const ChunkPlan& plan, const Fn& fn) {
 constexpr int kLanes = 16;
 constexpr int kRows = 16;
 
+// Both orders end alike: the squares of grad[i, end) one by one in double, then the lanes' sums.
+template <typename math_t, typename param_t>
+double finish_sum_of_squares(const double (&lanes)[kLanes], const param_t* grad, int64_t i, int64_t end) {
+  double total = 0;
+  for (; i < end; ++i) {
+    const double x = static_cast<double>(static_cast<math_t>(grad[i]));
+    total += x * x;
+  }
+  for (int k = 0; k < kLanes; ++k) total += lanes[k];
+  return total;
+}
+
 template <typename param_t, typename math_t>
 FUSEDLR_CPU_CLONES double sum_of_squares_in_double(const param_t* __restrict__ grad, int64_t begin, int64_t end) {
   double lanes[kLanes] = {};
@@ -116,13 +128,7 @@ FUSEDLR_CPU_CLONES double sum_of_squares_in_double(const param_t* __restrict__ g
       lanes[k] += x * x;
     }
   }
-  double total = 0;
-  for (; i < end; ++i) {
-    const double x = static_cast<double>(static_cast<math_t>(grad[i]));
-    total += x * x;
-  }
-  for (int k = 0; k < kLanes; ++k) total += lanes[k];
-  return total;
+  return finish_sum_of_squares<math_t>(lanes, grad, i, end);
 }
 
 template <typename param_t>
@@ -139,13 +145,7 @@ FUSEDLR_CPU_CLONES double sum_of_squares_blocked(const param_t* __restrict__ gra
     }
     for (int k = 0; k < kLanes; ++k) lanes[k] += block[k];
   }
-  double total = 0;
-  for (; i < end; ++i) {
-    const double x = static_cast<double>(static_cast<float>(grad[i]));
-    total += x * x;
-  }
-  for (int k = 0; k < kLanes; ++k) total += lanes[k];
-  return total;
+  return finish_sum_of_squares<float>(lanes, grad, i, end);
 }
 
 template <typename param_t, typename math_t>
@@ -633,7 +633,6 @@ void PreparedCpuStep::check(size_t i) {
   check_param_tensors(op_name(optimizer_), at::kCPU, at::Device(at::kCPU), p.param, state_lists_, p.step_tensor,
                       p.group, groups_, i);
   p.dtype = p.param.scalar_type();
-  p.state_dtype = state_dtype(p.dtype);
   p.sizes.assign(p.param.sizes().begin(), p.param.sizes().end());
   p.strides.assign(p.param.strides().begin(), p.param.strides().end());
   {

@@ -48,7 +48,7 @@ class PreparedCpuStep {
     at::Tensor param, step_tensor;
     int64_t group = 0;
     bool checked = false;
-    at::ScalarType dtype = at::kFloat, state_dtype = at::kFloat;
+    at::ScalarType dtype = at::kFloat;
     c10::SmallVector<int64_t, 5> sizes, strides;
     std::array<void*, 4> state{};  // null: absent
     int64_t* step = nullptr;
