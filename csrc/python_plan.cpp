@@ -12,6 +12,7 @@
 
 #include <torch/extension.h>
 
+#include "cpu/cpu_isa.h"
 #include "cpu/prepared_step.h"
 #include "cpu/state_memory.h"
 
@@ -148,6 +149,9 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("cuda_built") = false;
 #endif
+  m.def("cpu_isa", [] { return std::string(cpu_isa_name(cpu_isa())); },
+        "The instruction set the CPU loops run (cpu/cpu_isa.h, [note: instruction sets]).");
+  m.def("cpu_isas_supported", &cpu_isas_supported, "The instruction sets this CPU can run the loops in.");
   m.def("packed_state_buffer", &packed_state_buffer, pybind11::arg("numel"), pybind11::arg("dtype"),
         "A zero CPU tensor for packed optimizer state, on huge pages where the kernel gives them on request.");
   pybind11::class_<SgdPlan> sgd_plan(m, "SgdPlan");

@@ -16,10 +16,19 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import _C, schedules
 from .optim import SGD, Adam, AdamW
 
-__all__ = ["SGD", "Adam", "AdamW", "schedules", "cuda_built"]
+__all__ = ["SGD", "Adam", "AdamW", "schedules", "cuda_built", "cpu_isa"]
 
 
 def cuda_built() -> bool:
     """Whether this build of fusedlr has its CUDA kernels."""
     return bool(_C.cuda_built)
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU loops run: "avx512", "avx2" or "default" (baseline), the best the
+    CPU has unless the environment variable FUSEDLR_CPU_ISA names one. Every version rounds alike."""
+    return _C.cpu_isa()
+
+
+cpu_isa()  # an unknown or unsupported FUSEDLR_CPU_ISA fails the import, not a step
 __version__ = "0.1.0"

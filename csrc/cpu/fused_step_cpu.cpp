@@ -20,19 +20,12 @@
 #include "../schedule_math.h"
 #include "../step_inputs.h"
 #include "../update_math.h"
+#include "cpu_isa.h"
 #include "prepared_step.h"
 
 namespace fusedlr {
 namespace {
 
-// The element loops are compiled for AVX-512, AVX2 and baseline x86-64, picked at load time by the
-// CPU. With -ffp-contract=off (setup.py) every version rounds the same: results do not depend on
-// the machine.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FUSEDLR_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FUSEDLR_CPU_CLONES
-#endif
 
 constexpr int64_t kChunkSize = int64_t{1} << 16;
 constexpr int64_t kSerialBelow = int64_t{1} << 15;
@@ -119,7 +112,7 @@ double finish_sum_of_squares(const double (&lanes)[kLanes], const param_t* grad,
 }
 
 template <typename param_t, typename math_t>
-FUSEDLR_CPU_CLONES double sum_of_squares_in_double(const param_t* __restrict__ grad, int64_t begin, int64_t end) {
+FUSEDLR_LOOP_INLINE inline double sum_of_squares_in_double(const param_t* __restrict__ grad, int64_t begin, int64_t end) {
   double lanes[kLanes] = {};
   int64_t i = begin;
   for (; i + kLanes <= end; i += kLanes) {
@@ -132,7 +125,7 @@ FUSEDLR_CPU_CLONES double sum_of_squares_in_double(const param_t* __restrict__ g
 }
 
 template <typename param_t>
-FUSEDLR_CPU_CLONES double sum_of_squares_blocked(const param_t* __restrict__ grad, int64_t begin, int64_t end) {
+FUSEDLR_LOOP_INLINE inline double sum_of_squares_blocked(const param_t* __restrict__ grad, int64_t begin, int64_t end) {
   double lanes[kLanes] = {};
   int64_t i = begin;
   for (; i + kRows * kLanes <= end; i += kRows * kLanes) {
@@ -150,13 +143,16 @@ FUSEDLR_CPU_CLONES double sum_of_squares_blocked(const param_t* __restrict__ gra
 
 template <typename param_t, typename math_t>
 double sum_of_squares(const param_t* grad, int64_t begin, int64_t end) {
-  if constexpr (std::is_same_v<math_t, double>) {
-    return sum_of_squares_in_double<param_t, math_t>(grad, begin, end);
-  } else {
-    const double blocked = sum_of_squares_blocked(grad, begin, end);
-    if (blocked >= 1e-30 && blocked <= 1e30) return blocked;
-    return sum_of_squares_in_double<param_t, math_t>(grad, begin, end);
-  }
+  double sum = 0;
+  run_for_cpu_isa([&]() FUSEDLR_LOOP_INLINE {
+    if constexpr (std::is_same_v<math_t, double>) {
+      sum = sum_of_squares_in_double<param_t, math_t>(grad, begin, end);
+    } else {
+      sum = sum_of_squares_blocked(grad, begin, end);
+      if (!(sum >= 1e-30 && sum <= 1e30)) sum = sum_of_squares_in_double<param_t, math_t>(grad, begin, end);
+    }
+  });
+  return sum;
 }
 
 // [note: no allocation]
@@ -314,7 +310,7 @@ struct SgdTensor : Job {
 };
 
 template <typename param_t, typename math_t, bool kMaster, bool kMomentum, bool kWeightDecay>
-FUSEDLR_CPU_CLONES void sgd_range(const SgdTensor& job, int64_t begin, int64_t end) {
+FUSEDLR_LOOP_INLINE inline void sgd_range(const SgdTensor& job, int64_t begin, int64_t end) {
   const ParamAccess<param_t, math_t, kMaster> param{static_cast<param_t*>(job.param), static_cast<math_t*>(job.master)};
   const param_t* __restrict__ grad = static_cast<const param_t*>(job.grad);
   math_t* __restrict__ buffer = static_cast<math_t*>(job.momentum_buffer);
@@ -333,8 +329,10 @@ void sgd_chunk(const SgdTensor& job, int64_t begin, int64_t end) {
     using Types = decltype(types);
     dispatch_bool(job.use_momentum, [&](auto momentum) {
       dispatch_bool(job.weight_decay, [&](auto weight_decay) {
-        sgd_range<typename Types::param_t, typename Types::math_t, master(), momentum(), weight_decay()>(job, begin,
-                                                                                                        end);
+        run_for_cpu_isa([&]() FUSEDLR_LOOP_INLINE {
+          sgd_range<typename Types::param_t, typename Types::math_t, master(), momentum(), weight_decay()>(job, begin,
+                                                                                                          end);
+        });
       });
     });
   });
@@ -412,7 +410,7 @@ struct AdamTensor : Job {
 };
 
 template <typename param_t, typename math_t, bool kMaster, bool kAmsgrad, bool kWeightDecay>
-FUSEDLR_CPU_CLONES void adam_range(const AdamTensor& job, int64_t begin, int64_t end) {
+FUSEDLR_LOOP_INLINE inline void adam_range(const AdamTensor& job, int64_t begin, int64_t end) {
   const ParamAccess<param_t, math_t, kMaster> param{static_cast<param_t*>(job.param), static_cast<math_t*>(job.master)};
   const param_t* __restrict__ grad = static_cast<const param_t*>(job.grad);
   math_t* __restrict__ exp_avg = static_cast<math_t*>(job.exp_avg);
@@ -437,8 +435,10 @@ void adam_chunk(const AdamTensor& job, int64_t begin, int64_t end) {
     using Types = decltype(types);
     dispatch_bool(job.scalars.amsgrad, [&](auto amsgrad) {
       dispatch_bool(job.scalars.weight_decay != 0, [&](auto weight_decay) {
-        adam_range<typename Types::param_t, typename Types::math_t, master(), amsgrad(), weight_decay()>(job, begin,
-                                                                                                        end);
+        run_for_cpu_isa([&]() FUSEDLR_LOOP_INLINE {
+          adam_range<typename Types::param_t, typename Types::math_t, master(), amsgrad(), weight_decay()>(job, begin,
+                                                                                                          end);
+        });
       });
     });
   });

@@ -1,0 +1,63 @@
+"""Steps every CPU optimizer path on fixed random inputs and saves what they leave (parameters,
+state, norms, lrs) to the file named by its argument: tests/test_cpu_isa.py runs it under each
+FUSEDLR_CPU_ISA and compares the files bitwise."""
+
+import sys
+
+import torch
+
+import fusedlr
+from fusedlr import schedules as S
+
+SIZES = (0, 1, 15, 17, 1000, 70_001)  # empty, tails, and more than one 65,536-element chunk
+
+
+def inputs(dtype, gen):
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)) for n in SIZES]
+    # a view one element into its storage: loads that are not vector-aligned
+    base = torch.randn(4_097, generator=gen, dtype=torch.float64).to(dtype)
+    params.append(torch.nn.Parameter(base[1:]))
+    return params
+
+
+def cases():
+    schedule = S.OneCycleLR(max_lr=0.05, total_steps=12)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        masters = (False, True) if dtype in (torch.bfloat16, torch.float16) else (False,)
+        for master in masters:
+            options = dict(master_weights=master)
+            yield f"sgd-{dtype}-{master}", dtype, lambda p, o=options: fusedlr.SGD(
+                p, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01, schedule=schedule, **o)
+            yield f"nesterov-{dtype}-{master}", dtype, lambda p, o=options: fusedlr.SGD(
+                p, lr=0.05, momentum=0.9, nesterov=True, max_grad_norm=2.0, **o)
+            yield f"adam-{dtype}-{master}", dtype, lambda p, o=options: fusedlr.Adam(
+                p, lr=0.01, weight_decay=0.1, amsgrad=True, schedule=schedule, max_grad_norm=5.0, **o)
+            yield f"adamw-{dtype}-{master}", dtype, lambda p, o=options: fusedlr.AdamW(
+                p, lr=0.01, betas=(0.8, 0.99), maximize=True, max_grad_norm=float("inf"), **o)
+
+
+def main(path: str) -> None:
+    saved = {}
+    for name, dtype, make in cases():
+        gen = torch.Generator().manual_seed(len(saved))
+        params = inputs(dtype, gen)
+        opt = make(params)
+        for step in range(6):
+            for p in params:
+                # gradients of mixed scales, some tiny, some large: both sums of squares run
+                scale = 10.0 ** (8 * torch.rand((), generator=gen).item() - 4)
+                p.grad = (torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+            opt.step()
+            saved[f"{name}/lr/{step}"] = opt.last_lr().clone()
+            if opt.max_grad_norm is not None:
+                saved[f"{name}/norm/{step}"] = opt.last_grad_norm().clone()
+        for i, p in enumerate(params):
+            saved[f"{name}/param/{i}"] = p.detach().clone()
+            for key, value in opt.state[p].items():
+                saved[f"{name}/{key}/{i}"] = value.clone()
+    torch.save(saved, path)
+    print(f"ran {fusedlr.cpu_isa()}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
