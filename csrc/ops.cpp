@@ -1,4 +1,5 @@
-// The op schemas of fusedlr. Kernels live in cpu/ and cuda/; fake (meta) kernels in fusedlr/_ops.py.
+// The fusedlr ops, their schemas in op_schemas.h. Kernels live in cpu/ and cuda/; fake (meta) kernels
+// in fusedlr/_ops.py.
 //
 // [note: amp]
 // grad_scale and found_inf are what torch.amp.GradScaler hands a fused optimizer: the gradients are
@@ -21,22 +22,9 @@
 
 #include <torch/library.h>
 
-TORCH_LIBRARY(fusedlr, m) {
-  m.def(
-      "sgd_step_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] master_weights, "
-      "Tensor(d!)[] steps, int[] tensor_group, float[] hyper, float[] programs, Tensor(e!) group_steps, "
-      "Tensor plateau_state, Tensor? grad_scale=None, Tensor? found_inf=None, float? max_grad_norm=None, "
-      "bool skip_nonfinite=False, Tensor(f!)? grad_norm=None) -> ()");
-  m.def(
-      "adam_step_(Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] master_weights, Tensor(f!)[] steps, int[] tensor_group, "
-      "float[] hyper, float[] programs, Tensor(g!) group_steps, Tensor plateau_state, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, float? max_grad_norm=None, bool skip_nonfinite=False, "
-      "Tensor(h!)? grad_norm=None) -> ()");
-  m.def("plateau_observe_(Tensor metric, float[] base_lrs, float[] programs, Tensor(a!) plateau_state) -> ()");
-  // [groups, 3] float64: lr, momentum, 1 where the schedule sets the momentum (else momentum is 0).
-  m.def("evaluate_schedules(float[] programs, float[] base_lrs, Tensor steps, Tensor plateau_state) -> Tensor");
-}
+#include "op_schemas.h"
+
+TORCH_LIBRARY(fusedlr, m) { fusedlr::define_ops(m); }
 
 // [note: no autograd]
 // An optimizer step is not differentiable. Autograd's fallback for custom ops would walk every

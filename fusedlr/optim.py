@@ -28,6 +28,14 @@ __all__ = ["SGD", "Adam", "AdamW"]
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+def _host_values_on(device: torch.device, values: Any, dtype: torch.dtype) -> Tensor:
+    """A tensor of host values on `device`; on a GPU copied from pinned memory, without a sync."""
+    values = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return values.pin_memory().to(device, non_blocking=True)
+    return values.to(device)
+
+
 def _state_dtype(param: Tensor) -> torch.dtype:
     """Optimizer state is float32 for low-precision parameters (csrc/step_inputs.cpp, state_dtype)."""
     return torch.float64 if param.dtype == torch.float64 else torch.float32
@@ -517,7 +525,7 @@ class _FusedOptimizer(Optimizer):
         else:
             if isinstance(metric, bool) or not isinstance(metric, numbers.Real):
                 raise ValueError(f"observe(): the metric must be a number or a one-element tensor, got {metric!r}")
-            metric = torch.tensor(float(metric), dtype=torch.float64, device=self._device)
+            metric = _host_values_on(self._device, float(metric), torch.float64)
         _ops.plateau_observe_(metric, [g["lr"] for g in self.param_groups], self._programs_now(),
                               self._plateau_state)
 
@@ -533,8 +541,7 @@ class _FusedOptimizer(Optimizer):
     def last_momentum(self) -> Tensor:
         """float64 [groups] device tensor: the momentum (SGD) or beta1 (Adam) of each group's next step."""
         values = self._schedule_values()
-        static = torch.tensor([self._static_momentum(g) for g in self.param_groups], dtype=torch.float64,
-                              device=values.device)
+        static = _host_values_on(values.device, [self._static_momentum(g) for g in self.param_groups], torch.float64)
         return torch.where(values[:, 2] != 0, values[:, 1], static)
 
     def _static_momentum(self, group: dict) -> float:

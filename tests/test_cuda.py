@@ -30,31 +30,42 @@ from test_optimizers import F64_TOL, OPTIMIZERS, VARIANTS, make_params  # noqa: 
 from test_state_dict import assert_unchanged, snapshot  # noqa: E402
 
 
+# [note: lean CUDA tests]
+# What the kernels compute is proven on every CI run without a GPU: the CPU tests hold the shared
+# math to torch for every schedule and option, and tests/test_cuda_emulation.py runs these very
+# kernels on the CPU, bitwise against the CPU backend. A GPU's time is scarce, so the tests here
+# check what only a GPU shows (the kernels on the device, streams, graphs, syncs, compile) over a
+# few schedules each, short runs compared every 20 steps, and leave the rest to those.
+SCHEDULES_ON_CUDA = ["none", "OneCycleLR", "CosineAnnealingWarmRestarts", "CyclicLR-exp_range", "SequentialLR",
+                     "StepLR-per-epoch"]
+
+
 def run_parity(*args, **kwargs):
     """tests/test_optimizers.py's parity run on CUDA, against torch on CUDA and fusedlr on the CPU."""
     kwargs.setdefault("cpu_tol", F64_CPU_TOL)
-    test_optimizers.run_parity(*args, device=CUDA, compare_every=50, **kwargs)
+    kwargs.setdefault("steps", 60)
+    test_optimizers.run_parity(*args, device=CUDA, compare_every=20, **kwargs)
 
 
 def test_cuda_kernels_are_built():
     assert fusedlr.cuda_built()
 
 
-@pytest.mark.parametrize("schedule", list(SCHEDULES))
+@pytest.mark.parametrize("schedule", SCHEDULES_ON_CUDA)
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-def test_parity_every_schedule_and_optimizer(optimizer, schedule):
+def test_parity_every_optimizer(optimizer, schedule):
     fused_cls, torch_cls, kwargs = OPTIMIZERS[optimizer]
     run_parity(fused_cls, torch_cls, kwargs, SCHEDULES[schedule])
 
 
-@pytest.mark.parametrize("schedule", ["none", "OneCycleLR", "CyclicLR-triangular2", "SequentialLR"])
+@pytest.mark.parametrize("schedule", ["OneCycleLR", "SequentialLR"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_parity_variants(variant, schedule):
     fused_cls, torch_cls, kwargs = VARIANTS[variant]
     run_parity(fused_cls, torch_cls, kwargs, SCHEDULES[schedule])
 
 
-@pytest.mark.parametrize("schedule", ["OneCycleLR", "CosineAnnealingWarmRestarts", "SequentialLR"])
+@pytest.mark.parametrize("schedule", ["OneCycleLR"])
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS) + ["adamw-amsgrad"])
 def test_parity_float32(optimizer, schedule):
     fused_cls, torch_cls, kwargs = {**OPTIMIZERS, **VARIANTS}[optimizer]
@@ -213,28 +224,41 @@ def test_reduce_on_plateau_with_a_device_metric(metric_dtype):
 
 
 def test_step_and_observe_do_not_sync_with_the_host():
+    """Steps (plain, clipped, under GradScaler), observe() of a tensor and of a float, last_lr(),
+    last_momentum() and last_grad_norm() under torch's sync debug mode: any sync raises."""
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)).to(CUDA)
     opts = [fusedlr.AdamW(model.parameters(), lr=1e-3, schedule=S.OneCycleLR(max_lr=1e-3, total_steps=100)),
             fusedlr.SGD(model.parameters(), lr=1e-3, momentum=0.9, schedule=S.ReduceLROnPlateau(patience=0),
                         max_grad_norm=1.0, skip_nonfinite=True)]
+    scaled_opt = fusedlr.Adam(model.parameters(), lr=1e-3, schedule=S.CyclicLR(base_lr=1e-4, max_lr=1e-3))
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 8)
     x = torch.randn(16, 32, device=CUDA)
-    lrs = []
+    lrs, momenta = [], []
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(10):
+        for k in range(10):
             loss = model(x).square().mean()
             loss.backward()
             for opt in opts:
                 opt.step()
-            opts[1].observe(loss.detach())
+            opts[1].observe(loss.detach() if k % 2 else 0.5 + k)
             opts[0].zero_grad()
             lrs.append(opts[0].last_lr())
+            momenta.append(scaled_opt.last_momentum())
             norm = opts[1].last_grad_norm()
+            with torch.autocast("cuda", dtype=torch.float16):
+                scaled_loss = scaler.scale(model(x).square().mean())
+            scaled_loss.backward()
+            scaler.step(scaled_opt)
+            scaler.update()
+            scaled_opt.zero_grad()
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert opts[0].schedule_steps().tolist() == [10] and opts[1].schedule_steps().tolist() == [10]
     assert len({float(lr[0]) for lr in lrs}) == 10
+    assert len({float(m[0]) for m in momenta}) > 1  # CyclicLR cycles the momentum
     assert math.isfinite(float(norm))
+    assert scaled_opt.schedule_steps().tolist() == [10]
 
 
 def mlp():
@@ -245,11 +269,11 @@ def mlp():
 
 @pytest.mark.parametrize("options", [{}, dict(max_grad_norm=0.05, skip_nonfinite=True)])
 def test_cuda_graph_capture_and_replay(options):
-    """Forward, backward and opt.step() captured once and replayed 1000 times: the schedule follows
+    """Forward, backward and opt.step() captured once and replayed 100 times: the schedule follows
     the device step counter, and the parameters equal an eager run's (with clipping too)."""
-    schedule = S.SequentialLR([S.LinearLR(start_factor=0.01, total_iters=100),
-                               S.CosineAnnealingLR(T_max=1000, eta_min=1e-5)], milestones=[100])
-    lr, warmup, replays = 1e-3, 3, 1000
+    schedule = S.SequentialLR([S.LinearLR(start_factor=0.01, total_iters=20),
+                               S.CosineAnnealingLR(T_max=100, eta_min=1e-5)], milestones=[20])
+    lr, warmup, replays = 1e-3, 3, 100
     model, eager_model = mlp(), mlp()
     opt = fusedlr.AdamW(model.parameters(), lr=lr, weight_decay=0.01, schedule=schedule, **options)
     eager_opt = fusedlr.AdamW(eager_model.parameters(), lr=lr, weight_decay=0.01, schedule=schedule, **options)
@@ -274,7 +298,7 @@ def test_cuda_graph_capture_and_replay(options):
     assert opt.schedule_steps().tolist() == [warmup]  # capture runs nothing
     for r in range(replays):
         graph.replay()
-        if (r + 1) % 100 == 0:
+        if (r + 1) % 10 == 0:
             t = warmup + r + 1
             assert float(opt.last_lr()[0]) == pytest.approx(schedule(t, lr), rel=1e-12), t
     torch.cuda.synchronize()
@@ -332,7 +356,7 @@ RESUME_OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("schedule", list(SCHEDULES) + ["ReduceLROnPlateau"])
+@pytest.mark.parametrize("schedule", ["OneCycleLR", "CyclicLR-triangular2", "SequentialLR", "ReduceLROnPlateau"])
 @pytest.mark.parametrize("optimizer", list(RESUME_OPTIMIZERS))
 def test_resume_is_bitwise_identical(optimizer, schedule):
     s = PLATEAU if schedule == "ReduceLROnPlateau" else SCHEDULES[schedule]

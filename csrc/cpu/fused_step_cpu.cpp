@@ -245,12 +245,23 @@ void advance_group_counters(const at::Tensor& group_steps, const std::vector<Job
   }
 }
 
+// An inference tensor has no version counter (check_param_tensors allows one in inference mode,
+// which the pool's threads do not inherit).
+void bump_version(const Job& job) {
+  if (job.param_impl->version_counter().enabled()) job.param_impl->bump_version();
+}
+
 void advance_tensor_counters(const Job& job) {
   // atomic: tensors passed to the op may share a step counter
   __atomic_fetch_add(job.step, int64_t{1}, __ATOMIC_RELAXED);
-  // An inference tensor has no version counter (check_param_tensors allows one in inference mode,
-  // which the pool's threads do not inherit).
-  if (job.param_impl->version_counter().enabled()) job.param_impl->bump_version();
+  bump_version(job);
+}
+
+// A skipped step changes no value, but bumps the versions as a step that runs does: on CUDA whether
+// a step is skipped is known on the device only (cuda/step_host.h, [note: versions on the device]).
+template <typename JobT>
+void bump_versions_of_skipped_step(const std::vector<JobT>& jobs) {
+  for (const JobT& job : jobs) bump_version(job);
 }
 
 // A job's common part from the op's lists: parameter i with the gradient data the checks returned.
@@ -354,7 +365,10 @@ void sgd_run(const char* op, std::vector<SgdTensor>& jobs, c10::ArrayRef<double>
   }
   plan_chunks(jobs, scratch.plan);
   const StepControl control = control_step(options, scratch, jobs);
-  if (control.skip) return;
+  if (control.skip) {
+    bump_versions_of_skipped_step(jobs);
+    return;
+  }
   for (SgdTensor& job : jobs) {
     job.scalars = scalars_of(job, control.adjust);
     job.use_momentum = job.scalars.momentum != 0;
@@ -457,7 +471,10 @@ void adam_run(const char* op, std::vector<AdamTensor>& jobs, c10::ArrayRef<doubl
   evaluate_groups(hyper, adam_slot::kCount, adam_slot::kLr, programs, group_steps, plateau_state, scratch.schedule);
   plan_chunks(jobs, scratch.plan);
   const StepControl control = control_step(options, scratch, jobs);
-  if (control.skip) return;
+  if (control.skip) {
+    bump_versions_of_skipped_step(jobs);
+    return;
+  }
   // Consecutive tensors of a group usually share their step count: reuse the powers.
   int64_t last_group = -1, last_step = -1;
   AdamScalars last_scalars{};

@@ -1,0 +1,367 @@
+#pragma once
+// The host side of the CUDA step: checks, the launch tables and the order of the kernels, for any
+// Launcher, the thing that runs a kernel on a grid:
+//
+//   struct Launcher {
+//     static constexpr at::DeviceType kDeviceType;  // where the tensors of a call must be
+//     explicit Launcher(const at::Device&);         // the device (guard) the kernels run on
+//     int multiprocessors() const;
+//     template <typename... Params, typename... Args>
+//     void operator()(void (*kernel)(Params...), int blocks, int threads, const Args&... args) const;
+//   };
+//
+// fused_step_cuda.cu launches on the current CUDA stream; csrc/emulation/emulated_ops.cpp runs the
+// same kernels on the CPU ([note: emulated blocks]).
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "../schedule_math.h"
+#include "../step_inputs.h"
+#include "../update_math.h"
+#include "step_kernels.cuh"
+
+namespace fusedlr {
+namespace cuda_step {
+
+inline void check_capacity(const char* op, int64_t groups, c10::ArrayRef<double> programs) {
+  TORCH_CHECK(groups <= kMaxGroups, op, ": the CUDA kernels take at most ", kMaxGroups, " param groups, got ",
+              groups);
+  TORCH_CHECK(programs.size() <= static_cast<size_t>(kMaxProgram), op,
+              ": the CUDA kernels take schedule programs of at most ", kMaxProgram, " values, got ", programs.size(),
+              " (groups that share one schedule object share its program)");
+}
+
+inline void fill_programs(double* out, c10::ArrayRef<double> programs) {
+  for (int k = 0; k < kMaxProgram; ++k) out[k] = k < static_cast<int>(programs.size()) ? programs[k] : 0.0;
+}
+
+// The gradient options of a step on the device: the AMP inputs in double, as the CPU reads them (a
+// conversion, if any, is a device op, not a sync), and the norm tensor.
+struct DeviceGradOptions {
+  at::Tensor grad_scale, found_inf;  // undefined when absent
+  double* grad_norm;                 // null: no norm
+  std::optional<double> max_grad_norm;
+  bool skip_nonfinite;
+
+  explicit DeviceGradOptions(const GradOptions& o)
+      : grad_scale(GradOptions::given(o.grad_scale) ? o.grad_scale->to(at::kDouble).contiguous() : at::Tensor()),
+        found_inf(GradOptions::given(o.found_inf) ? o.found_inf->to(at::kDouble).contiguous() : at::Tensor()),
+        grad_norm(o.wants_norm() ? o.grad_norm->mutable_data_ptr<double>() : nullptr),
+        max_grad_norm(o.max_grad_norm),
+        skip_nonfinite(o.skip_nonfinite) {}
+
+  const double* scale_ptr() const { return grad_scale.defined() ? grad_scale.const_data_ptr<double>() : nullptr; }
+  const double* inf_ptr() const { return found_inf.defined() ? found_inf.const_data_ptr<double>() : nullptr; }
+};
+
+inline GroupTable group_table(c10::ArrayRef<double> hyper, c10::ArrayRef<double> programs, const at::Tensor& group_steps,
+                       const at::Tensor& plateau_state, const DeviceGradOptions& options) {
+  GroupTable table{};
+  for (size_t k = 0; k < hyper.size(); ++k) table.hyper[k] = hyper[k];
+  fill_programs(table.programs, programs);
+  table.group_steps = group_steps.const_data_ptr<int64_t>();
+  table.plateau_state = plateau_state.const_data_ptr<double>();
+  table.grad_scale = options.scale_ptr();
+  table.found_inf = options.inf_ptr();
+  table.grad_norm = options.grad_norm;
+  table.clip = options.max_grad_norm.has_value();
+  table.max_grad_norm = options.max_grad_norm.value_or(0.0);
+  table.skip_nonfinite = options.skip_nonfinite;
+  return table;
+}
+
+// Whether the schedule of `group` may set the momentum at some step: a OneCycleLR or CyclicLR node
+// that cycles it anywhere below the group's root. The momentum a step uses is known on the device
+// only, so the host check that a momentum buffer exists must assume it.
+inline bool schedule_may_set_momentum(c10::ArrayRef<double> programs, int64_t group) {
+  auto value_at = [&](int64_t index) {
+    TORCH_CHECK(index >= 0 && index < static_cast<int64_t>(programs.size()),
+                "fusedlr: malformed schedule program of group ", group);
+    return programs[index];
+  };
+  std::vector<int64_t> pending{as_int(value_at(group))};
+  for (int visited = 0; !pending.empty(); ++visited) {
+    TORCH_CHECK(visited < kMaxProgram, "fusedlr: malformed schedule program of group ", group);
+    const int64_t node = pending.back();
+    pending.pop_back();
+    const int64_t args = node + kNodeHeader;
+    switch (static_cast<ScheduleKind>(static_cast<int>(value_at(node)))) {
+      case ScheduleKind::kOneCycleLR:
+        if (value_at(args + one_cycle_arg::kCycleMomentum) != 0) return true;
+        break;
+      case ScheduleKind::kCyclicLR:
+        if (value_at(args + cyclic_arg::kCycleMomentum) != 0) return true;
+        break;
+      case ScheduleKind::kSequentialLR: {
+        const int64_t count = as_int(value_at(args + sequential_arg::kCount));
+        const int64_t children = args + sequential_arg::kFirstMilestone + count - 1;
+        for (int64_t k = 0; k < count; ++k) pending.push_back(as_int(value_at(children + k)));
+        break;
+      }
+      default:
+        break;
+    }
+  }
+  return false;
+}
+
+
+inline void* data_or_null(const at::Tensor& t) {
+  return t.numel() == 0 ? nullptr : t.mutable_data_ptr();
+}
+
+template <typename Args>
+struct Launch {
+  at::ScalarType dtype;
+  Args args;
+};
+
+// What a step launches: the active tensors by dtype, each dtype in tables of at most the table's
+// capacity, and the norm's per-chunk sums where the step computes the norm. Planned in full
+// before any kernel runs, so that nothing fails once one has.
+template <typename Args>
+struct StepPlan {
+  std::vector<Launch<Args>> launches;
+  at::Tensor partial;  // undefined: no norm
+
+  static int32_t chunks_of(const Launch<Args>& launch) {
+    const auto& t = launch.args.tensors;
+    return t.chunk_end[t.count - 1];
+  }
+};
+
+template <typename Args, size_t kStates>
+StepPlan<Args> plan_step(const ActiveTensors& active, at::TensorList params,
+                         const std::array<at::TensorList, kStates>& states, at::TensorList steps,
+                         at::IntArrayRef tensor_group, const GroupTable& groups, const at::Tensor& group_steps) {
+  constexpr int kCapacity = decltype(Args::tensors)::capacity;
+  StepPlan<Args> plan;
+  auto& launches = plan.launches;
+  launches.reserve(active.index.size() / kCapacity + 4);
+  for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble}) {
+    Launch<Args>* launch = nullptr;
+    for (size_t j = 0; j < active.index.size(); ++j) {
+      const int64_t i = active.index[j];
+      const at::Tensor& param = params[i];
+      if (param.scalar_type() != dtype) continue;
+      if (launch == nullptr || launch->args.tensors.count == kCapacity) {
+        launches.emplace_back();
+        launch = &launches.back();
+        launch->dtype = dtype;
+        launch->args.groups = groups;
+        launch->args.tensors.count = 0;
+      }
+      auto& t = launch->args.tensors;
+      const int n = t.count++;
+      t.param[n] = data_or_null(param);
+      t.grad[n] = active.grad_data[j];
+      for (size_t k = 0; k < kStates; ++k) t.state[k][n] = data_or_null(states[k][i]);
+      t.step[n] = steps[i].mutable_data_ptr<int64_t>();
+      t.numel[n] = param.numel();
+      t.group[n] = static_cast<uint8_t>(tensor_group[i]);
+      const int32_t chunks = static_cast<int32_t>((param.numel() + kChunkSize - 1) / kChunkSize);
+      t.chunk_end[n] = (n == 0 ? 0 : t.chunk_end[n - 1]) + chunks;
+    }
+  }
+  if (groups.grad_norm != nullptr) {
+    int64_t total_chunks = 0;
+    for (const auto& launch : launches) total_chunks += StepPlan<Args>::chunks_of(launch);
+    plan.partial = at::empty({total_chunks}, group_steps.options().dtype(at::kDouble));
+  }
+  return plan;
+}
+
+// Runs a step's plan: the norm kernels where the step computes the norm ([note: norm kernels]),
+// each main launch, then the counter kernels ([note: counters]).
+template <typename Launcher, typename Args, typename SumKernelOf, typename MainKernelOf>
+void run_step(const Launcher& launcher, const StepPlan<Args>& plan, const at::Tensor& group_steps,
+              const DeviceGradOptions& options, const SumKernelOf& sum_kernel_of, const MainKernelOf& main_kernel_of) {
+  const auto& launches = plan.launches;
+  const int multiprocessors = launcher.multiprocessors();
+  const at::Tensor& partial_sums = plan.partial;
+  if (partial_sums.defined()) {
+    double* partial = partial_sums.mutable_data_ptr<double>();
+    int32_t first_chunk = 0;
+    for (const auto& launch : launches) {
+      const int32_t chunks = StepPlan<Args>::chunks_of(launch);
+      if (chunks > 0) {
+        launcher(sum_kernel_of(launch.dtype), std::min(chunks, multiprocessors * kSumBlocksPerSm), kThreads,
+                 launch.args, partial, first_chunk);
+      }
+      first_chunk += chunks;
+    }
+    launcher(grad_norm_kernel, 1, kNormThreads, static_cast<const double*>(partial), first_chunk,
+             options.scale_ptr(), options.grad_norm);
+  }
+  for (const auto& launch : launches) {
+    const int32_t chunks = StepPlan<Args>::chunks_of(launch);
+    if (chunks > 0) {
+      launcher(main_kernel_of(launch.dtype), std::min(chunks, multiprocessors * kBlocksPerSm), kThreads, launch.args);
+    }
+  }
+  auto advance_counters = [&](const Launch<Args>* launch, bool last) {
+    CounterArgs counters{};
+    counters.found_inf = options.inf_ptr();
+    counters.grad_norm = options.grad_norm;
+    counters.skip_nonfinite = options.skip_nonfinite;
+    counters.count = launch != nullptr ? launch->args.tensors.count : 0;
+    for (int n = 0; n < counters.count; ++n) counters.step[n] = launch->args.tensors.step[n];
+    counters.group_steps = last ? group_steps.mutable_data_ptr<int64_t>() : nullptr;
+    counters.groups = last ? static_cast<int32_t>(group_steps.numel()) : 0;
+    launcher(advance_counters_kernel, 1, kCounterThreads, counters);
+  };
+  if (launches.empty()) advance_counters(nullptr, true);
+  for (size_t l = 0; l < launches.size(); ++l) advance_counters(&launches[l], l + 1 == launches.size());
+}
+
+// The kernel instances of a launch's dtype.
+template <typename Args>
+auto grad_sum_kernel_of(at::ScalarType dtype) {
+  using Table = decltype(Args::tensors);
+  void (*kernel)(const Args, double*, int32_t) = nullptr;
+  dispatch_param_dtype(dtype, [&](auto types) {
+    using Types = decltype(types);
+    kernel = grad_sum_kernel<Table::states, Table::capacity, typename Types::param_t, typename Types::math_t>;
+  });
+  return kernel;
+}
+
+inline auto sgd_kernel_of(at::ScalarType dtype) {
+  void (*kernel)(const SgdArgs) = nullptr;
+  dispatch_param_dtype(dtype, [&](auto types) {
+    using Types = decltype(types);
+    kernel = sgd_kernel<typename Types::param_t, typename Types::math_t>;
+  });
+  return kernel;
+}
+
+inline auto adam_kernel_of(at::ScalarType dtype) {
+  void (*kernel)(const AdamArgs) = nullptr;
+  dispatch_param_dtype(dtype, [&](auto types) {
+    using Types = decltype(types);
+    kernel = adam_kernel<typename Types::param_t, typename Types::math_t>;
+  });
+  return kernel;
+}
+
+// [note: versions on the device]
+// Whether a step is skipped (found_inf, a non-finite norm) is known on the device only, so the
+// version counter of every parameter the step may update is bumped when its kernels are
+// launched, skipped or not; the CPU does the same (cpu/fused_step_cpu.cpp).
+template <typename Launcher>
+void sgd_step(at::TensorList params, const OptionalTensorList& grads, at::TensorList momentum_buffers,
+              at::TensorList master_weights, at::TensorList steps, at::IntArrayRef tensor_group,
+              c10::ArrayRef<double> hyper, c10::ArrayRef<double> programs, const at::Tensor& group_steps,
+              const at::Tensor& plateau_state, const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& found_inf, std::optional<double> max_grad_norm, bool skip_nonfinite,
+              const std::optional<at::Tensor>& grad_norm) {
+  const char* op = "fusedlr.sgd_step_";
+  const ActiveTensors active =
+      check_step_inputs(op, Launcher::kDeviceType, params, grads, sgd_state_lists(momentum_buffers, master_weights),
+                        steps, tensor_group, hyper, sgd_slot::kCount, programs, group_steps, plateau_state);
+  const int64_t groups = static_cast<int64_t>(hyper.size()) / sgd_slot::kCount;
+  check_capacity(op, groups, programs);
+  std::vector<int8_t> may_use_momentum(groups, -1);
+  for (const int64_t i : active.index) {
+    const int64_t g = tensor_group[i];
+    if (may_use_momentum[g] < 0) {
+      may_use_momentum[g] =
+          hyper[g * sgd_slot::kCount + sgd_slot::kMomentum] != 0 || schedule_may_set_momentum(programs, g);
+    }
+    TORCH_CHECK(!may_use_momentum[g] || momentum_buffers[i].numel() == params[i].numel(), op, ": parameter ", i,
+                " is in a group with momentum (or a schedule that cycles it) but has no momentum_buffer");
+  }
+  const GradOptions options{grad_scale, found_inf, max_grad_norm, skip_nonfinite, grad_norm};
+  check_grad_options(op, group_steps.device(), options);
+  const Launcher launcher(group_steps.device());
+  const DeviceGradOptions device_options(options);
+  const auto plan = plan_step<SgdArgs, 2>(active, params, {momentum_buffers, master_weights}, steps, tensor_group,
+                                          group_table(hyper, programs, group_steps, plateau_state, device_options),
+                                          group_steps);
+  bump_versions(active, params);
+  run_step(launcher, plan, group_steps, device_options, grad_sum_kernel_of<SgdArgs>, sgd_kernel_of);
+}
+
+template <typename Launcher>
+void adam_step(at::TensorList params, const OptionalTensorList& grads, at::TensorList exp_avgs,
+               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList master_weights,
+               at::TensorList steps, at::IntArrayRef tensor_group, c10::ArrayRef<double> hyper,
+               c10::ArrayRef<double> programs, const at::Tensor& group_steps, const at::Tensor& plateau_state,
+               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+               std::optional<double> max_grad_norm, bool skip_nonfinite, const std::optional<at::Tensor>& grad_norm) {
+  const char* op = "fusedlr.adam_step_";
+  const ActiveTensors active = check_step_inputs(
+      op, Launcher::kDeviceType, params, grads, adam_state_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_weights),
+      steps, tensor_group, hyper, adam_slot::kCount, programs, group_steps, plateau_state);
+  check_capacity(op, static_cast<int64_t>(hyper.size()) / adam_slot::kCount, programs);
+  for (const int64_t i : active.index) {
+    const bool amsgrad = hyper[tensor_group[i] * adam_slot::kCount + adam_slot::kAmsgrad] != 0;
+    TORCH_CHECK(!amsgrad || max_exp_avg_sqs[i].numel() == params[i].numel(), op, ": parameter ", i,
+                " is in an amsgrad group but has no max_exp_avg_sq");
+  }
+  const GradOptions options{grad_scale, found_inf, max_grad_norm, skip_nonfinite, grad_norm};
+  check_grad_options(op, group_steps.device(), options);
+  const Launcher launcher(group_steps.device());
+  const DeviceGradOptions device_options(options);
+  const auto plan = plan_step<AdamArgs, 4>(active, params, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_weights},
+                                           steps, tensor_group,
+                                           group_table(hyper, programs, group_steps, plateau_state, device_options),
+                                           group_steps);
+  bump_versions(active, params);
+  run_step(launcher, plan, group_steps, device_options, grad_sum_kernel_of<AdamArgs>, adam_kernel_of);
+}
+
+inline ScheduleArgs schedule_args(const char* op, c10::ArrayRef<double> programs, c10::ArrayRef<double> base_lrs) {
+  check_capacity(op, static_cast<int64_t>(base_lrs.size()), programs);
+  ScheduleArgs args{};
+  fill_programs(args.programs, programs);
+  for (size_t g = 0; g < base_lrs.size(); ++g) args.base_lrs[g] = base_lrs[g];
+  args.groups = static_cast<int32_t>(base_lrs.size());
+  return args;
+}
+
+template <typename Launcher>
+void plateau_observe(const at::Tensor& metric, c10::ArrayRef<double> base_lrs, c10::ArrayRef<double> programs,
+                     const at::Tensor& plateau_state) {
+  const char* op = "fusedlr.plateau_observe_";
+  const int64_t groups = static_cast<int64_t>(base_lrs.size());
+  TORCH_CHECK(metric.numel() == 1 && metric.is_floating_point(), op,
+              ": the metric must be a one-element floating-point tensor, got ", metric.scalar_type(), " of shape ",
+              metric.sizes());
+  TORCH_CHECK(plateau_state.device().type() == Launcher::kDeviceType && metric.device() == plateau_state.device(), op,
+              ": the metric is on ", metric.device(), " but plateau_state on ", plateau_state.device(),
+              "; they must be on one device");
+  check_schedule_inputs(op, programs, groups, plateau_state);
+  const ScheduleArgs args = schedule_args(op, programs, base_lrs);
+  const Launcher launcher(plateau_state.device());
+  if (groups == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, metric.scalar_type(), "plateau_observe", [&] {
+    launcher(plateau_observe_kernel<scalar_t>, 1, kMaxGroups, args, metric.const_data_ptr<scalar_t>(),
+             plateau_state.mutable_data_ptr<double>());
+  });
+}
+
+template <typename Launcher>
+at::Tensor evaluate_schedules(c10::ArrayRef<double> programs, c10::ArrayRef<double> base_lrs, const at::Tensor& steps,
+                              const at::Tensor& plateau_state) {
+  const char* op = "fusedlr.evaluate_schedules";
+  const int64_t groups = static_cast<int64_t>(base_lrs.size());
+  check_schedule_inputs(op, programs, groups, steps, plateau_state);
+  const ScheduleArgs args = schedule_args(op, programs, base_lrs);
+  const Launcher launcher(plateau_state.device());
+  at::Tensor out = at::empty({groups, 3}, plateau_state.options());
+  if (groups == 0) return out;
+  launcher(evaluate_schedules_kernel, 1, kMaxGroups, args, steps.const_data_ptr<int64_t>(),
+           plateau_state.const_data_ptr<double>(), out.mutable_data_ptr<double>());
+  return out;
+}
+
+}  // namespace cuda_step
+}  // namespace fusedlr

@@ -1,0 +1,455 @@
+#pragma once
+// The device side of the CUDA step: the tables a launch takes by value and the kernels. nvcc compiles
+// it for the GPU (fused_step_cuda.cu); a host compiler, with csrc/emulation/cuda_shim.h included
+// first, for the emulation that runs it on the CPU in the test suite. The host side that plans and
+// launches the kernels is step_host.h, the same for both.
+//
+// [note: multi-tensor apply]
+// One launch updates up to kSgdCapacity or kAdamCapacity tensors of one dtype, with flags (momentum,
+// weight decay, amsgrad) that may differ per tensor: a block picks the template instance of the
+// element loop for each chunk, as the CPU kernels do. Everything a launch needs travels by
+// value in the kernel arguments (__grid_constant__, read through the constant cache): each group's
+// hyperparameters and schedule program, and per tensor its data pointers, size, group and step
+// counter. Tensors are cut into chunks of kChunkSize elements; chunk_end[i] counts the chunks of
+// tensors 0..i, and a block finds the tensor of its chunk by binary search, grid-striding over all
+// chunks of the launch. A block evaluates its group's schedule from the device counters and the
+// tensor's scalars in double, as the CPU kernels do, then updates the chunk.
+//
+// [note: counters]
+// Every block reads the step counters; none writes them. After the last main launch of a step, one
+// one-block kernel per main launch advances the step counters of that launch's tensors, and the
+// last of them also the group counters. Kernels of one stream run in order, so no block sees an
+// advanced counter, not even when two launches (two dtypes, or more tensors than a table holds)
+// share one: as on the CPU, every count is read before any is advanced. A model whose tensors
+// share one dtype and fit one table thus takes two launches per step; more launches only for more
+// dtypes or tables. There is no host sync anywhere, so a step can be captured in a CUDA graph.
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "../schedule_math.h"
+#include "../update_math.h"
+
+namespace fusedlr {
+namespace cuda_step {
+
+// Capacities of the tables a launch takes by value. A step over more groups or a longer program
+// is refused (TORCH_CHECK) before anything changes; more tensors take more launches.
+constexpr int kMaxGroups = 32;
+constexpr int kMaxProgram = 512;  // doubles of the `programs` argument
+constexpr int kMaxHyperSlots = std::max<int>(adam_slot::kCount, sgd_slot::kCount);
+constexpr int kSgdCapacity = 448;  // tensors per launch
+constexpr int kAdamCapacity = 320;
+constexpr size_t kMaxArgBytes = 30000;  // the limit is 32764 (CUDA 12.1+, sm_70+)
+
+constexpr int kThreads = 256;
+constexpr int kBlocksPerSm = 3;
+constexpr int64_t kChunkSize = 65536;  // a multiple of every vector width
+constexpr int kCounterThreads = 512;
+constexpr int kNormThreads = 512;
+
+// Per-group inputs of a launch.
+struct GroupTable {
+  double hyper[kMaxGroups * kMaxHyperSlots];
+  double programs[kMaxProgram];
+  const int64_t* group_steps;
+  const double* plateau_state;
+  // As the CPU reads them: in double (the caller converts them on the device).
+  const double* grad_scale;  // null: the gradients are not scaled (ops.cpp, [note: amp])
+  const double* found_inf;   // null, or nonzero to skip the step
+  const double* grad_norm;  // null: no norm is computed (ops.cpp, [note: norm and master weights])
+  double max_grad_norm;
+  bool clip;
+  bool skip_nonfinite;
+};
+
+// Per tensor of a launch; kStates state lists (a momentum buffer; exp_avg, exp_avg_sq, max_exp_avg_sq),
+// then the master weight.
+template <int kStates, int kCapacity>
+struct TensorTable {
+  static constexpr int states = kStates;
+  static constexpr int capacity = kCapacity;
+  void* param[kCapacity];
+  const void* grad[kCapacity];
+  void* state[kStates][kCapacity];  // null: no such state
+  int64_t* step[kCapacity];
+  int64_t numel[kCapacity];
+  int32_t chunk_end[kCapacity];
+  uint8_t group[kCapacity];
+  int32_t count;
+};
+
+template <int kStates, int kCapacity>
+struct StepArgs {
+  GroupTable groups;
+  TensorTable<kStates, kCapacity> tensors;
+};
+
+using SgdArgs = StepArgs<2, kSgdCapacity>;
+using AdamArgs = StepArgs<4, kAdamCapacity>;
+static_assert(sizeof(SgdArgs) <= kMaxArgBytes && sizeof(AdamArgs) <= kMaxArgBytes, "kernel arguments too large");
+static_assert(kMaxGroups <= 256, "group indices are uint8_t");
+
+struct CounterArgs {
+  const double* found_inf;
+  const double* grad_norm;
+  bool skip_nonfinite;
+  int64_t* step[kCounterThreads];
+  int32_t count;
+  int64_t* group_steps;  // null but for the last launch of a step
+  int32_t groups;
+};
+static_assert(kSgdCapacity <= kCounterThreads && kAdamCapacity <= kCounterThreads && kMaxGroups <= kCounterThreads,
+              "one counter thread per tensor and per group");
+
+// The schedule arguments of the two schedule ops.
+struct ScheduleArgs {
+  double programs[kMaxProgram];
+  double base_lrs[kMaxGroups];
+  int32_t groups;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Device side
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <typename V, typename T>
+__device__ __forceinline__ bool is_aligned(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % alignof(V) == 0;
+}
+
+// Calls fn(std::bool_constant<a>{}, std::bool_constant<b>{}): runtime flags, uniform across a block,
+// to template arguments.
+template <typename Fn>
+__device__ __forceinline__ void dispatch_flags(bool a, bool b, const Fn& fn) {
+  if (a) {
+    if (b) fn(std::true_type{}, std::true_type{});
+    else fn(std::true_type{}, std::false_type{});
+  } else {
+    if (b) fn(std::false_type{}, std::true_type{});
+    else fn(std::false_type{}, std::false_type{});
+  }
+}
+
+constexpr int kMaxStates = 3;  // the update's states; the master weight is apart
+
+// update(param, grad, states) on elements [begin, end) of one tensor, each thread a strided share.
+// The first kStates of `state` are read and written. With kMaster the parameter is read from its
+// master copy, and both are written (ops.cpp, [note: norm and master weights]). 16-byte accesses of
+// the math type (and kVec elements of the parameter type) when every pointer allows them, else one
+// element at a time.
+template <typename param_t, typename math_t, int kStates, bool kMaster, typename Update>
+__device__ __forceinline__ void update_range(param_t* __restrict__ param, const param_t* __restrict__ grad,
+                                             math_t* const* state, math_t* __restrict__ master, int64_t begin,
+                                             int64_t end, const Update& update) {
+  constexpr int kVec = 16 / sizeof(math_t);
+  using ParamVec = Vec<param_t, kVec>;
+  using StateVec = Vec<math_t, kVec>;
+  bool aligned = is_aligned<ParamVec>(param) && is_aligned<ParamVec>(grad);
+#pragma unroll
+  for (int s = 0; s < kStates; ++s) aligned = aligned && is_aligned<StateVec>(state[s]);
+  if (kMaster) aligned = aligned && is_aligned<StateVec>(master);
+  int64_t scalar_begin = begin;
+  if (aligned) {
+    const int64_t vectors = (end - begin) / kVec;
+    for (int64_t v = threadIdx.x; v < vectors; v += blockDim.x) {
+      const int64_t at = begin + v * kVec;
+      ParamVec p;
+      StateVec m;
+      if (kMaster) m = *reinterpret_cast<const StateVec*>(master + at);
+      else p = *reinterpret_cast<const ParamVec*>(param + at);
+      const ParamVec g = *reinterpret_cast<const ParamVec*>(grad + at);
+      StateVec s[kMaxStates];
+#pragma unroll
+      for (int k = 0; k < kStates; ++k) s[k] = *reinterpret_cast<const StateVec*>(state[k] + at);
+#pragma unroll
+      for (int lane = 0; lane < kVec; ++lane) {
+        math_t value = kMaster ? m.v[lane] : static_cast<math_t>(p.v[lane]);
+        math_t lane_state[kMaxStates];
+#pragma unroll
+        for (int k = 0; k < kStates; ++k) lane_state[k] = s[k].v[lane];
+        update(value, static_cast<math_t>(g.v[lane]), lane_state);
+        p.v[lane] = static_cast<param_t>(value);
+        if (kMaster) m.v[lane] = value;
+#pragma unroll
+        for (int k = 0; k < kStates; ++k) s[k].v[lane] = lane_state[k];
+      }
+      *reinterpret_cast<ParamVec*>(param + at) = p;
+      if (kMaster) *reinterpret_cast<StateVec*>(master + at) = m;
+#pragma unroll
+      for (int k = 0; k < kStates; ++k) *reinterpret_cast<StateVec*>(state[k] + at) = s[k];
+    }
+    scalar_begin = begin + vectors * kVec;
+  }
+  for (int64_t e = scalar_begin + threadIdx.x; e < end; e += blockDim.x) {
+    math_t value = kMaster ? master[e] : static_cast<math_t>(param[e]);
+    math_t lane_state[kMaxStates];
+#pragma unroll
+    for (int k = 0; k < kStates; ++k) lane_state[k] = state[k][e];
+    update(value, static_cast<math_t>(grad[e]), lane_state);
+    param[e] = static_cast<param_t>(value);
+    if (kMaster) master[e] = value;
+#pragma unroll
+    for (int k = 0; k < kStates; ++k) state[k][e] = lane_state[k];
+  }
+}
+
+// Calls fn(std::bool_constant<master>): master weights exist for low-precision parameters only.
+template <typename param_t, typename math_t, typename Fn>
+__device__ __forceinline__ void dispatch_master(const void* master, const Fn& fn) {
+  if constexpr (std::is_same_v<param_t, math_t>) {
+    fn(std::false_type{});
+  } else {
+    if (master != nullptr) fn(std::true_type{});
+    else fn(std::false_type{});
+  }
+}
+
+// The sum of `value` over a block of kBlock threads (a power of two), in a fixed tree; every thread
+// gets it. scratch: kBlock doubles of shared memory.
+template <int kBlock>
+__device__ __forceinline__ double block_sum(double value, double* scratch) {
+  scratch[threadIdx.x] = value;
+  __syncthreads();
+  for (int half = kBlock / 2; half > 0; half /= 2) {
+    if (static_cast<int>(threadIdx.x) < half) scratch[threadIdx.x] += scratch[threadIdx.x + half];
+    __syncthreads();
+  }
+  const double total = scratch[0];
+  __syncthreads();  // before the scratch is used again
+  return total;
+}
+
+// [note: norm pass]
+// The norm pass only reads, so what bounds it is how many loads are in flight: it runs more blocks
+// per multiprocessor than the update (kSumBlocksPerSm), and each thread issues kSumUnroll 16-byte
+// loads before it adds any. A thread still adds its vectors in order v, v + blockDim, v + 2 blockDim,
+// ..., so the sum is the one of a plain strided loop.
+constexpr int kSumBlocksPerSm = 4;
+constexpr int kSumUnroll = 4;
+
+// The sum of squares of grad[begin, end) in double over the block, in a fixed order: each thread
+// its strided share, then a tree in shared memory. Every thread gets it.
+template <typename param_t, typename math_t, int kBlock>
+__device__ __forceinline__ double block_sum_of_squares(const param_t* __restrict__ grad, int64_t begin, int64_t end,
+                                                       double* scratch) {
+  constexpr int kVec = 16 / sizeof(param_t);
+  using ParamVec = Vec<param_t, kVec>;
+  auto add_squares = [](double& sum, const ParamVec& g) {
+#pragma unroll
+    for (int lane = 0; lane < kVec; ++lane) {
+      const double x = static_cast<double>(static_cast<math_t>(g.v[lane]));
+      sum += x * x;
+    }
+  };
+  double sum = 0;
+  int64_t scalar_begin = begin;
+  if (is_aligned<ParamVec>(grad)) {
+    const ParamVec* vectors_at = reinterpret_cast<const ParamVec*>(grad + begin);
+    const int64_t vectors = (end - begin) / kVec;
+    const int64_t stride = blockDim.x;
+    int64_t v = threadIdx.x;
+    for (; v + (kSumUnroll - 1) * stride < vectors; v += kSumUnroll * stride) {
+      ParamVec g[kSumUnroll];
+#pragma unroll
+      for (int u = 0; u < kSumUnroll; ++u) g[u] = vectors_at[v + u * stride];
+#pragma unroll
+      for (int u = 0; u < kSumUnroll; ++u) add_squares(sum, g[u]);
+    }
+    for (; v < vectors; v += stride) add_squares(sum, vectors_at[v]);
+    scalar_begin = begin + vectors * kVec;
+  }
+  for (int64_t e = scalar_begin + threadIdx.x; e < end; e += blockDim.x) {
+    const double x = static_cast<double>(static_cast<math_t>(grad[e]));
+    sum += x * x;
+  }
+  return block_sum<kBlock>(sum, scratch);
+}
+
+// Calls fn(tensor, begin, end) for each chunk of the table this block owns.
+template <typename Table, typename Fn>
+__device__ __forceinline__ void for_each_chunk(const Table& t, const Fn& fn) {
+  const int32_t chunks = t.chunk_end[t.count - 1];
+  for (int32_t c = blockIdx.x; c < chunks; c += gridDim.x) {
+    int lo = 0, hi = t.count - 1;  // the first tensor whose chunk_end exceeds c
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (t.chunk_end[mid] > c) hi = mid;
+      else lo = mid + 1;
+    }
+    const int64_t begin = (c - (lo == 0 ? 0 : t.chunk_end[lo - 1])) * kChunkSize;
+    fn(lo, begin, begin + kChunkSize < t.numel[lo] ? begin + kChunkSize : t.numel[lo]);
+  }
+}
+
+__device__ __forceinline__ ScheduleValue group_schedule(const GroupTable& groups, int group, int slots, int lr_slot) {
+  return evaluate_schedule(groups.programs, group, groups.group_steps[group], groups.hyper[group * slots + lr_slot],
+                           groups.plateau_state + group * plateau_slot::kCount);
+}
+
+// What the step does to its gradients, and whether it is skipped (update_math.h, [note: gradient
+// adjustments]), from the device AMP inputs and the norm a previous kernel wrote.
+struct StepControl {
+  GradAdjust adjust;
+  bool skip;
+};
+
+__device__ __forceinline__ StepControl step_control(const GroupTable& groups) {
+  const double norm = groups.grad_norm != nullptr ? *groups.grad_norm : 0.0;
+  StepControl control;
+  control.skip = step_skipped(groups.found_inf != nullptr && *groups.found_inf != 0, groups.skip_nonfinite, norm);
+  control.adjust.scale = groups.grad_scale != nullptr ? *groups.grad_scale : 1.0;
+  control.adjust.clip = groups.clip ? clip_factor(norm, groups.max_grad_norm) : 1.0;
+  return control;
+}
+
+// [note: scalars per chunk]
+// A block evaluates the schedule and the tensor's scalars (double pow and cos) for a chunk only
+// when its group or step count differs from the previous chunk's: consecutive tensors of a group
+// usually share their step count, so a model of many small tensors pays for them about once per
+// block and group.
+template <typename param_t, typename math_t>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) sgd_kernel(const __grid_constant__ SgdArgs args) {
+  const StepControl control = step_control(args.groups);
+  if (control.skip) return;
+  const auto& t = args.tensors;
+  int scalars_group = -1;
+  int64_t scalars_step = -1;
+  SgdCoefficients<math_t> c(SgdScalars{});
+  bool momentum = false, weight_decay = false;
+  for_each_chunk(t, [&](int i, int64_t begin, int64_t end) {
+    const int g = t.group[i];
+    const int64_t step = *t.step[i];
+    if (g != scalars_group || step != scalars_step) {
+      const ScheduleValue schedule = group_schedule(args.groups, g, sgd_slot::kCount, sgd_slot::kLr);
+      const SgdScalars s = sgd_scalars(args.groups.hyper + g * sgd_slot::kCount, schedule, step, control.adjust);
+      c = SgdCoefficients<math_t>(s);
+      momentum = s.momentum != 0;
+      weight_decay = s.weight_decay != 0;
+      scalars_group = g;
+      scalars_step = step;
+    }
+    math_t* const state[kMaxStates] = {momentum ? static_cast<math_t*>(t.state[0][i]) : nullptr};
+    math_t* const master = static_cast<math_t*>(t.state[1][i]);
+    dispatch_master<param_t, math_t>(master, [&](auto with_master) {
+      dispatch_flags(state[0] != nullptr, weight_decay, [&](auto with_momentum, auto with_weight_decay) {
+        constexpr bool kMomentum = decltype(with_momentum)::value;
+        constexpr bool kWeightDecay = decltype(with_weight_decay)::value;
+        update_range<param_t, math_t, kMomentum ? 1 : 0, decltype(with_master)::value>(
+            static_cast<param_t*>(t.param[i]), static_cast<const param_t*>(t.grad[i]), state, master, begin, end,
+            [&](math_t& p, math_t grad, math_t* st) { sgd_update<math_t, kMomentum, kWeightDecay>(p, grad, st[0], c); });
+      });
+    });
+  });
+}
+
+template <typename param_t, typename math_t>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) adam_kernel(const __grid_constant__ AdamArgs args) {
+  const StepControl control = step_control(args.groups);
+  if (control.skip) return;
+  const auto& t = args.tensors;
+  int scalars_group = -1;
+  int64_t scalars_step = -1;
+  AdamCoefficients<math_t> c(AdamScalars{});
+  bool amsgrad = false, weight_decay = false;
+  for_each_chunk(t, [&](int i, int64_t begin, int64_t end) {
+    const int g = t.group[i];
+    const int64_t step = *t.step[i] + 1;
+    if (g != scalars_group || step != scalars_step) {
+      const ScheduleValue schedule = group_schedule(args.groups, g, adam_slot::kCount, adam_slot::kLr);
+      const AdamScalars s = adam_scalars(args.groups.hyper + g * adam_slot::kCount, schedule, step, control.adjust);
+      c = AdamCoefficients<math_t>(s);
+      amsgrad = s.amsgrad;
+      weight_decay = s.weight_decay != 0;
+      scalars_group = g;
+      scalars_step = step;
+    }
+    math_t* const state[kMaxStates] = {static_cast<math_t*>(t.state[0][i]), static_cast<math_t*>(t.state[1][i]),
+                                       static_cast<math_t*>(t.state[2][i])};
+    math_t* const master = static_cast<math_t*>(t.state[3][i]);
+    dispatch_master<param_t, math_t>(master, [&](auto with_master) {
+      dispatch_flags(amsgrad, weight_decay, [&](auto with_amsgrad, auto with_weight_decay) {
+        constexpr bool kAmsgrad = decltype(with_amsgrad)::value;
+        constexpr bool kWeightDecay = decltype(with_weight_decay)::value;
+        update_range<param_t, math_t, kAmsgrad ? 3 : 2, decltype(with_master)::value>(
+            static_cast<param_t*>(t.param[i]), static_cast<const param_t*>(t.grad[i]), state, master, begin, end,
+            [&](math_t& p, math_t grad, math_t* st) {
+              adam_update<math_t, kAmsgrad, kWeightDecay>(p, grad, st[0], st[1], st[2], c);
+            });
+      });
+    });
+  });
+}
+
+// [note: norm kernels]
+// The global norm takes two kernels before the update: each block writes the sum of squares of its
+// chunks' gradients to partial[first_chunk + chunk], then one block sums the partials in order and
+// writes the norm. The norm is the same from run to run; the update kernels read it from there.
+template <int kStates, int kCapacity, typename param_t, typename math_t>
+__global__ void __launch_bounds__(kThreads, kSumBlocksPerSm) grad_sum_kernel(const __grid_constant__ StepArgs<kStates, kCapacity> args,
+                                                            double* partial, int32_t first_chunk) {
+  __shared__ double scratch[kThreads];
+  const auto& t = args.tensors;
+  const int32_t chunks = t.chunk_end[t.count - 1];
+  for (int32_t c = blockIdx.x; c < chunks; c += gridDim.x) {
+    int lo = 0, hi = t.count - 1;  // the first tensor whose chunk_end exceeds c
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (t.chunk_end[mid] > c) hi = mid;
+      else lo = mid + 1;
+    }
+    const int64_t begin = (c - (lo == 0 ? 0 : t.chunk_end[lo - 1])) * kChunkSize;
+    const int64_t end = begin + kChunkSize < t.numel[lo] ? begin + kChunkSize : t.numel[lo];
+    const double sum = block_sum_of_squares<param_t, math_t, kThreads>(static_cast<const param_t*>(t.grad[lo]), begin,
+                                                                       end, scratch);
+    if (threadIdx.x == 0) partial[first_chunk + c] = sum;
+  }
+}
+
+__global__ void __launch_bounds__(kNormThreads) grad_norm_kernel(const double* partial, int32_t count,
+                                                                 const double* grad_scale, double* grad_norm) {
+  __shared__ double scratch[kNormThreads];
+  double sum = 0;
+  for (int32_t c = threadIdx.x; c < count; c += kNormThreads) sum += partial[c];
+  sum = block_sum<kNormThreads>(sum, scratch);
+  if (threadIdx.x == 0) *grad_norm = grad_norm_of(sum, grad_scale != nullptr ? *grad_scale : 1.0);
+}
+
+__global__ void advance_counters_kernel(const __grid_constant__ CounterArgs args) {
+  const double norm = args.grad_norm != nullptr ? *args.grad_norm : 0.0;
+  if (step_skipped(args.found_inf != nullptr && *args.found_inf != 0, args.skip_nonfinite, norm)) return;
+  const int i = threadIdx.x;
+  if (i < args.count) atomicAdd(reinterpret_cast<unsigned long long*>(args.step[i]), 1ULL);
+  if (args.group_steps != nullptr && i < args.groups) args.group_steps[i] += 1;
+}
+
+template <typename metric_t>
+__global__ void plateau_observe_kernel(const __grid_constant__ ScheduleArgs args, const metric_t* metric,
+                                       double* plateau_state) {
+  const int g = threadIdx.x;
+  if (g >= args.groups) return;
+  const int64_t node = as_int(args.programs[g]);
+  if (static_cast<ScheduleKind>(static_cast<int>(args.programs[node])) != ScheduleKind::kReduceLROnPlateau) return;
+  plateau_observe(args.programs + node + kNodeHeader, static_cast<double>(*metric), args.base_lrs[g],
+                  plateau_state + g * plateau_slot::kCount);
+}
+
+__global__ void evaluate_schedules_kernel(const __grid_constant__ ScheduleArgs args, const int64_t* steps,
+                                          const double* plateau_state, double* out) {
+  const int g = threadIdx.x;
+  if (g >= args.groups) return;
+  const ScheduleValue v =
+      evaluate_schedule(args.programs, g, steps[g], args.base_lrs[g], plateau_state + g * plateau_slot::kCount);
+  out[3 * g] = v.lr;
+  out[3 * g + 1] = v.has_momentum ? v.momentum : 0.0;
+  out[3 * g + 2] = v.has_momentum ? 1.0 : 0.0;
+}
+
+
+}  // namespace cuda_step
+}  // namespace fusedlr
