@@ -105,6 +105,34 @@ class Contender:
     name: str
     step: Callable[[], None]
     samples: list[float] = field(default_factory=list)
+    compile_s: float | None = None  # the first steps, which compile, are timed apart
+
+
+COMPILING_STEPS = 3  # torch.compile compiles at the first step and again at the second (dynamic step count)
+
+
+def compiling_steps_timed(step: Callable[[], None], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(COMPILING_STEPS):
+        step()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def captured(step: Callable[[], None]) -> Callable[[], None]:
+    """step() captured once in a CUDA graph, after warm-up steps on a side stream (as torch's docs
+    capture); calling the result replays the graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def optimizer_kwargs(optimizer: str, lr: float) -> dict:
@@ -141,10 +169,15 @@ def import_deepspeed_cpu_adam():
 
 
 def make_contenders(optimizer: str, schedule_name: str, params, device: torch.device,
-                    max_grad_norm: float | None = None) -> list[Contender]:
+                    max_grad_norm: float | None = None, compiled: bool = True) -> list[Contender]:
     """Each contender with its schedule as users run it; with max_grad_norm, torch's contenders call
     clip_grad_norm_ before their step and fusedlr clips in its step, and "fusedlr, no clipping" runs
-    as well, so that the cost of clipping is measured in the same run."""
+    as well, so that the cost of clipping is measured in the same run.
+
+    "torch compiled" is torch.compile of the step and its scheduler with a tensor lr (torch's recipe
+    for a compiled optimizer with an lr scheduler), its compile time reported apart. On CUDA, "CUDA
+    graph" contenders replay a graph of the step captured once: torch's fused capturable step (its
+    scheduler, which writes the tensor lr from the host, runs between replays) and fusedlr's step."""
     lr = 1e-3
     torch_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer]
     fused_cls = {"sgd": fusedlr.SGD, "adam": fusedlr.Adam, "adamw": fusedlr.AdamW}[optimizer]
@@ -172,13 +205,46 @@ def make_contenders(optimizer: str, schedule_name: str, params, device: torch.de
     contenders.append(torch_contender("torch for-loop", foreach=False))
     contenders.append(torch_contender("torch foreach", foreach=True))
     contenders.append(torch_contender("torch fused", fused=True))
+    plateau = isinstance(schedule, S.ReduceLROnPlateau)
+
+    def tensor_lr_optimizer(**impl):
+        opt = torch_cls(params, **dict(kwargs, lr=torch.tensor(lr, device=device)), **impl)
+        sched = S.torch_scheduler(schedule, opt) if schedule is not None and not plateau else None
+        return opt, sched
+
+    def clipped_step(opt):
+        def step():
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+            opt.step()
+        return step
+
     if device.type == "cuda" and optimizer != "sgd":
-        kw = dict(kwargs, lr=torch.tensor(lr, device=device))
-        opt = torch_cls(params, **kw, fused=True, capturable=True)
-        sched = S.torch_scheduler(schedule, opt) if schedule is not None and not isinstance(
-            schedule, S.ReduceLROnPlateau) else None
+        opt, sched = tensor_lr_optimizer(fused=True, capturable=True)
+        capturable_step = clipped_step(opt)
         contenders.append(Contender("torch fused capturable, tensor lr",
-                                    lambda: (opt.step(), sched.step() if sched else None)))
+                                    lambda: (capturable_step(), sched.step() if sched else None)))
+        graph_opt, graph_sched = tensor_lr_optimizer(fused=True, capturable=True)
+        replay = captured(clipped_step(graph_opt))
+        contenders.append(Contender("torch fused capturable, CUDA graph",
+                                    lambda: (replay(), graph_sched.step() if graph_sched else None)))
+    if compiled and not plateau:
+        # a tensor lr takes Adam's for-loop step, or its foreach one where it is capturable (CUDA)
+        impl = dict(foreach=False) if optimizer != "sgd" and device.type == "cpu" else dict(foreach=True)
+        if optimizer != "sgd" and device.type == "cuda":
+            impl["capturable"] = True
+        compiled_opt, compiled_sched = tensor_lr_optimizer(**impl)
+
+        eager_step = clipped_step(compiled_opt)
+
+        @torch.compile(fullgraph=False)
+        def compiled_step():
+            eager_step()
+            if compiled_sched is not None:
+                compiled_sched.step()
+
+        contenders.append(Contender("torch compiled, tensor lr", compiled_step,
+                                    compile_s=compiling_steps_timed(compiled_step, device)))
     if device.type == "cpu" and optimizer != "sgd":
         try:
             DeepSpeedCPUAdam = import_deepspeed_cpu_adam()
@@ -196,6 +262,9 @@ def make_contenders(optimizer: str, schedule_name: str, params, device: torch.de
             return Contender(name, lambda: (opt.step(), opt.observe(metric)))
         return Contender(name, opt.step)
 
+    if device.type == "cuda" and not plateau:
+        graph_step = fused_contender("", max_grad_norm=max_grad_norm).step
+        contenders.append(Contender("fusedlr, CUDA graph", captured(graph_step)))
     if max_grad_norm is not None:
         contenders.append(fused_contender("fusedlr, no clipping"))
         contenders.append(fused_contender("fusedlr", max_grad_norm=max_grad_norm))
@@ -276,7 +345,8 @@ def run_preset(preset: str, args, device: torch.device, bandwidths: dict[str, fl
               for s in shapes]
     for p in params:
         p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device=device, dtype=dtype)
-    contenders = make_contenders(args.optimizer, args.schedule, params, device, args.max_grad_norm)
+    contenders = make_contenders(args.optimizer, args.schedule, params, device, args.max_grad_norm,
+                                 compiled=not args.no_compiled)
     rounds = args.steps or default_rounds(preset, device)
     warmup = 2
     for r in range(warmup + rounds):
@@ -300,7 +370,7 @@ def run_preset(preset: str, args, device: torch.device, bandwidths: dict[str, fl
         results.append(dict(contender=c.name, median_s=median, min_s=min(c.samples), max_s=max(c.samples),
                             params_per_s=n_params / median, achieved_gb_s=step_bytes / median / 1e9,
                             pct_of_floor=100 * floor / median, speedup_vs_torch_fused=fused / median,
-                            samples_s=c.samples))
+                            samples_s=c.samples, **({} if c.compile_s is None else dict(compile_s=c.compile_s))))
     del contenders, params
     report = dict(preset=preset, tensors=len(shapes), params=n_params, bytes_per_step=step_bytes,
                   floor_s=floor, rounds=rounds, results=results)
@@ -324,6 +394,10 @@ def format_table(report: dict) -> str:
         lines.append(f"{r['contender']:<34} {r['median_s'] * 1e3:>10.3f} {spread:>19} "
                      f"{r['params_per_s'] / 1e6:>10.1f} {r['achieved_gb_s']:>7.2f} {r['pct_of_floor']:>7.1f}% "
                      f"{r['speedup_vs_torch_fused']:>8.2f}x")
+    for r in report["results"]:
+        if "compile_s" in r:
+            lines.append(f"{r['contender']}: its first {COMPILING_STEPS} steps, which compile, took "
+                         f"{r['compile_s']:.1f} s (not in its times)")
     if "clipping_cost" in report:
         lines.append(f"clipping: every contender clips to a global norm (the floor is that of the step alone); "
                      f"fusedlr with clipping takes {report['clipping_cost']:.2f}x its time without (one more "
@@ -412,6 +486,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed rounds per preset (default: by preset size)")
     parser.add_argument("--max-grad-norm", type=float, default=None,
                         help="every contender clips its gradients to this global L2 norm (torch: clip_grad_norm_)")
+    parser.add_argument("--no-compiled", action="store_true",
+                        help="leave out torch's compiled optimizer (its compile takes seconds to minutes)")
     parser.add_argument("--json", default=None, help="write every figure and raw sample here")
     parser.add_argument("--plot", default=None, help="write a PNG bar chart here (needs matplotlib)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

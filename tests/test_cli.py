@@ -20,14 +20,14 @@ def run_bench(tmp_path, *args):
     """`python -m fusedlr bench ARGS --json ... --quiet`: its output and its JSON report."""
     out = tmp_path / "bench.json"
     result = subprocess.run(CLI + ["bench", *args, "--json", str(out), "--quiet"], capture_output=True, text=True,
-                            timeout=300)
+                            timeout=600)
     assert result.returncode == 0, result.stderr
     return result.stdout, json.loads(out.read_text())
 
 
 def test_bench_runs_end_to_end_and_writes_json(tmp_path):
     stdout, report = run_bench(tmp_path, "--preset", "20x256", "--preset", "2000x1k", "--steps", "3",
-                               "--schedule", "warmup-cosine")
+                               "--schedule", "warmup-cosine", "--no-compiled")
     assert "torch fused" in stdout and "fusedlr" in stdout
     assert report["machine"]["torch"] == torch.__version__
     bandwidths = report["bandwidth_bytes_per_s"]
@@ -50,9 +50,19 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path):
     assert fused["speedup_vs_torch_fused"] == 1.0
 
 
+def test_bench_times_torch_compiled_apart_from_its_compile(tmp_path):
+    stdout, report = run_bench(tmp_path, "--preset", "20x256", "--steps", "2", "--optimizer", "sgd",
+                               "--schedule", "step")
+    results = {r["contender"]: r for r in report["presets"][0]["results"]}
+    compiled = results["torch compiled, tensor lr"]
+    assert compiled["compile_s"] > 0 and len(compiled["samples_s"]) == 2
+    assert all("compile_s" not in r for name, r in results.items() if name != "torch compiled, tensor lr")
+    assert "which compile, took" in stdout
+
+
 def test_bench_with_clipping(tmp_path):
     stdout, report = run_bench(tmp_path, "--preset", "20x256", "--steps", "3", "--optimizer", "sgd",
-                               "--max-grad-norm", "0.5")
+                               "--max-grad-norm", "0.5", "--no-compiled")
     assert report["max_grad_norm"] == 0.5
     preset = report["presets"][0]
     median = {r["contender"]: r["median_s"] for r in preset["results"]}
