@@ -26,9 +26,15 @@ import torch.distributed as dist
 from torch import Tensor
 
 try:
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import _StridedShard
 except ImportError:  # a torch built without distributed
-    DTensor = Replicate = Shard = None
+    DTensor = _StridedShard = None
+
+
+def _is_sharded(placement) -> bool:
+    # FSDP2 over tensor parallel shards a TP shard again along the same dimension: a strided shard
+    return placement.is_shard() or (_StridedShard is not None and isinstance(placement, _StridedShard))
 
 
 def is_dtensor(t: Tensor) -> bool:
@@ -45,7 +51,7 @@ def check_parameter(p: Tensor) -> None:
     if not is_dtensor(p):
         return
     for placement in p.placements:
-        if not isinstance(placement, (Shard, Replicate)):
+        if not (_is_sharded(placement) or placement.is_replicate()):
             raise ValueError(f"a DTensor parameter with placement {placement} is not supported: the step updates "
                              "sharded (Shard) or replicated (Replicate) parameters")
 
@@ -128,7 +134,7 @@ def _lowest_holder(p: Tensor, rank: int) -> bool:
     coordinate = mesh.get_coordinate()
     ranks = mesh.mesh
     # fix the coordinates of the sharded dimensions: what remains holds copies of this rank's shard
-    index = tuple(c if isinstance(placement, Shard) else slice(None)
+    index = tuple(c if _is_sharded(placement) else slice(None)
                   for c, placement in zip(coordinate, p.placements))
     return rank == int(ranks[index].min())
 

@@ -848,7 +848,12 @@ _SCHEDULE_DOC = """
         they were. Default: False.
     master_weights (bool): keep a float32 master copy of every bfloat16 / float16 parameter
         (state "master_weight"); the update runs on it and writes the rounded parameter in the
-        same pass. Other dtypes need none. Default: False."""
+        same pass. Other dtypes need none. Default: False.
+    partition_group (torch.distributed.ProcessGroup, optional): for plain parameters partitioned
+        across ranks (ZeroRedundancyOptimizer): the group whose ranks hold the other partitions.
+        max_grad_norm and skip_nonfinite then act on the norm of the whole model, summed over it,
+        and an inf found by GradScaler on any of its ranks skips the step on all. DTensor
+        parameters (FSDP2, tensor parallel) need none: they reduce over their mesh."""
 
 
 class SGD(_FusedOptimizer):
@@ -875,12 +880,12 @@ class SGD(_FusedOptimizer):
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
                  schedule: Schedule | None = None, max_grad_norm: float | None = None, skip_nonfinite: bool = False,
-                 master_weights: bool = False):
+                 master_weights: bool = False, partition_group=None):
         _check_unsupported(foreach, fused, differentiable)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, schedule=schedule)
         self._check_group(defaults)
-        super().__init__(params, defaults, max_grad_norm, skip_nonfinite, master_weights)
+        super().__init__(params, defaults, max_grad_norm, skip_nonfinite, master_weights, partition_group)
 
     def _check_group(self, group: dict) -> None:
         group["lr"] = _check_range("learning rate (lr)", group["lr"], 0.0)
@@ -945,13 +950,13 @@ class Adam(_FusedOptimizer):
                  foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None, decoupled_weight_decay: bool = False,
                  schedule: Schedule | None = None, max_grad_norm: float | None = None, skip_nonfinite: bool = False,
-                 master_weights: bool = False):
+                 master_weights: bool = False, partition_group=None):
         _check_unsupported(foreach, fused, differentiable)
         _check_flag("capturable", capturable)  # the fused step is always capturable: counters live on the device
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, schedule=schedule)
         self._check_group(defaults)
-        super().__init__(params, defaults, max_grad_norm, skip_nonfinite, master_weights)
+        super().__init__(params, defaults, max_grad_norm, skip_nonfinite, master_weights, partition_group)
 
     def _check_group(self, group: dict) -> None:
         group["lr"] = _check_range("learning rate (lr)", group["lr"], 0.0)
@@ -1003,8 +1008,9 @@ class AdamW(Adam):
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None, schedule: Schedule | None = None,
-                 max_grad_norm: float | None = None, skip_nonfinite: bool = False, master_weights: bool = False):
+                 max_grad_norm: float | None = None, skip_nonfinite: bool = False, master_weights: bool = False,
+                 partition_group=None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=True, schedule=schedule, max_grad_norm=max_grad_norm,
-                         skip_nonfinite=skip_nonfinite, master_weights=master_weights)
+                         skip_nonfinite=skip_nonfinite, master_weights=master_weights, partition_group=partition_group)
