@@ -285,6 +285,23 @@ def case_state_init_step():
     assert all(float(g["lr"]) == 0.01 for g in opt.param_groups)
 
 
+def case_grad_placements():
+    """A gradient of other placements than its parameter's is redistributed to the parameter's: the
+    step equals one given the gradient in the parameter's placements."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    full = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    a, b = (nn.Parameter(distribute_tensor(full.clone(), mesh, [Shard(0)])) for _ in range(2))
+    opt_a, opt_b = fusedlr.AdamW([a], lr=0.1), fusedlr.AdamW([b], lr=0.1)
+    for step in range(3):
+        grad = torch.randn(6, 4, generator=torch.Generator().manual_seed(step + 1))
+        a.grad = distribute_tensor(grad, mesh, [Replicate()])
+        b.grad = distribute_tensor(grad, mesh, [Shard(0)])
+        opt_a.step()
+        opt_b.step()
+        assert torch.equal(a.to_local(), b.to_local()), step
+    assert not torch.equal(a.full_tensor(), full)
+
+
 def case_bad_tensors():
     """A DTensor handed to the op itself, or a parameter with a null data pointer: an error, nothing
     changed, the process alive."""

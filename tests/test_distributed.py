@@ -5,6 +5,7 @@ bounded in time, and only the processes a case started are ended."""
 
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -55,7 +56,30 @@ def run_ranks(case: str, world: int, folder: pathlib.Path) -> None:
 
 @pytest.mark.parametrize("case, world", [
     ("ddp", 2), ("fsdp2", 2), ("tp", 2), ("fsdp_tp", 4), ("zero", 2), ("skip_agrees", 2), ("dcp", 2),
-    ("state_init_step", 2), ("bad_tensors", 2),
+    ("state_init_step", 2), ("grad_placements", 2), ("bad_tensors", 2),
 ])
 def test_distributed(case, world, tmp_path):
     run_ranks(case, world, tmp_path)
+
+
+def test_fsdp_example_trains_saves_and_resumes(tmp_path):
+    """examples/fsdp_train.py as the README runs it (torchrun, two ranks), then again from its checkpoint."""
+    example = HERE.parent / "examples" / "fsdp_train.py"
+    outputs = []
+    for steps in (6, 9):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                   "127.0.0.1", "--master-port", str(free_port()), str(example), "--steps", str(steps), "--warmup",
+                   "3", "--checkpoint-every", "3", "--checkpoint-dir", str(tmp_path)]
+        # a session of its own: on a hang, torchrun and the ranks it started end together
+        run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+        try:
+            stdout, stderr = run.communicate(timeout=CASE_SECONDS)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+            stdout, stderr = run.communicate()
+            raise AssertionError(f"the example ran past {CASE_SECONDS}s, ended\n{stdout[-2000:]}{stderr[-2000:]}")
+        assert run.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        outputs.append(stdout)
+    assert "saved step 6" in outputs[0] and "resumed" not in outputs[0]
+    assert "resumed at step 6" in outputs[1] and "step    8" in outputs[1] and "saved step 9" in outputs[1]
