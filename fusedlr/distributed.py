@@ -86,9 +86,13 @@ def local_grad(param: Tensor) -> Tensor | None:
     grad = param.grad
     if grad is None:
         return None
-    if not is_dtensor(grad):
+    spec, param_spec = getattr(grad, "_spec", None), param._spec
+    if spec is None:
         raise ValueError("a DTensor parameter has a plain tensor gradient; its gradient must be a DTensor")
-    if grad.device_mesh != param.device_mesh or grad.placements != param.placements:
+    # identity first: the common step compares no placements
+    if spec is not param_spec and not (
+            (spec.mesh is param_spec.mesh or spec.mesh == param_spec.mesh)
+            and (spec.placements is param_spec.placements or spec.placements == param_spec.placements)):
         grad = grad.redistribute(param.device_mesh, param.placements)
     return grad._local_tensor
 
