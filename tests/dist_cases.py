@@ -302,6 +302,31 @@ def case_grad_placements():
     assert not torch.equal(a.full_tensor(), full)
 
 
+def case_nccl():
+    """One rank on a GPU with NCCL: FSDP2 with clipping against torch, the norm's all-reduce queued
+    on the stream without a host sync."""
+    torch.cuda.set_device(0)
+    for max_norm in (None, 0.5):
+        a, b = fsdp(model().cuda()), fsdp(model().cuda())
+        ours, theirs = pair(S.OneCycleLR(max_lr=0.02, total_steps=STEPS), max_norm)
+
+        def batch_of(step):
+            x, y = same_batches(True)(step)
+            return x.cuda(), y.cuda()
+        train_both(a, b, ours, theirs, max_norm, batch_of)
+    opt = fusedlr.AdamW(a.parameters(), lr=0.01, max_grad_norm=0.5, skip_nonfinite=True)
+    x, y = batch_of(0)
+    ((a(x) - y) ** 2).mean().backward()
+    opt.step()  # state created
+    ((a(x) - y) ** 2).mean().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def case_bad_tensors():
     """A DTensor handed to the op itself, or a parameter with a null data pointer: an error, nothing
     changed, the process alive."""
@@ -327,7 +352,8 @@ def main():
     case, rank, world, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    backend = "nccl" if case == "nccl" else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
         globals()[f"case_{case}"]()
         dist.barrier()

@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+import torch
 import torch.distributed as dist
 
 HERE = pathlib.Path(__file__).parent
@@ -60,6 +61,11 @@ def run_ranks(case: str, world: int, folder: pathlib.Path) -> None:
 ])
 def test_distributed(case, world, tmp_path):
     run_ranks(case, world, tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(), reason="needs a GPU and NCCL")
+def test_nccl_one_rank_fsdp2(tmp_path):
+    run_ranks("nccl", 1, tmp_path)
 
 
 def test_fsdp_example_trains_saves_and_resumes(tmp_path):
