@@ -22,15 +22,31 @@
 namespace fusedlr {
 namespace {
 
-// Each parameter's .grad, None where it has none.
-c10::List<std::optional<at::Tensor>> grads_of(const std::vector<at::Tensor>& params) {
+// The gradients of a step: `given` (one per parameter, undefined for none) where the optimizer
+// passes them (the local shards of DTensor gradients, fusedlr/distributed.py), else each
+// parameter's .grad; None where there is none.
+c10::List<std::optional<at::Tensor>> grads_of(const std::vector<at::Tensor>& params,
+                                              const std::vector<at::Tensor>* given) {
+  TORCH_CHECK(given == nullptr || given->size() == params.size(), "fusedlr: ", given == nullptr ? 0 : given->size(),
+              " gradients given for ", params.size(), " parameters");
   c10::List<std::optional<at::Tensor>> grads;
   grads.reserve(params.size());
-  for (const at::Tensor& p : params) {
-    const at::Tensor& grad = p.grad();
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& grad = given != nullptr ? (*given)[i] : params[i].grad();
     grads.push_back(grad.defined() ? std::optional<at::Tensor>(grad) : std::nullopt);
   }
   return grads;
+}
+
+// A plan step's `grads` argument: None, or a list with None for a parameter without a gradient.
+using GivenGrads = std::optional<std::vector<std::optional<at::Tensor>>>;
+
+std::optional<std::vector<at::Tensor>> unpack_grads(const GivenGrads& grads) {
+  if (!grads.has_value()) return std::nullopt;
+  std::vector<at::Tensor> out;
+  out.reserve(grads->size());
+  for (const auto& grad : *grads) out.push_back(grad.has_value() ? *grad : at::Tensor());
+  return out;
 }
 
 using OptionalTensor = std::optional<at::Tensor>;
@@ -81,8 +97,10 @@ struct SgdPlan {
   }
 
   // grad_scale, found_inf: what torch.amp.GradScaler sets on the optimizer (ops.cpp, [note: amp]).
-  void step(const OptionalTensor& grad_scale, const OptionalTensor& found_inf) const {
-    if (prepared) return prepared->step(grad_scale, found_inf);
+  void step(const OptionalTensor& grad_scale, const OptionalTensor& found_inf, const GivenGrads& given) const {
+    const std::optional<std::vector<at::Tensor>> grads = unpack_grads(given);
+    const std::vector<at::Tensor>* grads_in = grads.has_value() ? &*grads : nullptr;
+    if (prepared) return prepared->step(grad_scale, found_inf, grads_in);
     static const auto op =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("fusedlr::sgd_step_", "")
@@ -91,7 +109,7 @@ struct SgdPlan {
                         const at::Tensor&, const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
                         std::optional<double>, bool, const OptionalTensor&)>();
     const StepSettings& s = settings;
-    op.call(params, grads_of(params), momentum_buffers, master_weights, steps, tensor_group, s.hyper, s.programs,
+    op.call(params, grads_of(params, grads_in), momentum_buffers, master_weights, steps, tensor_group, s.hyper, s.programs,
             s.group_steps, s.plateau_state, grad_scale, found_inf, s.max_grad_norm, s.skip_nonfinite, s.grad_norm);
   }
 };
@@ -107,8 +125,10 @@ struct AdamPlan {
                               {exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_weights}, steps, tensor_group, settings);
   }
 
-  void step(const OptionalTensor& grad_scale, const OptionalTensor& found_inf) const {
-    if (prepared) return prepared->step(grad_scale, found_inf);
+  void step(const OptionalTensor& grad_scale, const OptionalTensor& found_inf, const GivenGrads& given) const {
+    const std::optional<std::vector<at::Tensor>> grads = unpack_grads(given);
+    const std::vector<at::Tensor>* grads_in = grads.has_value() ? &*grads : nullptr;
+    if (prepared) return prepared->step(grad_scale, found_inf, grads_in);
     static const auto op =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("fusedlr::adam_step_", "")
@@ -117,7 +137,7 @@ struct AdamPlan {
                         c10::ArrayRef<double>, const at::Tensor&, const at::Tensor&, const OptionalTensor&,
                         const OptionalTensor&, std::optional<double>, bool, const OptionalTensor&)>();
     const StepSettings& s = settings;
-    op.call(params, grads_of(params), exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_weights, steps, tensor_group,
+    op.call(params, grads_of(params, grads_in), exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_weights, steps, tensor_group,
             s.hyper, s.programs, s.group_steps, s.plateau_state, grad_scale, found_inf, s.max_grad_norm,
             s.skip_nonfinite, s.grad_norm);
   }
@@ -160,7 +180,8 @@ PYBIND11_MODULE(_C, m) {
                           std::vector<at::Tensor>, std::vector<int64_t>>(),
            pybind11::arg("params"), pybind11::arg("momentum_buffers"), pybind11::arg("master_weights"),
            pybind11::arg("steps"), pybind11::arg("tensor_group"))
-      .def("step", &SgdPlan::step, pybind11::arg("grad_scale"), pybind11::arg("found_inf"));
+      .def("step", &SgdPlan::step, pybind11::arg("grad_scale"), pybind11::arg("found_inf"),
+           pybind11::arg("grads") = pybind11::none());
   define_configure(sgd_plan);
   pybind11::class_<AdamPlan> adam_plan(m, "AdamPlan");
   adam_plan
@@ -170,6 +191,7 @@ PYBIND11_MODULE(_C, m) {
            pybind11::arg("params"), pybind11::arg("exp_avgs"), pybind11::arg("exp_avg_sqs"),
            pybind11::arg("max_exp_avg_sqs"), pybind11::arg("master_weights"), pybind11::arg("steps"),
            pybind11::arg("tensor_group"))
-      .def("step", &AdamPlan::step, pybind11::arg("grad_scale"), pybind11::arg("found_inf"));
+      .def("step", &AdamPlan::step, pybind11::arg("grad_scale"), pybind11::arg("found_inf"),
+           pybind11::arg("grads") = pybind11::none());
   define_configure(adam_plan);
 }

@@ -33,6 +33,17 @@ bool fits_storage(const at::Tensor& t) {
   return t.numel() == 0 || (t.has_storage() && t.storage().nbytes() >= end);
 }
 
+// A tensor the kernels can read: a plain tensor with its data in memory. A tensor subclass such as
+// DTensor, whose elements live in another tensor (the DTensor's local shard), has none of its
+// own: its data pointer is null. (fusedlr's optimizers pass DTensors' local tensors.)
+void check_readable(const char* op, const at::Tensor& t, const char* what, size_t index) {
+  TORCH_CHECK(!t.key_set().has(c10::DispatchKey::Python), op, ": ", what, " of parameter ", index,
+              " is a tensor subclass (such as DTensor) whose data the kernels cannot read; pass its local tensor");
+  TORCH_CHECK(!t.is_meta(), op, ": ", what, " of parameter ", index, " is a meta tensor, which has no data");
+  TORCH_CHECK(t.numel() == 0 || (t.has_storage() && t.storage().data() != nullptr), op, ": ", what,
+              " of parameter ", index, " has no data (a null data pointer)");
+}
+
 }  // namespace
 
 namespace {
@@ -183,6 +194,7 @@ void check_param_tensors(const char* op, at::DeviceType device_type, const at::D
   TORCH_CHECK(!param.is_complex(), op, ": complex parameter ", i, " is not supported");
   TORCH_CHECK(param.layout() == at::kStrided && param.is_non_overlapping_and_dense() && !param.is_neg(), op,
               ": parameter ", i, " must be a dense tensor (no overlapping, strided or negative views)");
+  check_readable(op, param, "the tensor", i);
   TORCH_CHECK(!param.is_inference() || c10::InferenceMode::is_enabled(), op, ": parameter ", i,
               " is an inference tensor, which can be updated in place only in inference mode");
   TORCH_CHECK(fits_storage(param), op, ": parameter ", i, " lies outside its storage");
@@ -192,6 +204,7 @@ void check_param_tensors(const char* op, at::DeviceType device_type, const at::D
   for (const StateList& state : states) {
     const at::Tensor& s = state.tensors[i];
     if (state.optional && s.numel() == 0) continue;  // absent (or nothing to hold)
+    check_readable(op, s, state.name, i);
     TORCH_CHECK(!state.low_precision_only || param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf,
                 op, ": ", state.name, " of parameter ", i, " is given, but only bfloat16 and float16 parameters ",
                 "take one (the parameter is ", param.scalar_type(), ")");
@@ -203,6 +216,7 @@ void check_param_tensors(const char* op, at::DeviceType device_type, const at::D
                 " and strides ", param.strides(), " (a state_dict from a different parameter layout?)");
     TORCH_CHECK(fits_storage(s), op, ": ", state.name, " of parameter ", i, " lies outside its storage");
   }
+  check_readable(op, step, "the step counter", i);
   check_on_device(op, step, device_type, device, "the step counter", i);
   TORCH_CHECK(step.scalar_type() == at::kLong && step.numel() == 1, op, ": the step counter", " of parameter ", i,
               " must be a one-element int64 tensor, got ", step.scalar_type(), " of shape ", step.sizes());
@@ -216,6 +230,7 @@ const void* checked_grad_data(const char* op, at::DeviceType device_type, const 
   TORCH_CHECK(!grad.is_complex(), op, ": the complex gradient of parameter ", i, " is not supported");
   TORCH_CHECK(grad.layout() == at::kStrided, op, ": the gradient", " of parameter ", i, " is sparse (", grad.layout(),
               "); fusedlr optimizers take dense gradients only");
+  check_readable(op, grad, "the gradient", i);
   TORCH_CHECK(grad.scalar_type() == param.scalar_type(), op, ": the gradient", " of parameter ", i, " has dtype ",
               grad.scalar_type(), " but the parameter ", param.scalar_type());
   TORCH_CHECK(grad.sizes() == param.sizes(), op, ": the gradient", " of parameter ", i, " has shape ", grad.sizes(),

@@ -60,18 +60,31 @@ def evaluate_schedules(programs: Sequence[float], base_lrs: Sequence[float], ste
     return _ops.evaluate_schedules(programs, base_lrs, steps, plateau_state)
 
 
+def _check_one_device(op: str, group_steps: Tensor, *tensors) -> None:
+    """The fake (and meta) kernels' share of the real ones' checks: every tensor on one device. A
+    step over meta tensors changes nothing, as any meta op; a meta tensor among real ones raises."""
+    for t in tensors:
+        if isinstance(t, (list, tuple)):
+            _check_one_device(op, group_steps, *t)
+        elif isinstance(t, Tensor) and t.device != group_steps.device:
+            raise RuntimeError(f"{op}: a tensor is on {t.device} but the optimizer's step counters are on "
+                               f"{group_steps.device}; all tensors of one optimizer must be on one device")
+
+
 @torch.library.register_fake("fusedlr::sgd_step_")
 def _sgd_step_fake(params, grads, momentum_buffers, master_weights, steps, tensor_group, hyper, programs,
                    group_steps, plateau_state, grad_scale=None, found_inf=None, max_grad_norm=None,
                    skip_nonfinite=False, grad_norm=None):
-    return None
+    _check_one_device("fusedlr.sgd_step_", group_steps, params, grads, momentum_buffers, master_weights, steps,
+                      plateau_state, grad_scale, found_inf, grad_norm)
 
 
 @torch.library.register_fake("fusedlr::adam_step_")
 def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_weights, steps, tensor_group,
                     hyper, programs, group_steps, plateau_state, grad_scale=None, found_inf=None,
                     max_grad_norm=None, skip_nonfinite=False, grad_norm=None):
-    return None
+    _check_one_device("fusedlr.adam_step_", group_steps, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                      master_weights, steps, plateau_state, grad_scale, found_inf, grad_norm)
 
 
 @torch.library.register_fake("fusedlr::plateau_observe_")

@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import operator
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim import optimizer as _torch_optimizer
 
 from . import _C, _ops
+from . import distributed as _dist
+from .distributed import is_dtensor, local_of
 from .schedules import ReduceLROnPlateau, Schedule, compile_programs, from_spec
 
 __all__ = ["SGD", "Adam", "AdamW"]
@@ -213,6 +217,12 @@ class _StepLists:
         self.steps: list[Tensor] = []
         self.states: dict[str, list[Tensor]] = {}
         self.stateless: list[Tensor] = []  # parameters not yet given state (never had a gradient)
+        # The parameters themselves where `params` holds their local shards ([note: DTensor
+        # parameters]): the step then passes their gradients' shards; None when all are plain.
+        self.owners: list[Tensor] | None = None
+        # How the global norm and inf flags are reduced across ranks ([note: global norm]); None
+        # when the step needs no collective.
+        self.reduction: _dist.NormReduction | None = None
         self.hyper: list[float] = []  # the ops' `hyper` and `programs` arguments
         self.programs: list[float] = []
         self.plan = None
@@ -230,7 +240,13 @@ class _FusedOptimizer(Optimizer):
     _REQUIRED_KEYS: tuple[str, ...]  # what loaded state must hold
 
     def __init__(self, params, defaults: dict, max_grad_norm: float | None, skip_nonfinite: bool,
-                 master_weights: bool):
+                 master_weights: bool, partition_group=None):
+        if partition_group is not None and not (_dist.is_initialized() and isinstance(partition_group, dist.ProcessGroup)):
+            raise ValueError(f"partition_group must be a torch.distributed ProcessGroup of an initialized process "
+                             f"group, got {partition_group!r}")
+        # the ranks that hold the other partitions of the model's plain parameters (ZeRO): the global
+        # norm is summed over them ([note: global norm])
+        self.partition_group = partition_group
         self.max_grad_norm: float | None = _check_max_grad_norm(max_grad_norm)
         self.skip_nonfinite: bool = _check_flag("skip_nonfinite", skip_nonfinite)
         self.master_weights: bool = _check_flag("master_weights", master_weights)
@@ -287,6 +303,9 @@ class _FusedOptimizer(Optimizer):
             raise ValueError(f"parameters on mixed devices ({', '.join(sorted(map(str, devices)))}); "
                              "a fusedlr optimizer updates parameters of one device")
         for p in params:
+            if p.is_meta:
+                raise ValueError("a meta parameter has no data to update; materialize it first (to_empty)")
+            _dist.check_parameter(p)
             if p.is_complex():
                 raise ValueError("complex parameters are not supported by fusedlr")
             if p.dtype not in _FLOAT_DTYPES:
@@ -359,28 +378,30 @@ class _FusedOptimizer(Optimizer):
         if not fresh:
             return []
         states = [{"step": step} for step in _packed_steps([0] * len(fresh), fresh[0][0].device)]
+        shards = [local_of(p) for p, _ in fresh]
         for key in self._STATE_KEYS:
             holders = [i for i, (p, group) in enumerate(fresh) if self._has_state(key, p, group)]
-            for i, tensor in zip(holders, _packed_state([fresh[i][0] for i in holders])):
-                states[i][key] = tensor
-        for (p, _), state in zip(fresh, states):
-            if "master_weight" in state:
-                state["master_weight"].copy_(p.detach())
+            for i, tensor in zip(holders, _packed_state([shards[i] for i in holders])):
+                if key == "master_weight":
+                    tensor.copy_(shards[i].detach())
+                states[i][key] = _dist.like_parameter(tensor, fresh[i][0])
         return states
 
     def _ensure_state(self, param: Tensor, group: dict, state: dict) -> None:
         """Adds state the settings now need (a momentum buffer, max_exp_avg_sq, a master weight)."""
         for key in self._STATE_KEYS:
             if state.get(key) is None and self._has_state(key, param, group):
-                state[key] = torch.zeros_like(param, dtype=_state_dtype(param))
+                shard = local_of(param)
+                tensor = torch.zeros_like(shard, dtype=_state_dtype(param))
                 if key == "master_weight":
-                    state[key].copy_(param.detach())
+                    tensor.copy_(shard.detach())
+                state[key] = _dist.like_parameter(tensor, param)
 
     def _placeholder(self, param: Tensor) -> Tensor:
         """An empty tensor standing for optional state a parameter does not have."""
         empty = self._placeholders.get(param)
         if empty is None:
-            empty = self._placeholders[param] = param.new_empty(0, dtype=_state_dtype(param))
+            empty = self._placeholders[param] = local_of(param).new_empty(0, dtype=_state_dtype(param))
         return empty
 
     def _build_lists(self) -> _StepLists:
@@ -398,12 +419,21 @@ class _FusedOptimizer(Optimizer):
                 lists.steps.append(state["step"])
                 for key in self._STATE_KEYS:
                     value = state.get(key)
-                    lists.states[key].append(self._placeholder(p) if value is None else value)
+                    lists.states[key].append(self._placeholder(p) if value is None else local_of(value))
+        if any(is_dtensor(p) for p in lists.params):
+            lists.owners = lists.params
+            lists.params = [local_of(p) for p in lists.owners]
+        if lists.owners is not None or self.partition_group is not None:
+            lists.reduction = _dist.NormReduction(lists.owners or lists.params, self.partition_group)
         lists.hyper = list(self._hyper())
         lists.programs = self._programs_now()
         lists.plan = self._make_plan(lists)
-        lists.plan.configure(lists.hyper, lists.programs, self._group_steps, self._plateau_state, self.max_grad_norm,
-                             self.skip_nonfinite, self._norm_out())
+        if lists.reduction is None:
+            lists.plan.configure(lists.hyper, lists.programs, self._group_steps, self._plateau_state,
+                                 self.max_grad_norm, self.skip_nonfinite, self._norm_out())
+        else:  # the norm is reduced across ranks first, then handed to the step ([note: global norm])
+            lists.plan.configure(lists.hyper, lists.programs, self._group_steps, self._plateau_state, None, False,
+                                 None)
         return lists
 
     def _prepare(self) -> tuple[_StepLists, list[Tensor]]:
@@ -453,7 +483,11 @@ class _FusedOptimizer(Optimizer):
         if (closure is None and lists is not None and self._unchanged()
                 and not (lists.stateless and any(p.grad is not None for p in lists.stateless))):
             # the common step: nothing to build (_prepare), nothing to undo
-            lists.plan.step(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+            grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+            if lists.reduction is None:
+                lists.plan.step(grad_scale, found_inf)
+            else:
+                self._sharded_step(lists, grad_scale, found_inf)
             return None
         return self._step(closure)
 
@@ -464,10 +498,15 @@ class _FusedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self.state and self._initializes_state():
+            self._prepare()  # creates the state, and steps nothing
+            return loss
         lists, fresh = self._prepare()
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         try:
-            if torch.compiler.is_compiling():
+            if lists.reduction is not None:
+                self._sharded_step(lists, grad_scale, found_inf)
+            elif torch.compiler.is_compiling():
                 self._run_op(lists, [p.grad for p in lists.params], lists.hyper, lists.programs, grad_scale,
                              found_inf, self.max_grad_norm, self.skip_nonfinite, self._norm_out())
             else:
@@ -481,6 +520,65 @@ class _FusedOptimizer(Optimizer):
         return loss
 
     _hooked_step = Optimizer.profile_hook_step(_step)
+
+    def _initializes_state(self) -> bool:
+        """Whether this step is torch.distributed.checkpoint's state-initializing one: called by
+        its _init_optim_state before any state exists, every group's lr set to 0 and every
+        gradient zero. torch's optimizers change nothing in it but their state; fusedlr creates
+        its state and steps nothing (its schedules would advance, and an absolute one would still
+        decay the weights). A user's own first step with lr 0 and zero gradients is a step."""
+        caller = _dist.state_initializer_code()
+        frame = sys._getframe(1)
+        for _ in range(8):
+            if frame is None or frame.f_code is caller:
+                break
+            frame = frame.f_back
+        else:
+            return False
+        return frame is not None and all(
+            isinstance(g["lr"], (numbers.Real, Tensor)) and float(g["lr"]) == 0 for g in self.param_groups)
+
+    def _sharded_step(self, lists: _StepLists, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        """A step over local shards ([note: DTensor parameters]), its norm and inf flags reduced
+        across ranks ([note: global norm]): one all-reduce, then the step with the clipping factor
+        folded into the gradient scale and the skip decision in found_inf."""
+        grads = None if lists.owners is None else [_dist.local_grad(p) for p in lists.owners]
+        wants_norm = self._wants_norm()
+        if not wants_norm and found_inf is None:
+            self._step_shards(lists, grads, grad_scale, found_inf)
+            return
+        reduced = torch.zeros(2, dtype=torch.float64, device=self._device)  # sum of squares, infs found
+        if wants_norm:
+            local_grads = [p.grad for p in lists.params] if grads is None else grads
+            counted = [g for g, c in zip(local_grads, lists.reduction.counted) if c and g is not None]
+            if counted:
+                norms = torch._foreach_norm(counted, 2, dtype=torch.float64)
+                reduced[0] = torch.stack(norms).square().sum()
+        if found_inf is not None:
+            reduced[1] = found_inf.double().reshape(())
+        lists.reduction.global_sum(reduced)
+        skip = reduced[1] != 0
+        scale = None
+        if wants_norm:
+            unscale = 1.0 if grad_scale is None else grad_scale.double().reshape(())
+            norm = reduced[0].sqrt() / unscale
+            self._grad_norm.copy_(norm)
+            if self.skip_nonfinite:
+                skip = skip | ~torch.isfinite(norm)
+            if self.max_grad_norm is not None:
+                clip = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+                scale = (unscale / clip).float().reshape(1)
+        if scale is None and grad_scale is not None:
+            scale = grad_scale
+        self._step_shards(lists, grads, scale, skip.float().reshape(1))
+
+    def _step_shards(self, lists: _StepLists, grads: list[Tensor | None] | None, grad_scale: Tensor | None,
+                     found_inf: Tensor | None) -> None:
+        if torch.compiler.is_compiling():
+            grads = [p.grad for p in lists.params] if grads is None else grads
+            self._run_op(lists, grads, lists.hyper, lists.programs, grad_scale, found_inf, None, False, None)
+        else:
+            lists.plan.step(grad_scale, found_inf, grads)
 
     def _make_plan(self, lists: _StepLists):
         raise NotImplementedError
@@ -570,13 +668,16 @@ class _FusedOptimizer(Optimizer):
         optimizer and schedulers continue from a fusedlr checkpoint (reading the lr is a host sync)."""
         state_dict = super().state_dict()
         next_lrs = self.last_lr().tolist() if self.param_groups else []
-        for group, next_lr in zip(state_dict["param_groups"], next_lrs):
+        group_steps = self._group_steps.tolist()
+        plateau_state = self._plateau_state.tolist()
+        for g, (group, next_lr) in enumerate(zip(state_dict["param_groups"], next_lrs)):
             schedule = group.get("schedule")
             group["schedule"] = schedule.spec() if isinstance(schedule, Schedule) else schedule
             group["initial_lr"] = group["lr"]
             group["lr"] = next_lr
-        state_dict["schedule_state"] = {"group_steps": self._group_steps.clone(),
-                                        "plateau_state": self._plateau_state.clone()}
+            # in the group, where torch.distributed.checkpoint keeps what a group holds
+            group["schedule_step"] = group_steps[g]
+            group["plateau_state"] = plateau_state[g]
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -611,7 +712,7 @@ class _FusedOptimizer(Optimizer):
 
         new_groups = []
         for g, (group, saved) in enumerate(zip(groups, saved_groups)):
-            new_group = {k: v for k, v in saved.items() if k != "params"}
+            new_group = {k: v for k, v in saved.items() if k not in ("params", "schedule_step", "plateau_state")}
             new_group["params"] = group["params"]
             if "param_names" in group and "param_names" not in saved:
                 new_group["param_names"] = group["param_names"]
@@ -624,7 +725,9 @@ class _FusedOptimizer(Optimizer):
             self._check_group(new_group)
             new_groups.append(new_group)
 
-        schedule_state = state_dict.get("schedule_state")
+        schedule_state = state_dict.get("schedule_state")  # where earlier versions kept it
+        if saved_groups and all("schedule_step" in saved for saved in saved_groups):
+            schedule_state = self._saved_schedule_state(saved_groups)
         if schedule_state is not None:
             group_steps, plateau_state = schedule_state["group_steps"], schedule_state["plateau_state"]
             if group_steps.shape != self._group_steps.shape or plateau_state.shape != self._plateau_state.shape:
@@ -653,6 +756,26 @@ class _FusedOptimizer(Optimizer):
         self._programs_key = []
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    @staticmethod
+    def _saved_schedule_state(saved_groups: list[dict]) -> dict[str, Tensor]:
+        """The schedule state that state_dict() keeps in each group, checked."""
+        steps, plateau = [], []
+        for g, saved in enumerate(saved_groups):
+            step, state = saved["schedule_step"], saved.get("plateau_state")
+            step = step.item() if isinstance(step, Tensor) and step.numel() == 1 else step
+            if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+                raise ValueError(f"loaded group {g} has an invalid schedule_step {saved['schedule_step']!r} "
+                                 "(an integer >= 0 is required)")
+            state = state.tolist() if isinstance(state, Tensor) else state
+            if (not isinstance(state, (list, tuple)) or len(state) != _ops.PLATEAU_SLOTS
+                    or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in state)):
+                raise ValueError(f"loaded group {g} has an invalid plateau_state {state!r} "
+                                 f"({_ops.PLATEAU_SLOTS} numbers are required)")
+            steps.append(int(step))
+            plateau.append([float(v) for v in state])
+        return {"group_steps": torch.tensor(steps, dtype=torch.int64),
+                "plateau_state": torch.tensor(plateau, dtype=torch.float64)}
 
     def _missing_step(self, saved: dict) -> int | None:
         """The step count of loaded state that has none (torch's SGD keeps none), or None: required."""
@@ -698,8 +821,9 @@ class _FusedOptimizer(Optimizer):
         for key in self._STATE_KEYS:
             holders = [p for p in params if key in loaded[p]]
             with torch.no_grad():
-                for p, tensor in zip(holders, _packed_state(holders)):
-                    state[p][key] = tensor.copy_(loaded[p][key])
+                for p, tensor in zip(holders, _packed_state([local_of(p) for p in holders])):
+                    tensor.copy_(_dist.local_value(loaded[p][key], p))
+                    state[p][key] = _dist.like_parameter(tensor, p)
         return state
 
     def __getstate__(self) -> dict:
@@ -731,7 +855,12 @@ _SCHEDULE_DOC = """
         they were. Default: False.
     master_weights (bool): keep a float32 master copy of every bfloat16 / float16 parameter
         (state "master_weight"); the update runs on it and writes the rounded parameter in the
-        same pass. Other dtypes need none. Default: False."""
+        same pass. Other dtypes need none. Default: False.
+    partition_group (torch.distributed.ProcessGroup, optional): for plain parameters partitioned
+        across ranks (ZeroRedundancyOptimizer): the group whose ranks hold the other partitions.
+        max_grad_norm and skip_nonfinite then act on the norm of the whole model, summed over it,
+        and an inf found by GradScaler on any of its ranks skips the step on all. DTensor
+        parameters (FSDP2, tensor parallel) need none: they reduce over their mesh."""
 
 
 class SGD(_FusedOptimizer):
@@ -758,12 +887,12 @@ class SGD(_FusedOptimizer):
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
                  schedule: Schedule | None = None, max_grad_norm: float | None = None, skip_nonfinite: bool = False,
-                 master_weights: bool = False):
+                 master_weights: bool = False, partition_group=None):
         _check_unsupported(foreach, fused, differentiable)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, schedule=schedule)
         self._check_group(defaults)
-        super().__init__(params, defaults, max_grad_norm, skip_nonfinite, master_weights)
+        super().__init__(params, defaults, max_grad_norm, skip_nonfinite, master_weights, partition_group)
 
     def _check_group(self, group: dict) -> None:
         group["lr"] = _check_range("learning rate (lr)", group["lr"], 0.0)
@@ -828,13 +957,13 @@ class Adam(_FusedOptimizer):
                  foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None, decoupled_weight_decay: bool = False,
                  schedule: Schedule | None = None, max_grad_norm: float | None = None, skip_nonfinite: bool = False,
-                 master_weights: bool = False):
+                 master_weights: bool = False, partition_group=None):
         _check_unsupported(foreach, fused, differentiable)
         _check_flag("capturable", capturable)  # the fused step is always capturable: counters live on the device
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, schedule=schedule)
         self._check_group(defaults)
-        super().__init__(params, defaults, max_grad_norm, skip_nonfinite, master_weights)
+        super().__init__(params, defaults, max_grad_norm, skip_nonfinite, master_weights, partition_group)
 
     def _check_group(self, group: dict) -> None:
         group["lr"] = _check_range("learning rate (lr)", group["lr"], 0.0)
@@ -886,8 +1015,9 @@ class AdamW(Adam):
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None, schedule: Schedule | None = None,
-                 max_grad_norm: float | None = None, skip_nonfinite: bool = False, master_weights: bool = False):
+                 max_grad_norm: float | None = None, skip_nonfinite: bool = False, master_weights: bool = False,
+                 partition_group=None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=True, schedule=schedule, max_grad_norm=max_grad_norm,
-                         skip_nonfinite=skip_nonfinite, master_weights=master_weights)
+                         skip_nonfinite=skip_nonfinite, master_weights=master_weights, partition_group=partition_group)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fusedlr
+from fusedlr import _ops
 from fusedlr import schedules as S
 from test_state_dict import assert_unchanged, snapshot, trained_adam
 
@@ -208,3 +209,19 @@ def test_state_storage_shrunk_in_place_raises_and_changes_nothing():
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, readable))
     assert int(opt.state[params[0]]["step"]) == 3 and opt.schedule_steps().tolist() == [3]
+
+
+def test_meta_tensors_are_refused():
+    """A meta parameter has no data: refused when it joins an optimizer; a meta tensor handed to the
+    op among real ones raises and changes nothing."""
+    with pytest.raises(ValueError, match="meta parameter"):
+        fusedlr.AdamW([torch.nn.Parameter(torch.ones(3, device="meta"))])
+    param, state, step = torch.ones(3), torch.zeros(3), torch.zeros((), dtype=torch.int64)
+    for meta_arg in ("param", "grad"):
+        args = dict(param=param, grad=torch.ones(3))
+        args[meta_arg] = torch.ones(3, device="meta")
+        with pytest.raises(RuntimeError, match="meta"):
+            _ops.adam_step_([args["param"]], [args["grad"]], [state], [state.clone()], [torch.empty(0)],
+                            [torch.empty(0)], [step], [0], [0.1, 0.9, 0.999, 1e-8, 0, 0, 0, 1], [1.0, 0.0, 1.0],
+                            torch.zeros(1, dtype=torch.int64), _ops.initial_plateau_state(1, "cpu"))
+    assert torch.equal(param, torch.ones(3)) and torch.equal(state, torch.zeros(3)) and int(step) == 0

@@ -108,12 +108,14 @@ def test_loaded_state_must_be_runnable():
     bad = copy.deepcopy(good)
     bad["state"][0] = {"step": torch.tensor(3.0)}
     cases.append((bad, "exp_avg"))
-    bad = copy.deepcopy(good)
-    bad["schedule_state"]["group_steps"] = torch.tensor([-7])
-    cases.append((bad, "group_steps"))
-    bad = copy.deepcopy(good)
-    bad["schedule_state"]["group_steps"] = torch.tensor([2.9])
-    cases.append((bad, "group_steps"))
+    for step in (-7, 2.9, True, "3"):
+        bad = copy.deepcopy(good)
+        bad["param_groups"][0]["schedule_step"] = step
+        cases.append((bad, "schedule_step"))
+    for plateau in ([0.0] * 3, None, ["a"] * 4):
+        bad = copy.deepcopy(good)
+        bad["param_groups"][0]["plateau_state"] = plateau
+        cases.append((bad, "plateau_state"))
     bad = copy.deepcopy(good)
     bad["state"][0]["step"] = True
     cases.append((bad, "step"))

@@ -198,7 +198,7 @@ def test_optimizer_counter_exact_near_2_pow_40():
     p.grad = torch.ones(3, dtype=torch.float64)
     opt.step()
     state = opt.state_dict()
-    state["schedule_state"]["group_steps"].fill_(big - 2)
+    state["param_groups"][0]["schedule_step"] = big - 2
     state["state"][0]["step"].fill_(big - 2)
     opt.load_state_dict(state)
     for k in range(big - 2, big + 3):

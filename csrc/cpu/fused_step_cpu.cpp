@@ -681,10 +681,13 @@ void PreparedCpuStep::check(size_t i) {
 // is mostly out of the caches: the misses of different threads overlap); a failed check raises the
 // error of the first parameter that fails, as a serial loop would. The jobs are the scratch's.
 template <typename JobT, typename Make>
-std::vector<JobT>& PreparedCpuStep::gather(const Make& make, std::vector<at::Tensor>& copies) {
+std::vector<JobT>& PreparedCpuStep::gather(const Make& make, const std::vector<at::Tensor>* grads,
+                                           std::vector<at::Tensor>& copies) {
   const char* op = op_name(optimizer_);
   const at::Device cpu(at::kCPU);
   const size_t n = params_.size();
+  TORCH_CHECK(grads == nullptr || grads->size() == n, op, ": ", grads == nullptr ? 0 : grads->size(),
+              " gradients given for ", n, " parameters");
   std::vector<JobT>& slots = std::get<std::vector<JobT>>(scratch_->jobs);
   std::vector<char>& active = scratch_->active;
   slots.resize(n);
@@ -697,7 +700,7 @@ std::vector<JobT>& PreparedCpuStep::gather(const Make& make, std::vector<at::Ten
     for (int64_t index = begin; index < end; ++index) {
       const size_t i = static_cast<size_t>(index);
       try {
-        const at::Tensor& grad = params_[i].param.grad();
+        const at::Tensor& grad = grads != nullptr ? (*grads)[i] : params_[i].param.grad();
         if (!grad.defined()) continue;
         if (!still_checked(i)) check(i);
         const Param& p = params_[i];
@@ -734,14 +737,16 @@ std::vector<JobT>& PreparedCpuStep::gather(const Make& make, std::vector<at::Ten
   return slots;
 }
 
-void PreparedCpuStep::step(const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+void PreparedCpuStep::step(const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                           const std::vector<at::Tensor>* grads) {
   const char* op = op_name(optimizer_);
   const GradOptions options{grad_scale, found_inf, max_grad_norm_, skip_nonfinite_, grad_norm_};
   check_grad_options(op, group_steps_.device(), options);
   std::vector<at::Tensor> copies;  // gradients in another layout than their parameter's
   if (optimizer_ == Optimizer::kSgd) {
     auto& jobs = gather<SgdTensor>(
-        [&](size_t i, const Job& base) { return sgd_job(base, params_[i].state[0], params_[i].state[1]); }, copies);
+        [&](size_t i, const Job& base) { return sgd_job(base, params_[i].state[0], params_[i].state[1]); }, grads,
+        copies);
     sgd_run(op, jobs, hyper_, programs_, group_steps_, plateau_state_, options, scratch_->step);
   } else {
     auto& jobs = gather<AdamTensor>(
@@ -749,7 +754,7 @@ void PreparedCpuStep::step(const std::optional<at::Tensor>& grad_scale, const st
           const auto& state = params_[i].state;
           return adam_job(base, state[0], state[1], state[2], state[3]);
         },
-        copies);
+        grads, copies);
     adam_run(op, jobs, hyper_, programs_, group_steps_, plateau_state_, options, scratch_->step);
   }
 }

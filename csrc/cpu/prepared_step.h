@@ -39,8 +39,10 @@ class PreparedCpuStep {
                   std::optional<double> max_grad_norm, bool skip_nonfinite, std::optional<at::Tensor> grad_norm);
   ~PreparedCpuStep();
 
-  // One step with the parameters' current gradients, as the op with the same arguments.
-  void step(const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
+  // One step with the parameters' current gradients, as the op with the same arguments; with
+  // `grads` (one per parameter, undefined for none), with those instead of the parameters' .grad.
+  void step(const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+            const std::vector<at::Tensor>* grads = nullptr);
 
  private:
   // A parameter, its step counter, and what its last full check saw.
@@ -63,7 +65,7 @@ class PreparedCpuStep {
   struct Scratch;  // the memory a step reuses (fused_step_cpu.cpp, [note: no allocation])
 
   template <typename JobT, typename Make>
-  std::vector<JobT>& gather(const Make& make, std::vector<at::Tensor>& copies);
+  std::vector<JobT>& gather(const Make& make, const std::vector<at::Tensor>* grads, std::vector<at::Tensor>& copies);
   bool still_checked(size_t i) const;  // parameter i's tensors are as its last check saw them
   void check(size_t i);                // the op's checks of parameter i's tensors; raises
 

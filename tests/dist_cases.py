@@ -1,0 +1,366 @@
+"""The ranks of tests/test_distributed.py: `python dist_cases.py CASE RANK WORLD PORT DIR`. Each case
+trains the same tiny model twice under the same wrapper (DDP, FSDP2, tensor parallel, ZeRO), once
+with a fusedlr optimizer, once with torch.optim's (foreach=False) + its scheduler +
+clip_grad_norm_, on the same data, and compares parameters (and norms) every step. A failed check
+raises: the rank exits non-zero with the message."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+import fusedlr
+from fusedlr import schedules as S
+
+STEPS = 12
+TOL = dict(rtol=1e-5, atol=1e-6)  # ten float32 ulps of values of order 1, as the single-process parity
+
+
+def model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def local(t):
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def pair(schedule, max_grad_norm, opt="adamw", **extra):
+    """fusedlr optimizer factory and the torch twin factory (optimizer, scheduler)."""
+    def ours(params):
+        cls = {"adamw": fusedlr.AdamW, "sgd": fusedlr.SGD}[opt]
+        kwargs = dict(lr=0.01, weight_decay=0.1) if opt == "adamw" else dict(lr=0.05, momentum=0.9)
+        return cls(params, schedule=schedule, max_grad_norm=max_grad_norm, **kwargs, **extra)
+
+    def theirs(params):
+        cls = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[opt]
+        kwargs = dict(lr=0.01, weight_decay=0.1) if opt == "adamw" else dict(lr=0.05, momentum=0.9)
+        o = cls(params, foreach=False, **kwargs)
+        return o, (torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.02, total_steps=STEPS)
+                   if isinstance(schedule, S.OneCycleLR) else torch.optim.lr_scheduler.StepLR(o, step_size=4, gamma=0.5))
+    return ours, theirs
+
+
+def train_both(a: nn.Module, b: nn.Module, make_ours, make_theirs, max_grad_norm, batch_of, after_backward=None,
+               ours_cls=None):
+    opt = make_ours(list(a.parameters()))
+    ref, sched = make_theirs(list(b.parameters()))
+    clipped = 0
+    for step in range(STEPS):
+        x, y = batch_of(step)
+        for m in (a, b):
+            loss = ((m(x) - y) ** 2).mean() * (30.0 if step % 3 == 0 else 1.0)  # some steps clip, some not
+            loss.backward()
+        if max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(list(b.parameters()), max_grad_norm)
+            norm = float(local(norm.full_tensor() if isinstance(norm, DTensor) else norm))
+            clipped += norm > max_grad_norm
+        opt.step()
+        ref.step()
+        sched.step()
+        if step == 0:
+            lists = opt._lists
+        assert opt._lists is lists  # the fast path: the step's lists are not rebuilt from step to step
+        if max_grad_norm is not None:
+            got = float(opt.last_grad_norm())
+            assert math.isclose(got, norm, rel_tol=1e-5), (step, got, norm)
+        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+            assert type(p) is type(q), name
+            if isinstance(p, DTensor):
+                assert p.placements == q.placements, name
+            torch.testing.assert_close(local(p.detach()), local(q.detach()), **TOL,
+                                       msg=lambda m: f"step {step}, {name}: {m}")
+        opt.zero_grad()
+        ref.zero_grad()
+    if max_grad_norm is not None:
+        assert 0 < clipped < STEPS, clipped  # both kinds of steps happened
+    return opt, ref
+
+
+def same_batches(rank_dependent: bool):
+    def batch_of(step):
+        g = torch.Generator().manual_seed(1000 * step + (dist.get_rank() if rank_dependent else 0))
+        return torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
+    return batch_of
+
+
+# -- cases ---------------------------------------------------------------------------------------
+
+def case_ddp():
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    for max_norm in (None, 0.5):
+        a, b = DDP(model()), DDP(model())
+        ours, theirs = pair(S.OneCycleLR(max_lr=0.02, total_steps=STEPS), max_norm)
+        train_both(a, b, ours, theirs, max_norm, same_batches(True))
+
+
+def fsdp(m, mesh=None):
+    from torch.distributed.fsdp import fully_shard
+    for layer in m:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(m, mesh=mesh)
+
+
+def case_fsdp2():
+    for opt in ("adamw", "sgd"):
+        for max_norm in (None, 0.5):
+            a, b = fsdp(model()), fsdp(model())
+            ours, theirs = pair(S.StepLR(step_size=4, gamma=0.5), max_norm, opt=opt)
+            fused, _ = train_both(a, b, ours, theirs, max_norm, same_batches(True))
+            p = next(a.parameters())
+            state = fused.state[p]
+            for key, value in state.items():
+                if key != "step":  # state of the parameter's mesh and placements, in its shape
+                    assert isinstance(value, DTensor) and value.placements == p.placements, key
+                    assert value.shape == p.shape and value.to_local().shape == p.to_local().shape, key
+
+
+def tp(m, mesh):
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    # Colwise: weight Shard(0), bias Shard(0); Rowwise: weight Shard(1), bias Replicate
+    return parallelize_module(m, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel(), "4": ColwiseParallel(
+        output_layouts=Replicate())})
+
+
+def case_tp():
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for max_norm in (None, 0.5):
+        a, b = tp(model(), mesh), tp(model(), mesh)
+        placements = {p.placements for p in a.parameters()}
+        assert {(Shard(0),), (Shard(1),), (Replicate(),)} <= placements, placements
+        ours, theirs = pair(S.OneCycleLR(max_lr=0.02, total_steps=STEPS), max_norm)
+        train_both(a, b, ours, theirs, max_norm, same_batches(False))
+
+
+def case_fsdp_tp():
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    for max_norm in (None, 0.5):
+        a = fsdp(tp(model(), mesh["tp"]), mesh["dp"])
+        b = fsdp(tp(model(), mesh["tp"]), mesh["dp"])
+        assert all(p.device_mesh.ndim == 2 for p in a.parameters())
+        ours, theirs = pair(S.StepLR(step_size=4, gamma=0.5), max_norm)
+        batch = same_batches(True)
+
+        def dp_batch(step):  # the same data across the tp ranks of a dp rank
+            g = torch.Generator().manual_seed(1000 * step + mesh["dp"].get_local_rank())
+            return torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
+        del batch
+        train_both(a, b, ours, theirs, max_norm, dp_batch)
+
+
+def case_zero():
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    a, b = DDP(model()), DDP(model())
+    max_norm = 0.5
+
+    def ours(params):
+        return ZeroRedundancyOptimizer(params, optimizer_class=fusedlr.AdamW, lr=0.01, weight_decay=0.1,
+                                       schedule=S.StepLR(step_size=4, gamma=0.5), max_grad_norm=max_norm,
+                                       partition_group=dist.group.WORLD)
+
+    def theirs(params):
+        o = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=0.01, weight_decay=0.1,
+                                    foreach=False)
+        return o, torch.optim.lr_scheduler.StepLR(o, step_size=4, gamma=0.5)
+
+    opt = ours(list(a.parameters()))
+    ref, sched = theirs(list(b.parameters()))
+    for step in range(STEPS):
+        x, y = same_batches(True)(step)
+        for m in (a, b):
+            (((m(x) - y) ** 2).mean() * (30.0 if step % 3 == 0 else 1.0)).backward()
+        norm = float(torch.nn.utils.clip_grad_norm_(list(b.parameters()), max_norm))
+        opt.step()
+        ref.step()
+        sched.step()
+        got = float(opt.optim.last_grad_norm())  # this rank's partition, the norm of the whole model
+        assert math.isclose(got, norm, rel_tol=1e-5), (step, got, norm)
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p.detach(), q.detach(), **TOL)
+        opt.zero_grad()
+        ref.zero_grad()
+
+
+def case_skip_agrees():
+    """An inf on one rank only (GradScaler's flag or a gradient) skips the step on every rank."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    a = fsdp(model())
+    opt = fusedlr.AdamW(a.parameters(), lr=0.01, skip_nonfinite=True)
+    for step in range(3):
+        x, y = same_batches(True)(step)
+        ((a(x) - y) ** 2).mean().backward()
+        before = [p.detach().to_local().clone() for p in a.parameters()]
+        steps = opt.schedule_steps().clone()
+        if step == 1 and dist.get_rank() == 1:
+            next(a.parameters()).grad.to_local()[0] = math.inf
+        opt.step()
+        opt.zero_grad()
+        moved = any(not torch.equal(p.detach().to_local(), q) for p, q in zip(a.parameters(), before))
+        assert moved == (step != 1) and int(opt.schedule_steps()[0]) == int(steps[0]) + (step != 1), step
+    # GradScaler's found_inf on one rank
+    opt2 = fusedlr.AdamW(a.parameters(), lr=0.01)
+    x, y = same_batches(True)(0)
+    ((a(x) - y) ** 2).mean().backward()
+    opt2.step()
+    ((a(x) - y) ** 2).mean().backward()
+    before = [p.detach().to_local().clone() for p in a.parameters()]
+    opt2.found_inf = torch.tensor([1.0 if dist.get_rank() == 0 else 0.0])
+    opt2.grad_scale = torch.tensor([1.0])
+    opt2.step()
+    assert all(torch.equal(p.detach().to_local(), q) for p, q in zip(a.parameters(), before))
+    assert int(opt2.schedule_steps()[0]) == 1
+    del mesh
+
+
+def case_dcp():
+    """dcp.save / dcp.load through get_/set_optimizer_state_dict resume bitwise equal to an
+    uninterrupted run, under FSDP2 and DDP, for several schedules including ReduceLROnPlateau."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    folder = sys.argv[5]
+    schedules = [S.OneCycleLR(max_lr=0.02, total_steps=STEPS), S.ReduceLROnPlateau(patience=0, factor=0.5),
+                 S.SequentialLR([S.LinearLR(start_factor=0.1, total_iters=3), S.CosineAnnealingLR(T_max=9)],
+                                milestones=[3])]
+    for wrap_name, wrap in (("fsdp2", fsdp), ("ddp", DDP)):
+        for k, schedule in enumerate(schedules):
+            def make():
+                m = wrap(model())
+                return m, fusedlr.AdamW(m.parameters(), lr=0.01, schedule=schedule, max_grad_norm=0.5)
+
+            def run(m, opt, steps):
+                for step in steps:
+                    x, y = same_batches(True)(step)
+                    loss = ((m(x) - y) ** 2).mean()
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad()
+                    if isinstance(schedule, S.ReduceLROnPlateau):
+                        opt.observe(torch.tensor(1.0))  # never improves: the lr falls every step
+            whole, whole_opt = make()
+            run(whole, whole_opt, range(STEPS))
+            first, first_opt = make()
+            run(first, first_opt, range(STEPS // 2))
+            path = os.path.join(folder, f"{wrap_name}-{k}")
+            dcp.save({"model": get_model_state_dict(first), "optim": get_optimizer_state_dict(first, first_opt)},
+                     checkpoint_id=path)
+            resumed, resumed_opt = make()
+            before = [local(p.detach()).clone() for p in resumed.parameters()]
+            # set_optimizer_state_dict first steps the new optimizer with zero gradients and lr 0
+            state = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, resumed_opt)}
+            assert all(torch.equal(local(p.detach()), q) for p, q in zip(resumed.parameters(), before))
+            assert int(resumed_opt.schedule_steps()[0]) == 0
+            dcp.load(state, checkpoint_id=path)
+            set_model_state_dict(resumed, state["model"])
+            set_optimizer_state_dict(resumed, resumed_opt, state["optim"])
+            assert int(resumed_opt.schedule_steps()[0]) == STEPS // 2
+            torch.testing.assert_close(resumed_opt.last_lr(), first_opt.last_lr(), rtol=0, atol=0)
+            run(resumed, resumed_opt, range(STEPS // 2, STEPS))
+            for p, q in zip(whole.parameters(), resumed.parameters()):
+                assert torch.equal(local(p.detach()), local(q.detach())), (wrap_name, k)
+            torch.testing.assert_close(whole_opt.last_lr(), resumed_opt.last_lr(), rtol=0, atol=0)
+
+
+def case_state_init_step():
+    """torch's state-initializing step (zero gradients, lr 0) changes neither parameters nor counters."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    m = fsdp(model())
+    opt = fusedlr.AdamW(m.parameters(), lr=0.01, weight_decay=0.5, schedule=S.OneCycleLR(max_lr=0.1, total_steps=10))
+    before = [p.detach().to_local().clone() for p in m.parameters()]
+    get_optimizer_state_dict(m, opt)
+    assert all(torch.equal(p.detach().to_local(), q) for p, q in zip(m.parameters(), before))
+    assert opt.schedule_steps().tolist() == [0] and len(opt.state) == len(before)
+    assert all(float(g["lr"]) == 0.01 for g in opt.param_groups)
+
+
+def case_grad_placements():
+    """A gradient of other placements than its parameter's is redistributed to the parameter's: the
+    step equals one given the gradient in the parameter's placements."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    full = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    a, b = (nn.Parameter(distribute_tensor(full.clone(), mesh, [Shard(0)])) for _ in range(2))
+    opt_a, opt_b = fusedlr.AdamW([a], lr=0.1), fusedlr.AdamW([b], lr=0.1)
+    for step in range(3):
+        grad = torch.randn(6, 4, generator=torch.Generator().manual_seed(step + 1))
+        a.grad = distribute_tensor(grad, mesh, [Replicate()])
+        b.grad = distribute_tensor(grad, mesh, [Shard(0)])
+        opt_a.step()
+        opt_b.step()
+        assert torch.equal(a.to_local(), b.to_local()), step
+    assert not torch.equal(a.full_tensor(), full)
+
+
+def case_nccl():
+    """One rank on a GPU with NCCL: FSDP2 with clipping against torch, the norm's all-reduce queued
+    on the stream without a host sync."""
+    torch.cuda.set_device(0)
+    for max_norm in (None, 0.5):
+        a, b = fsdp(model().cuda()), fsdp(model().cuda())
+        ours, theirs = pair(S.OneCycleLR(max_lr=0.02, total_steps=STEPS), max_norm)
+
+        def batch_of(step):
+            x, y = same_batches(True)(step)
+            return x.cuda(), y.cuda()
+        train_both(a, b, ours, theirs, max_norm, batch_of)
+    opt = fusedlr.AdamW(a.parameters(), lr=0.01, max_grad_norm=0.5, skip_nonfinite=True)
+    x, y = batch_of(0)
+    ((a(x) - y) ** 2).mean().backward()
+    opt.step()  # state created
+    ((a(x) - y) ** 2).mean().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def case_bad_tensors():
+    """A DTensor handed to the op itself, or a parameter with a null data pointer: an error, nothing
+    changed, the process alive."""
+    from fusedlr import _ops
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    d = distribute_tensor(torch.ones(4, 4), mesh, [Shard(0)])
+    plain = torch.ones(2, 4)
+    state = [torch.zeros(2, 4)]
+    steps = torch.zeros(1, dtype=torch.int64)
+    for params, grads in (([d], [d]), ([plain], [d])):
+        try:
+            _ops.adam_step_(params, grads, [torch.zeros(2, 4)], [torch.zeros(2, 4)], [torch.empty(0)],
+                            [torch.empty(0)], [steps.view(())], [0], [0.1, 0.9, 0.999, 1e-8, 0, 0, 0, 1],
+                            [1.0, 0.0, 1.0], torch.zeros(1, dtype=torch.int64), _ops.initial_plateau_state(1, "cpu"))
+        except (RuntimeError, ValueError) as e:
+            assert "DTensor" in str(e) or "subclass" in str(e) or "mixed" in str(e), e
+        else:
+            raise AssertionError("a DTensor reached the kernel")
+    assert torch.equal(plain, torch.ones(2, 4)) and int(steps) == 0 and torch.equal(state[0], torch.zeros(2, 4))
+
+
+def main():
+    case, rank, world, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    torch.set_num_threads(1)
+    backend = "nccl" if case == "nccl" else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        globals()[f"case_{case}"]()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    print(f"rank {rank}: {case} ok")
+
+
+if __name__ == "__main__":
+    main()
