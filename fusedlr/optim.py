@@ -567,10 +567,10 @@ class _FusedOptimizer(Optimizer):
                 skip = skip | ~torch.isfinite(norm)
             if self.max_grad_norm is not None:
                 clip = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-                scale = (unscale / clip).float().reshape(1)
+                scale = (unscale / clip).reshape(1)  # the kernels read both in double
         if scale is None and grad_scale is not None:
             scale = grad_scale
-        self._step_shards(lists, grads, scale, skip.float().reshape(1))
+        self._step_shards(lists, grads, scale, skip.double().reshape(1))
 
     def _step_shards(self, lists: _StepLists, grads: list[Tensor | None] | None, grad_scale: Tensor | None,
                      found_inf: Tensor | None) -> None:
