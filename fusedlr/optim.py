@@ -829,11 +829,12 @@ class _FusedOptimizer(Optimizer):
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         for key in ("_group_steps", "_plateau_state", "_device", "_grad_norm", "max_grad_norm", "skip_nonfinite",
-                    "master_weights"):
+                    "master_weights", "partition_group"):
             state[key] = getattr(self, key)
         return state
 
     def __setstate__(self, state: dict) -> None:
+        state.setdefault("partition_group", None)  # pickled by a version without it
         super().__setstate__(state)
         self._lists = None
         self._key = self._seen = self._seen_hyper = None
