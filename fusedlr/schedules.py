@@ -25,7 +25,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
@@ -131,6 +131,16 @@ class Schedule:
         at = len(program)
         program.extend([float(kind), float(self._time_divisor()), *map(float, args)])
         return at
+
+    _ABSOLUTE_LRS: ClassVar[tuple[str, ...]] = ()  # the arguments that are lrs, not factors of the base lr
+
+    def scaled(self, factor: float) -> Schedule:
+        """The schedule whose lr, for a base lr ``factor * base_lr``, is ``factor`` times this one's
+        for ``base_lr``: its absolute lrs (eta_min, max_lr, ...) scaled. A param group's ``lr_scale``
+        (timm's layer decay) scales its schedule so."""
+        if factor == 1.0 or not self._ABSOLUTE_LRS:
+            return self
+        return dataclasses.replace(self, **{name: getattr(self, name) * factor for name in self._ABSOLUTE_LRS})
 
     @property
     def cycles_momentum(self) -> bool:
@@ -243,7 +253,7 @@ class LinearLR(Schedule):
     steps_per_epoch: int = 1
 
     def _validate(self):
-        _check_float("start_factor", self.start_factor, 0.0, 1.0, low_open=True)
+        _check_float("start_factor", self.start_factor, 0.0, 1.0)  # 0: warmup from zero (torch refuses it)
         _check_float("end_factor", self.end_factor, 0.0, 1.0)
         _check_int("total_iters", self.total_iters, 1)
 
@@ -334,6 +344,8 @@ class CosineAnnealingLR(Schedule):
     eta_min: float = 0.0
     steps_per_epoch: int = 1
 
+    _ABSOLUTE_LRS = ("eta_min",)
+
     def _validate(self):
         _check_int("T_max", self.T_max, 1)
         _check_float("eta_min", self.eta_min, 0.0)
@@ -353,6 +365,8 @@ class CosineAnnealingWarmRestarts(Schedule):
     T_mult: int = 1
     eta_min: float = 0.0
     steps_per_epoch: int = 1
+
+    _ABSOLUTE_LRS = ("eta_min",)
 
     def _validate(self):
         _check_int("T_0", self.T_0, 1)
@@ -452,6 +466,8 @@ class OneCycleLR(Schedule):
     final_div_factor: float = 1e4
     three_phase: bool = False
 
+    _ABSOLUTE_LRS = ("max_lr",)
+
     def _validate(self):
         if self.total_steps is not None:
             _check_int("total_steps", self.total_steps, 1)
@@ -537,6 +553,8 @@ class CyclicLR(Schedule):
 
     _MODES = ("triangular", "triangular2", "exp_range")
 
+    _ABSOLUTE_LRS = ("base_lr", "max_lr")
+
     def _validate(self):
         if self.scale_fn is not None:
             raise ValueError("scale_fn: a Python function cannot run inside the device kernel; use mode="
@@ -585,6 +603,8 @@ class ReduceLROnPlateau(Schedule):
     cooldown: int = 0
     min_lr: float = 0.0
     eps: float = 1e-8
+
+    _ABSOLUTE_LRS = ("min_lr", "eps")
 
     def _validate(self):
         _check_choice("mode", self.mode, ("min", "max"))
@@ -644,6 +664,11 @@ class SequentialLR(Schedule):
         if self._depth() > _MAX_DEPTH:
             raise ValueError(f"schedulers: SequentialLR nests deeper than {_MAX_DEPTH} levels")
 
+    def scaled(self, factor: float) -> Schedule:
+        if factor == 1.0:
+            return self
+        return dataclasses.replace(self, schedulers=tuple(s.scaled(factor) for s in self.schedulers))
+
     def _depth(self) -> int:
         return 1 + max((s._depth() if isinstance(s, SequentialLR) else 1) for s in self.schedulers)
 
@@ -677,22 +702,28 @@ _BY_NAME = {cls.__name__: cls for cls in (
     ReduceLROnPlateau, SequentialLR)}
 
 
-def torch_scheduler(schedule: Schedule, optimizer: torch.optim.Optimizer):
+def torch_scheduler(schedule: Schedule, optimizer: torch.optim.Optimizer, last_epoch: int = -1):
     """The torch.optim.lr_scheduler object that steps `optimizer` through the same lrs as `schedule`
     (stepped once per schedule time unit), for comparisons. InverseSqrt and WarmupStableDecay, which
-    torch lacks, become a LambdaLR over this schedule's own host formula."""
+    torch lacks, become a LambdaLR over this schedule's own host formula. ``last_epoch=k - 1``
+    resumes after k steps on an optimizer that loaded a fusedlr state_dict (not for SequentialLR,
+    whose torch form does not resume)."""
     from torch.optim import lr_scheduler as L
 
     args = {k: v for k, v in schedule.spec()["args"].items() if k != "steps_per_epoch"}
     if isinstance(schedule, SequentialLR):
+        if last_epoch != -1:
+            raise ValueError("last_epoch: torch's SequentialLR does not resume from a step count")
         return L.SequentialLR(optimizer, [torch_scheduler(s, optimizer) for s in schedule.schedulers],
                               milestones=list(schedule.milestones))
     if isinstance(schedule, ExponentialDecay):
-        return L.ExponentialLR(optimizer, gamma=math.exp(-schedule.decay_rate))
+        return L.ExponentialLR(optimizer, gamma=math.exp(-schedule.decay_rate), last_epoch=last_epoch)
     if isinstance(schedule, (InverseSqrt, WarmupStableDecay)):
-        return L.LambdaLR(optimizer, lambda t: schedule(t, 1.0))
+        return L.LambdaLR(optimizer, lambda t: schedule(t, 1.0), last_epoch=last_epoch)
     if isinstance(schedule, OneCycleLR):
         args = {k: v for k, v in schedule.spec()["args"].items() if v is not None}
     if isinstance(schedule, CyclicLR):
         args.pop("scale_mode")
-    return getattr(L, type(schedule).__name__)(optimizer, **args)
+    if isinstance(schedule, ReduceLROnPlateau):
+        return L.ReduceLROnPlateau(optimizer, **args)
+    return getattr(L, type(schedule).__name__)(optimizer, **args, last_epoch=last_epoch)

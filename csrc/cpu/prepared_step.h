@@ -42,6 +42,9 @@ class PreparedCpuStep {
   // One step with the parameters' current gradients, as the op with the same arguments.
   void step(const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
 
+  // New values of the hyperparameters, as many as before: the settings changed, the lists did not.
+  void set_hyper(std::vector<double> hyper);
+
  private:
   // A parameter, its step counter, and what its last full check saw.
   struct Param {
