@@ -22,6 +22,7 @@ Frameworks read ``param_groups[i]["lr"]`` as the lr in use and hand schedulers t
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -53,7 +54,7 @@ def base_lr(group: dict) -> float:
 
 def is_own_lr(opt, g: int, value) -> bool:
     """Whether `value` is the view of group g's next lr that the optimizer put into the group."""
-    return isinstance(value, Tensor) and value._base is opt._group_lrs and value.storage_offset() == g
+    return value is opt._lr_views[g]
 
 
 _ADVICE = ("fusedlr evaluates this group's schedule on the device at every step, and a second scheduler on top "
@@ -68,17 +69,18 @@ def check_scheduled_lrs(opt) -> None:
     then follows groups that gained a schedule (their lr becomes their base lr) or lost one (their
     lr becomes a float, the last lr)."""
     groups = opt.param_groups
-    if len(opt._scheduled) != len(groups) or opt._group_lrs.numel() != len(groups):
+    if len(opt._lr_views) != len(groups):
         opt._attach_lrs()  # the groups were replaced wholesale
         return
     for g, group in enumerate(groups):
-        if group["schedule"] is not None and opt._scheduled[g] and not is_own_lr(opt, g, group["lr"]):
+        if group["schedule"] is not None and opt._lr_views[g] is not None and not is_own_lr(opt, g, group["lr"]):
             raise LRConflictError(f"param group {g}: its 'lr' was replaced (now {group['lr']!r}), but the group has "
                                   f"a fusedlr schedule. {_ADVICE}.")
-    written = opt._group_lrs._version != opt._lrs_version
+    # under torch.compile the step writes the lrs itself, and the version check waits for eager
+    written = not torch.compiler.is_compiling() and opt._group_lrs._version != opt._lrs_version
     if written:
         expected = opt._schedule_values()[:, 0]
-        bad = [g for g, group in enumerate(groups) if group["schedule"] is not None and opt._scheduled[g]
+        bad = [g for g, group in enumerate(groups) if group["schedule"] is not None and opt._lr_views[g] is not None
                and bool(opt._group_lrs[g] != expected[g])]
         if bad:
             g = bad[0]
@@ -90,12 +92,13 @@ def check_scheduled_lrs(opt) -> None:
         own = is_own_lr(opt, g, group["lr"])
         if group["schedule"] is not None and not own:
             group.setdefault("initial_lr", float(group["lr"]))
-            group["lr"] = opt._group_lrs[g]
+            group["lr"] = opt._lr_views[g] = opt._group_lrs[g]
             changed = True
-        elif group["schedule"] is None and own:
-            group["lr"] = float(group["lr"])
+        elif group["schedule"] is None and opt._lr_views[g] is not None:
+            if own:
+                group["lr"] = float(group["lr"])
+            opt._lr_views[g] = None
             changed = True
-        opt._scheduled[g] = group["schedule"] is not None
     if changed:
         opt._refresh_lrs()
 

@@ -95,7 +95,7 @@ _ALONE_BYTES = 4 << 20
 
 
 def _zero_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    if device.type == "cpu":
+    if device.type == "cpu" and not _is_compiling():  # a compiled first step makes plain zeros
         return _C.packed_state_buffer(numel, dtype)  # on huge pages where the kernel gives them
     return torch.zeros(numel, dtype=dtype, device=device)
 
@@ -232,7 +232,7 @@ class _FusedOptimizer(Optimizer):
         self._plateau_state: Tensor | None = None  # float64 [groups, 4]: ReduceLROnPlateau state
         self._group_lrs: Tensor | None = None      # float64 [groups]: each group's next lr (fusedlr/lr.py)
         self._lrs_version = 0                      # its version counter after the optimizer's last own write
-        self._scheduled: list[bool] = []           # which groups had a schedule when last prepared
+        self._lr_views: list[Tensor | None] = []   # the "lr" put into each scheduled group, a view of it
         self._lists: _StepLists | None = None
         self._key: list | None = None  # _step_key() of the cached lists
         self._seen: tuple[list, list[int]] | None = None  # _objects() when _key was last found current
@@ -349,11 +349,11 @@ class _FusedOptimizer(Optimizer):
         """A new group_lrs vector for the current groups, each scheduled group's "lr" a view of it."""
         groups = self.param_groups
         self._group_lrs = torch.zeros(len(groups), dtype=torch.float64, device=self._group_steps.device)
-        self._scheduled = [g["schedule"] is not None for g in groups]
+        self._lr_views = [None] * len(groups)
         for g, group in enumerate(groups):
             if group["schedule"] is not None:
                 group.setdefault("initial_lr", float(group["lr"]))
-                group["lr"] = self._group_lrs[g]
+                group["lr"] = self._lr_views[g] = self._group_lrs[g]
         self._refresh_lrs()
 
     def _refresh_lrs(self) -> None:
@@ -764,7 +764,7 @@ class _FusedOptimizer(Optimizer):
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        for key in ("_group_steps", "_plateau_state", "_group_lrs", "_lrs_version", "_scheduled", "_device", "_grad_norm", "max_grad_norm", "skip_nonfinite",
+        for key in ("_group_steps", "_plateau_state", "_group_lrs", "_lrs_version", "_lr_views", "_device", "_grad_norm", "max_grad_norm", "skip_nonfinite",
                     "master_weights"):
             state[key] = getattr(self, key)
         return state

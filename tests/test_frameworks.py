@@ -48,8 +48,8 @@ def hf_setup(tmp_path):
     def trainer(m, optimizers, **kwargs):
         args = transformers.TrainingArguments(
             output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=4, logging_steps=1,
-            report_to=[], use_cpu=True, save_strategy="no", dataloader_num_workers=0, seed=0,
-            lr_scheduler_type="linear", warmup_steps=3, disable_tqdm=True, **kwargs)
+            report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0, lr_scheduler_type="linear",
+            warmup_steps=3, disable_tqdm=True, **{"save_strategy": "no", **kwargs})
         return transformers.Trainer(model=m, args=args, train_dataset=data, optimizers=optimizers)
 
     return model, trainer
@@ -78,9 +78,9 @@ def test_hf_trainer_with_the_schedule_on_the_device(tmp_path):
     ref_trainer.train()
     assert used == pytest.approx(ref_used, rel=1e-12, abs=1e-18)
     assert used == pytest.approx([1e-3 * (k / 3 if k < 3 else (12 - k) / 9) for k in range(12)], rel=1e-12)
-    # Trainer logs after each step the lr its scheduler reports: the next step's, as with torch's
-    assert logged_lrs(ours_trainer) == pytest.approx(logged_lrs(ref_trainer), rel=1e-12, abs=1e-18)
-    assert logged_lrs(ours_trainer)[:-1] == pytest.approx(used[1:], rel=1e-12)
+    # Trainer logs get_last_lr() between the optimizer's step and the scheduler's: the lr used
+    assert logged_lrs(ours_trainer) == pytest.approx(used, rel=1e-12, abs=1e-18)
+    assert logged_lrs(ref_trainer) == pytest.approx(ref_used, rel=1e-12, abs=1e-18)
     for p, q in zip(ours.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL)
 
@@ -148,27 +148,32 @@ def lightning_run(precision, make_optimizers, steps=10):
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(64, 8, generator=gen), torch.randn(64, 1, generator=gen)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
-    monitor = pl.callbacks.LearningRateMonitor(logging_interval="step")
+    logger = _memory_logger()
     model = Model()
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", precision=precision, logger=_MemoryLogger(pl),
-                         callbacks=[monitor], enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, log_every_n_steps=1)
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", precision=precision, logger=logger,
+                         callbacks=[pl.callbacks.LearningRateMonitor(logging_interval="step")],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         log_every_n_steps=1)
     trainer.fit(model, loader)
-    (lrs,) = monitor.lrs.values()
-    return model, [float(lr) for lr in lrs]
+    return model, logger.lrs
 
 
-def _MemoryLogger(pl):
+def _memory_logger():
+    """A Lightning logger that keeps the lrs LearningRateMonitor logs, as floats when logged."""
     from lightning.pytorch.loggers.logger import Logger
 
     class MemoryLogger(Logger):
         name, version = "memory", 0
 
+        def __init__(self):
+            super().__init__()
+            self.lrs = []
+
         def log_hyperparams(self, *args, **kwargs):
             pass
 
         def log_metrics(self, metrics, step=None):
-            pass
+            self.lrs += [float(v) for k, v in metrics.items() if k.startswith("lr-")]
 
     return MemoryLogger()
 
