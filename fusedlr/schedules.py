@@ -51,6 +51,7 @@ __all__ = [
     "StepDecay",
     "CosineAnnealing",
     "from_spec",
+    "from_hf",
     "torch_scheduler",
 ]
 
@@ -727,3 +728,73 @@ def torch_scheduler(schedule: Schedule, optimizer: torch.optim.Optimizer, last_e
     if isinstance(schedule, ReduceLROnPlateau):
         return L.ReduceLROnPlateau(optimizer, **args)
     return getattr(L, type(schedule).__name__)(optimizer, **args, last_epoch=last_epoch)
+
+
+def from_hf(name: str, num_warmup_steps: int = 0, num_training_steps: int | None = None, *,
+            base_lr: float | None = None, **scheduler_specific_kwargs) -> Schedule:
+    """The schedule of HF transformers' ``get_scheduler(name, optimizer, num_warmup_steps,
+    num_training_steps, scheduler_specific_kwargs=...)``, for the names whose lrs the schedules here
+    give exactly: "linear", "cosine" (num_cycles=0.5), "cosine_with_restarts" (cycles dividing the
+    steps after warmup), "constant", "constant_with_warmup", "reduce_lr_on_plateau", and
+    "cosine_with_min_lr" given ``base_lr`` (its floor is a fraction of the base lr). Others raise
+    ValueError naming what is missing. Warmups start from 0, as HF's do."""
+    kwargs = dict(scheduler_specific_kwargs)
+    _check_int("num_warmup_steps", num_warmup_steps, 0)
+
+    def training_steps() -> int:
+        if num_training_steps is None:
+            raise ValueError(f"{name!r} needs num_training_steps")
+        _check_int("num_training_steps", num_training_steps, num_warmup_steps + 1)
+        return num_training_steps
+
+    def after_warmup(schedule: Schedule) -> Schedule:
+        if num_warmup_steps == 0:
+            return schedule
+        return SequentialLR([LinearLR(start_factor=0.0, end_factor=1.0, total_iters=num_warmup_steps), schedule],
+                            milestones=[num_warmup_steps])
+
+    def no_more(*allowed: str) -> None:
+        extra = set(kwargs) - set(allowed)
+        if extra:
+            raise ValueError(f"{name!r}: unsupported scheduler_specific_kwargs {sorted(extra)}")
+
+    if name == "constant":
+        no_more()
+        return ConstantLR(factor=1.0, total_iters=0)
+    if name == "constant_with_warmup":
+        no_more()
+        return after_warmup(ConstantLR(factor=1.0, total_iters=0))
+    if name == "linear":
+        no_more()
+        decay = training_steps() - num_warmup_steps
+        return after_warmup(LinearLR(start_factor=1.0, end_factor=0.0, total_iters=decay))
+    if name in ("cosine", "cosine_with_min_lr"):
+        no_more("num_cycles", "min_lr", "min_lr_rate")
+        if kwargs.get("num_cycles", 0.5) != 0.5:
+            raise ValueError(f"{name!r}: num_cycles={kwargs['num_cycles']!r} cannot be expressed yet (0.5 can)")
+        eta_min = 0.0
+        if name == "cosine_with_min_lr":
+            if ("min_lr" in kwargs) == ("min_lr_rate" in kwargs):
+                raise ValueError("'cosine_with_min_lr' takes one of min_lr and min_lr_rate")
+            if "min_lr" in kwargs:
+                eta_min = kwargs["min_lr"]
+            elif base_lr is None:
+                raise ValueError("'cosine_with_min_lr' with min_lr_rate needs base_lr= (its floor is "
+                                 "min_lr_rate * base_lr, an absolute lr here)")
+            else:
+                eta_min = kwargs["min_lr_rate"] * base_lr
+        return after_warmup(CosineAnnealingLR(T_max=training_steps() - num_warmup_steps, eta_min=eta_min))
+    if name == "cosine_with_restarts":
+        no_more("num_cycles")
+        cycles = kwargs.get("num_cycles", 1)
+        decay = training_steps() - num_warmup_steps
+        _check_int("num_cycles", cycles, 1)
+        if decay % cycles:
+            raise ValueError(f"'cosine_with_restarts': num_cycles={cycles} does not divide the "
+                             f"{decay} steps after warmup, which cannot be expressed yet")
+        restarts = CosineAnnealingWarmRestarts(T_0=decay // cycles)
+        return after_warmup(SequentialLR([restarts, ConstantLR(factor=0.0, total_iters=2 ** 53)],
+                                         milestones=[decay]))
+    if name == "reduce_lr_on_plateau":
+        return ReduceLROnPlateau(**kwargs)
+    raise ValueError(f"from_hf: {name!r} cannot be expressed with these schedules yet")
