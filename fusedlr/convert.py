@@ -107,6 +107,8 @@ _HF_LAMBDAS = {
     "_get_linear_schedule_with_warmup_lr_lambda": "linear",
     "_get_cosine_schedule_with_warmup_lr_lambda": "cosine",
     "_get_cosine_with_hard_restarts_schedule_with_warmup_lr_lambda": "cosine_with_restarts",
+    "_get_inverse_sqrt_schedule_lr_lambda": "inverse_sqrt",
+    "_get_wsd_scheduler_lambda": "warmup_stable_decay",
 }
 
 

@@ -736,8 +736,9 @@ def from_hf(name: str, num_warmup_steps: int = 0, num_training_steps: int | None
     num_training_steps, scheduler_specific_kwargs=...)``, for the names whose lrs the schedules here
     give exactly: "linear", "cosine" (num_cycles=0.5), "cosine_with_restarts" (cycles dividing the
     steps after warmup), "constant", "constant_with_warmup", "reduce_lr_on_plateau", and
-    "cosine_with_min_lr" given ``base_lr`` (its floor is a fraction of the base lr). Others raise
-    ValueError naming what is missing. Warmups start from 0, as HF's do."""
+    "cosine_with_min_lr" given ``base_lr`` (its floor is a fraction of the base lr), "inverse_sqrt"
+    (timescale = warmup), "warmup_stable_decay" (linear warmup). Others raise ValueError naming
+    what is missing. Warmups start from 0, as HF's do."""
     kwargs = dict(scheduler_specific_kwargs)
     _check_int("num_warmup_steps", num_warmup_steps, 0)
 
@@ -795,6 +796,31 @@ def from_hf(name: str, num_warmup_steps: int = 0, num_training_steps: int | None
         restarts = CosineAnnealingWarmRestarts(T_0=decay // cycles)
         return after_warmup(SequentialLR([restarts, ConstantLR(factor=0.0, total_iters=2 ** 53)],
                                          milestones=[decay]))
+    if name == "inverse_sqrt":
+        no_more("timescale")
+        timescale = kwargs.get("timescale") or num_warmup_steps or 10_000
+        if timescale != num_warmup_steps:
+            raise ValueError(f"'inverse_sqrt': timescale={timescale} other than num_warmup_steps cannot be "
+                             "expressed yet")
+        # HF's is InverseSqrt one step later, 0 at step 0
+        return SequentialLR([ConstantLR(factor=0.0, total_iters=1), InverseSqrt(warmup_steps=num_warmup_steps)],
+                            milestones=[1])
+    if name == "warmup_stable_decay":
+        no_more("num_decay_steps", "num_stable_steps", "warmup_type", "decay_type", "min_lr_ratio", "num_cycles")
+        if kwargs.get("warmup_type", "linear") != "linear" or kwargs.get("num_cycles", 0.5) != 0.5:
+            raise ValueError("'warmup_stable_decay': only warmup_type='linear' and num_cycles=0.5 can be "
+                             "expressed yet")
+        decay_steps = kwargs["num_decay_steps"]
+        stable_steps = kwargs.get("num_stable_steps")
+        if stable_steps is None:
+            stable_steps = training_steps() - num_warmup_steps - decay_steps
+        ratio = kwargs.get("min_lr_ratio", 0.0)
+        wsd = WarmupStableDecay(warmup_steps=0, stable_steps=stable_steps, decay_steps=decay_steps,
+                                decay=kwargs.get("decay_type", "cosine"), min_lr_ratio=ratio)
+        if num_warmup_steps == 0:
+            return wsd
+        return SequentialLR([LinearLR(start_factor=ratio, end_factor=1.0, total_iters=num_warmup_steps), wsd],
+                            milestones=[num_warmup_steps])
     if name == "reduce_lr_on_plateau":
         return ReduceLROnPlateau(**kwargs)
     raise ValueError(f"from_hf: {name!r} cannot be expressed with these schedules yet")

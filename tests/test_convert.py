@@ -77,7 +77,10 @@ def test_a_lambda_of_ones_own_raises_naming_it():
 HF_CASES = [
     ("linear", 0, {}), ("linear", 7, {}), ("cosine", 5, {}), ("cosine_with_restarts", 4, {"num_cycles": 4}),
     ("constant", 0, {}), ("constant_with_warmup", 6, {}), ("cosine_with_min_lr", 5, {"min_lr_rate": 0.1}),
-    ("cosine_with_min_lr", 3, {"min_lr": 1e-4}),
+    ("cosine_with_min_lr", 3, {"min_lr": 1e-4}), ("inverse_sqrt", 6, {}),
+    ("warmup_stable_decay", 5, {"num_decay_steps": 20, "decay_type": "1-sqrt", "min_lr_ratio": 0.05}),
+    ("warmup_stable_decay", 0, {"num_decay_steps": 14, "num_stable_steps": 10, "decay_type": "cosine"}),
+    ("warmup_stable_decay", 4, {"num_decay_steps": 30, "decay_type": "linear", "min_lr_ratio": 0.2}),
 ]
 
 
@@ -105,7 +108,8 @@ def test_hf_get_scheduler_converts_exactly(name, warmup, kwargs):
 
 
 def test_from_hf_refuses_what_it_cannot_express():
-    for name, kwargs in [("polynomial", {}), ("cosine", {"num_cycles": 1.5}), ("inverse_sqrt", {}),
-                         ("cosine_with_restarts", {"num_cycles": 3})]:
+    for name, kwargs in [("polynomial", {}), ("cosine", {"num_cycles": 1.5}), ("inverse_sqrt", {"timescale": 9}),
+                         ("cosine_with_restarts", {"num_cycles": 3}),
+                         ("warmup_stable_decay", {"num_decay_steps": 9, "warmup_type": "cosine"})]:
         with pytest.raises(ValueError, match=name if name != "cosine" else "num_cycles"):
             S.from_hf(name, 4, 44, **kwargs)
