@@ -490,7 +490,8 @@ class _FusedOptimizer(Optimizer):
             return self._hooked_step(closure)
         lists = self._lists
         if (closure is None and lists is not None and self._unchanged()
-                and self._group_lrs._version == self._lrs_version and not (lists.stateless and any(p.grad is not None for p in lists.stateless))):
+                and self._group_lrs._version == self._lrs_version  # no one wrote a scheduled lr (fusedlr/lr.py)
+                and not (lists.stateless and any(p.grad is not None for p in lists.stateless))):
             # the common step: nothing to build (_prepare), nothing to undo
             lists.plan.step(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
             return None
@@ -593,7 +594,7 @@ class _FusedOptimizer(Optimizer):
         """A torch LRScheduler for the slots where a framework wants one (HF Trainer's
         ``optimizers=(opt, opt.as_lr_scheduler())``, Lightning's ``configure_optimizers``): its
         ``step()`` changes nothing, since the schedule runs in the optimizer's step, and
-        ``get_last_lr()`` is each group's next lr, as torch's scheduler would report it."""
+        ``get_last_lr()`` reports the lrs as torch's scheduler would (fusedlr/lr.py)."""
         return _lr.OnDeviceScheduler(self)
 
     def schedule_steps(self) -> Tensor:
