@@ -92,7 +92,8 @@ def check_scheduled_lrs(opt) -> None:
         own = is_own_lr(opt, g, group["lr"])
         if group["schedule"] is not None and not own:
             group.setdefault("initial_lr", float(group["lr"]))
-            group["lr"] = opt._lr_views[g] = opt._group_lrs[g]
+            with torch.inference_mode(False):
+                group["lr"] = opt._lr_views[g] = opt._group_lrs[g]
             changed = True
         elif group["schedule"] is None and opt._lr_views[g] is not None:
             if own:

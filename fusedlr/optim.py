@@ -348,12 +348,13 @@ class _FusedOptimizer(Optimizer):
     def _attach_lrs(self) -> None:
         """A new group_lrs vector for the current groups, each scheduled group's "lr" a view of it."""
         groups = self.param_groups
-        self._group_lrs = torch.zeros(len(groups), dtype=torch.float64, device=self._group_steps.device)
-        self._lr_views = [None] * len(groups)
-        for g, group in enumerate(groups):
-            if group["schedule"] is not None:
-                group.setdefault("initial_lr", float(group["lr"]))
-                group["lr"] = self._lr_views[g] = self._group_lrs[g]
+        with torch.inference_mode(False):  # a version counter (fusedlr/lr.py), even under inference mode
+            self._group_lrs = torch.zeros(len(groups), dtype=torch.float64, device=self._group_steps.device)
+            self._lr_views = [None] * len(groups)
+            for g, group in enumerate(groups):
+                if group["schedule"] is not None:
+                    group.setdefault("initial_lr", float(group["lr"]))
+                    group["lr"] = self._lr_views[g] = self._group_lrs[g]
         self._refresh_lrs()
 
     def _refresh_lrs(self) -> None:

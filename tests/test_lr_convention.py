@@ -342,3 +342,16 @@ def test_scheduled_group_round_trips_through_fusedlr():
     group = again.param_groups[0]
     assert group["initial_lr"] == 0.1 and group["lr_scale"] == 0.5
     assert float(group["lr"]) == float(opt.param_groups[0]["lr"]) == pytest.approx(0.5 * schedule(5, 0.1))
+
+
+def test_scheduled_optimizer_made_and_stepped_in_inference_mode():
+    schedule = S.StepLR(step_size=2, gamma=0.5)
+    with torch.inference_mode():
+        params = [torch.randn(5)]
+        params[0].grad = torch.ones(5)
+        opt = fusedlr.SGD(params, lr=0.1, schedule=schedule)
+        for k in range(5):
+            before = params[0].clone()
+            opt.step()
+            assert torch.allclose(before - params[0], torch.full((5,), schedule(k, 0.1)))
+            assert float(opt.param_groups[0]["lr"]) == schedule(k + 1, 0.1)
