@@ -129,7 +129,7 @@ def test_hf_trainer_resume_is_exact(tmp_path):
 # Lightning
 
 
-def lightning_run(precision, make_optimizers, steps=10):
+def lightning_run(precision, make_optimizers, steps=10, checkpoint_to=None, resume_from=None):
     pl = pytest.importorskip("lightning.pytorch")
 
     class Model(pl.LightningModule):
@@ -154,7 +154,9 @@ def lightning_run(precision, make_optimizers, steps=10):
                          callbacks=[pl.callbacks.LearningRateMonitor(logging_interval="step")],
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          log_every_n_steps=1)
-    trainer.fit(model, loader)
+    trainer.fit(model, loader, ckpt_path=resume_from)
+    if checkpoint_to is not None:
+        trainer.save_checkpoint(checkpoint_to)
     return model, logger.lrs
 
 
@@ -241,3 +243,28 @@ def test_timm_layer_decay_groups_run_at_their_lr_scale():
     for p, q in zip(ours.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL)
     assert not math.isclose(float(opt.param_groups[0]["lr"]), float(opt.param_groups[-1]["lr"]))
+
+
+def test_lightning_resume_continues_as_torch(tmp_path):
+    """Checkpointed and resumed by Lightning, fusedlr continues as torch's AdamW with its twin
+    scheduler resumed the same way, at the schedule's lrs. (Lightning's resumed fit is not the
+    uninterrupted one, for torch's optimizer too, so the run to match is torch's resumed one.)"""
+    schedule = S.OneCycleLR(max_lr=0.05, total_steps=16)
+
+    def ours(params):
+        opt = fusedlr.AdamW(params, lr=0.05, schedule=schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": opt.as_lr_scheduler(), "interval": "step"}}
+
+    def ref(params):
+        opt = torch.optim.AdamW(params, lr=0.05)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": S.torch_scheduler(schedule, opt), "interval": "step"}}
+
+    resumed = {}
+    for name, make in (("ours", ours), ("torch", ref)):
+        lightning_run("32-true", make, steps=8, checkpoint_to=tmp_path / f"{name}.ckpt")
+        resumed[name] = lightning_run("32-true", make, steps=16, resume_from=tmp_path / f"{name}.ckpt")
+    (model, lrs), (ref_model, ref_lrs) = resumed["ours"], resumed["torch"]
+    assert lrs == pytest.approx([schedule(k, 0.05) for k in range(8, 16)], rel=1e-12)
+    assert ref_lrs == pytest.approx(lrs, rel=1e-12)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL)
