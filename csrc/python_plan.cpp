@@ -9,12 +9,21 @@
 // the dispatcher, unboxed, with only the GradScaler's tensors passed in from Python; on the CPU it
 // runs the prepared step instead (cpu/prepared_step.h). Under torch.compile the optimizer calls
 // torch.ops (fusedlr/optim.py).
+//
+// [note: next lrs]
+// A scheduled group's "lr" is a 0-dim float64 view into the optimizer's group_lrs vector: the lr
+// the group's next step uses (torch's convention, fusedlr/lr.py). After each step the plan writes
+// there each group's schedule at its new step count, on the device and without a host sync: on
+// the CPU directly, on another device with the evaluate_schedules op. The write does not bump the
+// vector's version counter, so that the optimizer can tell its own writes from anyone else's.
 
 #include <torch/extension.h>
 
 #include "cpu/cpu_isa.h"
 #include "cpu/prepared_step.h"
 #include "cpu/state_memory.h"
+#include "schedule_math.h"
+#include "update_math.h"
 
 #include <optional>
 #include <vector>
@@ -59,10 +68,11 @@ struct StepSettings {
   std::optional<double> max_grad_norm;
   bool skip_nonfinite = false;
   OptionalTensor grad_norm;
+  OptionalTensor group_lrs;  // float64 [groups]: each group's next lr ([note: next lrs])
 
   void set(std::vector<double> hyper_, std::vector<double> programs_, at::Tensor group_steps_,
            at::Tensor plateau_state_, std::optional<double> max_grad_norm_, bool skip_nonfinite_,
-           OptionalTensor grad_norm_) {
+           OptionalTensor grad_norm_, OptionalTensor group_lrs_) {
     hyper = std::move(hyper_);
     programs = std::move(programs_);
     group_steps = std::move(group_steps_);
@@ -70,6 +80,41 @@ struct StepSettings {
     max_grad_norm = max_grad_norm_;
     skip_nonfinite = skip_nonfinite_;
     grad_norm = std::move(grad_norm_);
+    group_lrs = std::move(group_lrs_);
+    if (group_lrs.has_value()) {
+      const at::Tensor& lrs = *group_lrs;
+      TORCH_CHECK(lrs.scalar_type() == at::kDouble && lrs.dim() == 1 && lrs.numel() == group_steps.numel() &&
+                      lrs.is_contiguous() && lrs.device() == group_steps.device(),
+                  "fusedlr: group_lrs must be a contiguous float64 vector of one lr per group on ",
+                  group_steps.device(), ", got ", lrs.scalar_type(), " of shape ", lrs.sizes(), " on ", lrs.device());
+    }
+  }
+
+  // [note: next lrs]; slots: hyperparameters per group, the lr (the group's base lr) at lr_slot.
+  void write_next_lrs(int64_t slots, int64_t lr_slot) const {
+    if (!group_lrs.has_value()) return;
+    const at::Tensor& lrs = *group_lrs;
+    const int64_t groups = lrs.numel();
+    if (lrs.is_cpu()) {
+      double* lr = lrs.data_ptr<double>();
+      const int64_t* step = group_steps.const_data_ptr<int64_t>();
+      const double* plateau = plateau_state.const_data_ptr<double>();
+      for (int64_t g = 0; g < groups; ++g) {
+        lr[g] = evaluate_schedule(programs.data(), static_cast<int>(g), step[g], hyper[g * slots + lr_slot],
+                                  plateau + g * plateau_slot::kCount)
+                    .lr;
+      }
+      return;
+    }
+    static const auto evaluate = c10::Dispatcher::singleton()
+                                     .findSchemaOrThrow("fusedlr::evaluate_schedules", "")
+                                     .typed<at::Tensor(c10::ArrayRef<double>, c10::ArrayRef<double>,
+                                                       const at::Tensor&, const at::Tensor&)>();
+    std::vector<double> base_lrs(groups);
+    for (int64_t g = 0; g < groups; ++g) base_lrs[g] = hyper[g * slots + lr_slot];
+    const at::Tensor values = evaluate.call(programs, base_lrs, group_steps, plateau_state);
+    const at::AutoDispatchBelowADInplaceOrView no_version_bump;
+    at::Tensor(lrs).copy_(values.select(1, 0));
   }
 };
 
@@ -97,7 +142,7 @@ struct SgdPlan {
   }
 
   // grad_scale, found_inf: what torch.amp.GradScaler sets on the optimizer (ops.cpp, [note: amp]).
-  void step(const OptionalTensor& grad_scale, const OptionalTensor& found_inf, const GivenGrads& given) const {
+  void run(const OptionalTensor& grad_scale, const OptionalTensor& found_inf, const GivenGrads& given) const {
     const std::optional<std::vector<at::Tensor>> grads = unpack_grads(given);
     const std::vector<at::Tensor>* grads_in = grads.has_value() ? &*grads : nullptr;
     if (prepared) return prepared->step(grad_scale, found_inf, grads_in);
@@ -112,6 +157,20 @@ struct SgdPlan {
     op.call(params, grads_of(params, grads_in), momentum_buffers, master_weights, steps, tensor_group, s.hyper, s.programs,
             s.group_steps, s.plateau_state, grad_scale, found_inf, s.max_grad_norm, s.skip_nonfinite, s.grad_norm);
   }
+
+  // grads: None, or one per parameter (None for none) to use instead of their .grad
+  void step(const OptionalTensor& grad_scale, const OptionalTensor& found_inf, const GivenGrads& grads) const {
+    run(grad_scale, found_inf, grads);
+    write_next_lrs();
+  }
+
+  void set_hyper(std::vector<double> hyper) {
+    if (prepared) prepared->set_hyper(hyper);
+    settings.hyper = std::move(hyper);
+    write_next_lrs();
+  }
+
+  void write_next_lrs() const { settings.write_next_lrs(sgd_slot::kCount, sgd_slot::kLr); }
 };
 
 struct AdamPlan {
@@ -125,7 +184,7 @@ struct AdamPlan {
                               {exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_weights}, steps, tensor_group, settings);
   }
 
-  void step(const OptionalTensor& grad_scale, const OptionalTensor& found_inf, const GivenGrads& given) const {
+  void run(const OptionalTensor& grad_scale, const OptionalTensor& found_inf, const GivenGrads& given) const {
     const std::optional<std::vector<at::Tensor>> grads = unpack_grads(given);
     const std::vector<at::Tensor>* grads_in = grads.has_value() ? &*grads : nullptr;
     if (prepared) return prepared->step(grad_scale, found_inf, grads_in);
@@ -141,22 +200,43 @@ struct AdamPlan {
             s.hyper, s.programs, s.group_steps, s.plateau_state, grad_scale, found_inf, s.max_grad_norm,
             s.skip_nonfinite, s.grad_norm);
   }
+
+  // grads: None, or one per parameter (None for none) to use instead of their .grad
+  void step(const OptionalTensor& grad_scale, const OptionalTensor& found_inf, const GivenGrads& grads) const {
+    run(grad_scale, found_inf, grads);
+    write_next_lrs();
+  }
+
+  void set_hyper(std::vector<double> hyper) {
+    if (prepared) prepared->set_hyper(hyper);
+    settings.hyper = std::move(hyper);
+    write_next_lrs();
+  }
+
+  void write_next_lrs() const { settings.write_next_lrs(adam_slot::kCount, adam_slot::kLr); }
 };
 
-// plan.configure(hyper, programs, group_steps, plateau_state, max_grad_norm, skip_nonfinite, grad_norm)
+// plan.configure(hyper, programs, group_steps, plateau_state, max_grad_norm, skip_nonfinite, grad_norm,
+// group_lrs), plan.set_hyper(hyper) and plan.step(grad_scale, found_inf)
 template <typename Plan>
-void define_configure(pybind11::class_<Plan>& plan) {
+void define_methods(pybind11::class_<Plan>& plan) {
   plan.def(
       "configure",
       [](Plan& self, std::vector<double> hyper, std::vector<double> programs, at::Tensor group_steps,
          at::Tensor plateau_state, std::optional<double> max_grad_norm, bool skip_nonfinite,
-         OptionalTensor grad_norm) {
+         OptionalTensor grad_norm, OptionalTensor group_lrs) {
         self.settings.set(std::move(hyper), std::move(programs), std::move(group_steps), std::move(plateau_state),
-                          max_grad_norm, skip_nonfinite, std::move(grad_norm));
+                          max_grad_norm, skip_nonfinite, std::move(grad_norm), std::move(group_lrs));
         self.prepare();
+        self.write_next_lrs();
       },
       pybind11::arg("hyper"), pybind11::arg("programs"), pybind11::arg("group_steps"), pybind11::arg("plateau_state"),
-      pybind11::arg("max_grad_norm"), pybind11::arg("skip_nonfinite"), pybind11::arg("grad_norm"));
+      pybind11::arg("max_grad_norm"), pybind11::arg("skip_nonfinite"), pybind11::arg("grad_norm"),
+      pybind11::arg("group_lrs"));
+  plan.def("set_hyper", &Plan::set_hyper, pybind11::arg("hyper"),
+           "New hyperparameter values (as many as before), without preparing the lists again.");
+  plan.def("step", &Plan::step, pybind11::arg("grad_scale"), pybind11::arg("found_inf"),
+           pybind11::arg("grads") = pybind11::none());
 }
 
 }  // namespace
@@ -179,10 +259,8 @@ PYBIND11_MODULE(_C, m) {
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                           std::vector<at::Tensor>, std::vector<int64_t>>(),
            pybind11::arg("params"), pybind11::arg("momentum_buffers"), pybind11::arg("master_weights"),
-           pybind11::arg("steps"), pybind11::arg("tensor_group"))
-      .def("step", &SgdPlan::step, pybind11::arg("grad_scale"), pybind11::arg("found_inf"),
-           pybind11::arg("grads") = pybind11::none());
-  define_configure(sgd_plan);
+           pybind11::arg("steps"), pybind11::arg("tensor_group"));
+  define_methods(sgd_plan);
   pybind11::class_<AdamPlan> adam_plan(m, "AdamPlan");
   adam_plan
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
@@ -190,8 +268,6 @@ PYBIND11_MODULE(_C, m) {
                           std::vector<int64_t>>(),
            pybind11::arg("params"), pybind11::arg("exp_avgs"), pybind11::arg("exp_avg_sqs"),
            pybind11::arg("max_exp_avg_sqs"), pybind11::arg("master_weights"), pybind11::arg("steps"),
-           pybind11::arg("tensor_group"))
-      .def("step", &AdamPlan::step, pybind11::arg("grad_scale"), pybind11::arg("found_inf"),
-           pybind11::arg("grads") = pybind11::none());
-  define_configure(adam_plan);
+           pybind11::arg("tensor_group"));
+  define_methods(adam_plan);
 }

@@ -15,8 +15,9 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C, schedules
 from .optim import SGD, Adam, AdamW
+from .convert import from_torch
 
-__all__ = ["SGD", "Adam", "AdamW", "schedules", "cuda_built", "cpu_isa"]
+__all__ = ["SGD", "Adam", "AdamW", "from_torch", "schedules", "cuda_built", "cpu_isa"]
 
 
 def cuda_built() -> bool:

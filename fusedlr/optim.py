@@ -3,9 +3,9 @@ runs inside the fused step.
 
 Each ``step()`` is one op call over every parameter of every group: the kernel reads each group's
 step counter (an int64 tensor on the parameters' device), evaluates the group's schedule from it,
-updates all parameters and advances the counters. There is no scheduler to step: the group's
-``lr`` is the base lr the schedule scales (torch's ``initial_lr``), and ``last_lr()`` gives, as a
-device tensor, the lr the next step will use (torch's ``scheduler.get_last_lr()``).
+updates all parameters and advances the counters. There is no scheduler to step. A scheduled
+group follows torch's convention (fusedlr/lr.py): its ``lr`` is the lr its next step uses, a 0-dim
+float64 device tensor the step keeps current, and its base lr is ``initial_lr``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim import optimizer as _torch_optimizer
 
-from . import _C, _ops
+from . import _C, _ops, lr as _lr
 from . import distributed as _dist
 from .distributed import is_dtensor, local_of
 from .schedules import ReduceLROnPlateau, Schedule, compile_programs, from_spec
@@ -107,7 +107,7 @@ _ALONE_BYTES = 4 << 20
 
 
 def _zero_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    if device.type == "cpu":
+    if device.type == "cpu" and not _is_compiling():  # a compiled first step makes plain zeros
         return _C.packed_state_buffer(numel, dtype)  # on huge pages where the kernel gives them
     return torch.zeros(numel, dtype=dtype, device=device)
 
@@ -254,6 +254,9 @@ class _FusedOptimizer(Optimizer):
         self._grad_norm: Tensor | None = None      # float64 scalar: the last step's gradient norm
         self._group_steps: Tensor | None = None    # int64 [groups]: completed steps of each group
         self._plateau_state: Tensor | None = None  # float64 [groups, 4]: ReduceLROnPlateau state
+        self._group_lrs: Tensor | None = None      # float64 [groups]: each group's next lr (fusedlr/lr.py)
+        self._lrs_version = 0                      # its version counter after the optimizer's last own write
+        self._lr_views: list[Tensor | None] = []   # the "lr" put into each scheduled group, a view of it
         self._lists: _StepLists | None = None
         self._key: list | None = None  # _step_key() of the cached lists
         self._seen: tuple[list, list[int]] | None = None  # _objects() when _key was last found current
@@ -276,6 +279,8 @@ class _FusedOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
+            if group["schedule"] is not None and "initial_lr" in group:
+                group["lr"] = group["initial_lr"]  # a group a torch scheduler has seen: its base lr
             self._check_group(group)
             device = self._check_params(group["params"])
             # The counters live on the parameters' device; groups without parameters leave it open.
@@ -293,6 +298,7 @@ class _FusedOptimizer(Optimizer):
         if self._grad_norm is None or self._grad_norm.device != group_steps.device:
             self._grad_norm = torch.full((), math.nan, dtype=torch.float64, device=group_steps.device)
         self._lists = None
+        self._attach_lrs()
 
     def _check_params(self, params: list[Tensor]) -> torch.device | None:
         """The optimizer's device once `params` join it; raises for parameters it cannot update."""
@@ -321,15 +327,20 @@ class _FusedOptimizer(Optimizer):
         """What the cached lists and the plan's settings were built from: the optimizer's options,
         the state dict, and each group's parameter list, schedule and hyperparameter values.
         Replacing, clearing or resizing `opt.state` or a group's params list, or changing a
-        setting's value, rebuilds them; putting one parameter or state tensor in place of another
-        (same count) is not seen (load_state_dict is the way to do that). A tensor setting is read
-        as a float (a host sync on a GPU: set floats)."""
+        setting that decides which state a parameter has (SGD's momentum on or off, amsgrad), rebuilds
+        them; other hyperparameter values reach the plan without a rebuild (_prepare). Putting one
+        parameter or state tensor in place of another (same count) is not seen (load_state_dict is
+        the way to do that). A tensor setting is read as a float (a host sync on a GPU: set floats)."""
         key = [self.max_grad_norm, self.skip_nonfinite, self.master_weights, _Same(self.state), len(self.state)]
         for group in self.param_groups:
             params = group["params"]
-            key += (_Same(params), len(params), group["schedule"])
-            key += self._group_hyper(group)
+            key += (_Same(params), len(params), group["schedule"], _lr.lr_scale(group), self._state_layout(group))
         return key
+
+    def _state_layout(self, group: dict) -> tuple[bool, ...]:
+        """The group's settings that decide which state its parameters have."""
+        return tuple(self._has_state(key, group["params"][0], group) if group["params"] else False
+                     for key in self._STATE_KEYS if key != "master_weight")
 
     def _objects(self) -> tuple[list, list[int]]:
         """The objects _step_key() reads (the state dict, every value of every group: its params list
@@ -355,17 +366,47 @@ class _FusedOptimizer(Optimizer):
                 and (self._seen_hyper is None or self._hyper() == self._seen_hyper))
 
     def _group_hyper(self, group: dict) -> tuple[float, ...]:
-        """The group's slots of the ops' `hyper` argument, in csrc/update_math.h's sgd_slot / adam_slot order."""
+        """The group's slots of the ops' `hyper` argument, in csrc/update_math.h's sgd_slot / adam_slot order;
+        the lr slot holds the lr the schedule scales (_lr.base_lr)."""
         raise NotImplementedError
+
+    # -- the lr convention (fusedlr/lr.py) -------------------------------------------------------
+
+    def _attach_lrs(self) -> None:
+        """A new group_lrs vector for the current groups, each scheduled group's "lr" a view of it."""
+        groups = self.param_groups
+        with torch.inference_mode(False):  # a version counter (fusedlr/lr.py), even under inference mode
+            self._group_lrs = torch.zeros(len(groups), dtype=torch.float64, device=self._group_steps.device)
+            self._lr_views = [None] * len(groups)
+            for g, group in enumerate(groups):
+                if group["schedule"] is not None:
+                    group.setdefault("initial_lr", float(group["lr"]))
+                    group["lr"] = self._lr_views[g] = self._group_lrs[g]
+        self._refresh_lrs()
+
+    def _refresh_lrs(self) -> None:
+        """group_lrs from the schedules at the groups' step counts (after anything but a step moved them)."""
+        with torch.no_grad():
+            self._group_lrs.copy_(self._schedule_values()[:, 0])
+        self._lrs_version = self._group_lrs._version
+
+    def _check_lrs(self) -> None:
+        """Raises if a scheduled group's lr was written since the optimizer last set it; follows
+        groups that gained or lost a schedule."""
+        _lr.check_scheduled_lrs(self)
 
     def _programs_now(self) -> list[float]:
         schedules = [g["schedule"] for g in self.param_groups]
-        if len(schedules) != len(self._programs_key) or any(a is not b for a, b in zip(schedules, self._programs_key)):
+        scales = [_lr.lr_scale(g) for g in self.param_groups]
+        key = schedules + scales
+        if len(key) != len(self._programs_key) or any(a is not b and not (isinstance(a, float) and a == b)
+                                                      for a, b in zip(key, self._programs_key)):
             for s in schedules:
                 if s is not None and not isinstance(s, Schedule):
                     raise ValueError(f"schedule must be a fusedlr.schedules schedule or None, got {type(s).__name__}")
-            self._programs = compile_programs(schedules)
-            self._programs_key = schedules
+            self._programs = compile_programs([s if s is None else s.scaled(scale)
+                                               for s, scale in zip(schedules, scales)])
+            self._programs_key = key
         return self._programs
 
     def _has_state(self, key: str, param: Tensor, group: dict) -> bool:
@@ -430,20 +471,26 @@ class _FusedOptimizer(Optimizer):
         lists.plan = self._make_plan(lists)
         if lists.reduction is None:
             lists.plan.configure(lists.hyper, lists.programs, self._group_steps, self._plateau_state,
-                                 self.max_grad_norm, self.skip_nonfinite, self._norm_out())
+                                 self.max_grad_norm, self.skip_nonfinite, self._norm_out(), self._group_lrs)
         else:  # the norm is reduced across ranks first, then handed to the step ([note: global norm])
             lists.plan.configure(lists.hyper, lists.programs, self._group_steps, self._plateau_state, None, False,
-                                 None)
+                                 None, self._group_lrs)
         return lists
 
     def _prepare(self) -> tuple[_StepLists, list[Tensor]]:
         """The lists of this step, creating state for parameters with their first gradient.
         Returns them and the parameters whose state was created here (undone if the step fails)."""
+        self._check_lrs()
         key = self._step_key()
         if key != self._key:
             self._key = key
             self._lists = None
         lists = self._lists
+        if lists is not None:
+            hyper = list(self._hyper())
+            if hyper != lists.hyper:  # new values, same lists: no rebuild
+                lists.plan.set_hyper(hyper)
+                lists.hyper = hyper
         fresh: list[Tensor] = []
         if lists is None or (lists.stateless and any(p.grad is not None for p in lists.stateless)):
             first_grads = [(p, group) for group in self.param_groups for p in group["params"]
@@ -467,8 +514,9 @@ class _FusedOptimizer(Optimizer):
             self._key = self._step_key()
         self._seen = self._objects()
         # the params list and its names aside, a group's values are settings (or the user's own)
-        in_place = any(_changes_in_place(value) for group in self.param_groups for key, value in group.items()
-                       if key not in ("params", "param_names"))
+        in_place = any(_changes_in_place(value) for g, group in enumerate(self.param_groups)
+                       for key, value in group.items()
+                       if key not in ("params", "param_names") and not (key == "lr" and _lr.is_own_lr(self, g, value)))
         self._seen_hyper = self._hyper() if in_place else None
         return lists, fresh
 
@@ -481,6 +529,7 @@ class _FusedOptimizer(Optimizer):
             return self._hooked_step(closure)
         lists = self._lists
         if (closure is None and lists is not None and self._unchanged()
+                and self._group_lrs._version == self._lrs_version  # no one wrote a scheduled lr (fusedlr/lr.py)
                 and not (lists.stateless and any(p.grad is not None for p in lists.stateless))):
             # the common step: nothing to build (_prepare), nothing to undo
             grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
@@ -499,7 +548,7 @@ class _FusedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if not self.state and self._initializes_state():
-            self._prepare()  # creates the state, and steps nothing
+            self._create_state()
             return loss
         lists, fresh = self._prepare()
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
@@ -509,6 +558,7 @@ class _FusedOptimizer(Optimizer):
             elif torch.compiler.is_compiling():
                 self._run_op(lists, [p.grad for p in lists.params], lists.hyper, lists.programs, grad_scale,
                              found_inf, self.max_grad_norm, self.skip_nonfinite, self._norm_out())
+                self._group_lrs.copy_(self._schedule_values()[:, 0])
             else:
                 lists.plan.step(grad_scale, found_inf)
         except Exception:
@@ -537,6 +587,16 @@ class _FusedOptimizer(Optimizer):
             return False
         return frame is not None and all(
             isinstance(g["lr"], (numbers.Real, Tensor)) and float(g["lr"]) == 0 for g in self.param_groups)
+
+    def _create_state(self) -> None:
+        """The state of every parameter with a gradient, and nothing else: the lists are built, and
+        the lrs checked, at the next step (after the caller has put its own lrs back)."""
+        fresh = [(p, group) for group in self.param_groups for p in group["params"]
+                 if p.grad is not None and not self.state.get(p)]
+        with torch.no_grad():
+            for (p, _), state in zip(fresh, self._new_states(fresh)):
+                self.state[p] = state
+        self._lists = None
 
     def _sharded_step(self, lists: _StepLists, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         """A step over local shards ([note: DTensor parameters]), its norm and inf flags reduced
@@ -577,6 +637,7 @@ class _FusedOptimizer(Optimizer):
         if torch.compiler.is_compiling():
             grads = [p.grad for p in lists.params] if grads is None else grads
             self._run_op(lists, grads, lists.hyper, lists.programs, grad_scale, found_inf, None, False, None)
+            self._group_lrs.copy_(self._schedule_values()[:, 0])
         else:
             lists.plan.step(grad_scale, found_inf, grads)
 
@@ -624,11 +685,12 @@ class _FusedOptimizer(Optimizer):
             if isinstance(metric, bool) or not isinstance(metric, numbers.Real):
                 raise ValueError(f"observe(): the metric must be a number or a one-element tensor, got {metric!r}")
             metric = _host_values_on(self._device, float(metric), torch.float64)
-        _ops.plateau_observe_(metric, [g["lr"] for g in self.param_groups], self._programs_now(),
+        _ops.plateau_observe_(metric, [_lr.base_lr(g) for g in self.param_groups], self._programs_now(),
                               self._plateau_state)
+        self._refresh_lrs()
 
     def _schedule_values(self) -> Tensor:
-        return _ops.evaluate_schedules(self._programs_now(), [float(g["lr"]) for g in self.param_groups],
+        return _ops.evaluate_schedules(self._programs_now(), [_lr.base_lr(g) for g in self.param_groups],
                                        self._group_steps, self._plateau_state)
 
     def last_lr(self) -> Tensor:
@@ -645,6 +707,13 @@ class _FusedOptimizer(Optimizer):
     def _static_momentum(self, group: dict) -> float:
         raise NotImplementedError
 
+    def as_lr_scheduler(self) -> _lr.OnDeviceScheduler:
+        """A torch LRScheduler for the slots where a framework wants one (HF Trainer's
+        ``optimizers=(opt, opt.as_lr_scheduler())``, Lightning's ``configure_optimizers``): its
+        ``step()`` changes nothing, since the schedule runs in the optimizer's step, and
+        ``get_last_lr()`` reports the lrs as torch's scheduler would (fusedlr/lr.py)."""
+        return _lr.OnDeviceScheduler(self)
+
     def schedule_steps(self) -> Tensor:
         """int64 [groups] device tensor: the optimizer steps each group has completed."""
         return self._group_steps
@@ -658,33 +727,41 @@ class _FusedOptimizer(Optimizer):
             raise ValueError(f"steps must be an integer >= 0 or one per group ({len(self.param_groups)}), "
                              f"got {steps!r}")
         self._group_steps.copy_(torch.tensor([int(v) for v in values], dtype=torch.int64))
+        self._refresh_lrs()
 
     # -- state_dict ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         """torch's layout (per-parameter "step", "exp_avg", ...; "step" as int64), schedules as plain
-        data, and the device schedule state under "schedule_state". As a torch scheduler leaves it,
-        each group's "lr" is the lr of its next step and "initial_lr" its base lr, so that torch's
-        optimizer and schedulers continue from a fusedlr checkpoint (reading the lr is a host sync)."""
+        data, and each group's schedule state in the group ("schedule_step", "plateau_state"). As a
+        torch scheduler leaves it,
+        each scheduled group's "lr" is the lr of its next step (a float: a host sync), "initial_lr"
+        its base lr, and the keys its torch twin scheduler keeps in the group are there (OneCycleLR's
+        max_lr, min_lr, the cycled momentum or beta1 of the next step), so that torch's optimizer and
+        twin scheduler continue from a fusedlr checkpoint (fusedlr.schedules.torch_scheduler with
+        last_epoch). A group without a schedule is saved as torch saves it."""
         state_dict = super().state_dict()
-        next_lrs = self.last_lr().tolist() if self.param_groups else []
+        values = self._schedule_values().tolist() if self.param_groups else []
         group_steps = self._group_steps.tolist()
         plateau_state = self._plateau_state.tolist()
-        for g, (group, next_lr) in enumerate(zip(state_dict["param_groups"], next_lrs)):
-            schedule = group.get("schedule")
-            group["schedule"] = schedule.spec() if isinstance(schedule, Schedule) else schedule
-            group["initial_lr"] = group["lr"]
-            group["lr"] = next_lr
+        for g, (group, saved, (next_lr, next_momentum, cycled)) in enumerate(
+                zip(self.param_groups, state_dict["param_groups"], values)):
+            schedule = saved.get("schedule")
+            saved["schedule"] = schedule.spec() if isinstance(schedule, Schedule) else schedule
+            if schedule is not None:
+                saved["initial_lr"] = float(group["initial_lr"])
+                saved["lr"] = next_lr
+                saved.update(_lr.twin_keys(schedule, saved, next_momentum if cycled else None))
             # in the group, where torch.distributed.checkpoint keeps what a group holds
-            group["schedule_step"] = group_steps[g]
-            group["plateau_state"] = plateau_state[g]
+            saved["schedule_step"] = group_steps[g]
+            saved["plateau_state"] = plateau_state[g]
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a fusedlr or torch.optim state_dict of the same parameter layout.
 
         Everything is checked before anything changes: a state_dict of another layout raises and
-        leaves the optimizer as it was. From a torch checkpoint (no "schedule_state") each group keeps
+        leaves the optimizer as it was. From a torch checkpoint (no "schedule_step" in its groups) each group keeps
         its schedule, takes torch's "initial_lr" as its lr when there is one, and resumes its schedule
         at the largest step count of its parameters.
         """
@@ -718,11 +795,14 @@ class _FusedOptimizer(Optimizer):
                 new_group["param_names"] = group["param_names"]
             schedule = saved.get("schedule", group["schedule"])
             new_group["schedule"] = from_spec(schedule) if isinstance(schedule, dict) else schedule
-            if "initial_lr" in saved:  # a torch scheduler's, or fusedlr's own: the base lr
-                new_group["lr"] = new_group.pop("initial_lr")
             for key, value in group.items():
-                new_group.setdefault(key, value)
+                if not (key == "lr" and isinstance(value, Tensor)):  # the optimizer's own view
+                    new_group.setdefault(key, value)
+            if new_group["schedule"] is not None:  # the base lr: a torch scheduler's initial_lr, or fusedlr's own
+                new_group["lr"] = new_group.setdefault("initial_lr", new_group["lr"])
             self._check_group(new_group)
+            if new_group["schedule"] is not None:
+                new_group["initial_lr"] = new_group["lr"]
             new_groups.append(new_group)
 
         schedule_state = state_dict.get("schedule_state")  # where earlier versions kept it
@@ -751,6 +831,7 @@ class _FusedOptimizer(Optimizer):
         self.state.update(new_state)
         self.param_groups = new_groups
         self._group_steps, self._plateau_state = group_steps.clone(), plateau_state.clone()
+        self._attach_lrs()
         self._lists = None
         self._key = self._seen = self._seen_hyper = None
         self._programs_key = []
@@ -828,8 +909,8 @@ class _FusedOptimizer(Optimizer):
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        for key in ("_group_steps", "_plateau_state", "_device", "_grad_norm", "max_grad_norm", "skip_nonfinite",
-                    "master_weights", "partition_group"):
+        for key in ("_group_steps", "_plateau_state", "_group_lrs", "_lrs_version", "_lr_views", "_device", "_grad_norm",
+                    "max_grad_norm", "skip_nonfinite", "master_weights", "partition_group"):
             state[key] = getattr(self, key)
         return state
 
@@ -912,7 +993,7 @@ class SGD(_FusedOptimizer):
 
     def _group_hyper(self, group: dict) -> tuple[float, ...]:
         # float(): a tensor value changed in place (fill_) is a changed value
-        return (float(group["lr"]), float(group["momentum"]), float(group["dampening"]),
+        return (_lr.base_lr(group), float(group["momentum"]), float(group["dampening"]),
                 float(group["weight_decay"]), float(group["nesterov"]), float(group["maximize"]))
 
     def _static_momentum(self, group: dict) -> float:
@@ -982,7 +1063,7 @@ class Adam(_FusedOptimizer):
     def _group_hyper(self, group: dict) -> tuple[float, ...]:
         beta1, beta2 = group["betas"]
         # float(): a tensor value changed in place (fill_) is a changed value
-        return (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
+        return (_lr.base_lr(group), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
                 float(group["amsgrad"]), float(group["maximize"]), float(group["decoupled_weight_decay"]))
 
     def _static_momentum(self, group: dict) -> float:

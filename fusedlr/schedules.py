@@ -25,7 +25,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
@@ -51,6 +51,7 @@ __all__ = [
     "StepDecay",
     "CosineAnnealing",
     "from_spec",
+    "from_hf",
     "torch_scheduler",
 ]
 
@@ -131,6 +132,16 @@ class Schedule:
         at = len(program)
         program.extend([float(kind), float(self._time_divisor()), *map(float, args)])
         return at
+
+    _ABSOLUTE_LRS: ClassVar[tuple[str, ...]] = ()  # the arguments that are lrs, not factors of the base lr
+
+    def scaled(self, factor: float) -> Schedule:
+        """The schedule whose lr, for a base lr ``factor * base_lr``, is ``factor`` times this one's
+        for ``base_lr``: its absolute lrs (eta_min, max_lr, ...) scaled. A param group's ``lr_scale``
+        (timm's layer decay) scales its schedule so."""
+        if factor == 1.0 or not self._ABSOLUTE_LRS:
+            return self
+        return dataclasses.replace(self, **{name: getattr(self, name) * factor for name in self._ABSOLUTE_LRS})
 
     @property
     def cycles_momentum(self) -> bool:
@@ -243,7 +254,7 @@ class LinearLR(Schedule):
     steps_per_epoch: int = 1
 
     def _validate(self):
-        _check_float("start_factor", self.start_factor, 0.0, 1.0, low_open=True)
+        _check_float("start_factor", self.start_factor, 0.0, 1.0)  # 0: warmup from zero (torch refuses it)
         _check_float("end_factor", self.end_factor, 0.0, 1.0)
         _check_int("total_iters", self.total_iters, 1)
 
@@ -334,6 +345,8 @@ class CosineAnnealingLR(Schedule):
     eta_min: float = 0.0
     steps_per_epoch: int = 1
 
+    _ABSOLUTE_LRS = ("eta_min",)
+
     def _validate(self):
         _check_int("T_max", self.T_max, 1)
         _check_float("eta_min", self.eta_min, 0.0)
@@ -353,6 +366,8 @@ class CosineAnnealingWarmRestarts(Schedule):
     T_mult: int = 1
     eta_min: float = 0.0
     steps_per_epoch: int = 1
+
+    _ABSOLUTE_LRS = ("eta_min",)
 
     def _validate(self):
         _check_int("T_0", self.T_0, 1)
@@ -452,6 +467,8 @@ class OneCycleLR(Schedule):
     final_div_factor: float = 1e4
     three_phase: bool = False
 
+    _ABSOLUTE_LRS = ("max_lr",)
+
     def _validate(self):
         if self.total_steps is not None:
             _check_int("total_steps", self.total_steps, 1)
@@ -537,6 +554,8 @@ class CyclicLR(Schedule):
 
     _MODES = ("triangular", "triangular2", "exp_range")
 
+    _ABSOLUTE_LRS = ("base_lr", "max_lr")
+
     def _validate(self):
         if self.scale_fn is not None:
             raise ValueError("scale_fn: a Python function cannot run inside the device kernel; use mode="
@@ -585,6 +604,8 @@ class ReduceLROnPlateau(Schedule):
     cooldown: int = 0
     min_lr: float = 0.0
     eps: float = 1e-8
+
+    _ABSOLUTE_LRS = ("min_lr", "eps")
 
     def _validate(self):
         _check_choice("mode", self.mode, ("min", "max"))
@@ -644,6 +665,11 @@ class SequentialLR(Schedule):
         if self._depth() > _MAX_DEPTH:
             raise ValueError(f"schedulers: SequentialLR nests deeper than {_MAX_DEPTH} levels")
 
+    def scaled(self, factor: float) -> Schedule:
+        if factor == 1.0:
+            return self
+        return dataclasses.replace(self, schedulers=tuple(s.scaled(factor) for s in self.schedulers))
+
     def _depth(self) -> int:
         return 1 + max((s._depth() if isinstance(s, SequentialLR) else 1) for s in self.schedulers)
 
@@ -677,22 +703,124 @@ _BY_NAME = {cls.__name__: cls for cls in (
     ReduceLROnPlateau, SequentialLR)}
 
 
-def torch_scheduler(schedule: Schedule, optimizer: torch.optim.Optimizer):
+def torch_scheduler(schedule: Schedule, optimizer: torch.optim.Optimizer, last_epoch: int = -1):
     """The torch.optim.lr_scheduler object that steps `optimizer` through the same lrs as `schedule`
     (stepped once per schedule time unit), for comparisons. InverseSqrt and WarmupStableDecay, which
-    torch lacks, become a LambdaLR over this schedule's own host formula."""
+    torch lacks, become a LambdaLR over this schedule's own host formula. ``last_epoch=k - 1``
+    resumes after k steps on an optimizer that loaded a fusedlr state_dict (not for SequentialLR,
+    whose torch form does not resume)."""
     from torch.optim import lr_scheduler as L
 
     args = {k: v for k, v in schedule.spec()["args"].items() if k != "steps_per_epoch"}
     if isinstance(schedule, SequentialLR):
+        if last_epoch != -1:
+            raise ValueError("last_epoch: torch's SequentialLR does not resume from a step count")
         return L.SequentialLR(optimizer, [torch_scheduler(s, optimizer) for s in schedule.schedulers],
                               milestones=list(schedule.milestones))
     if isinstance(schedule, ExponentialDecay):
-        return L.ExponentialLR(optimizer, gamma=math.exp(-schedule.decay_rate))
+        return L.ExponentialLR(optimizer, gamma=math.exp(-schedule.decay_rate), last_epoch=last_epoch)
     if isinstance(schedule, (InverseSqrt, WarmupStableDecay)):
-        return L.LambdaLR(optimizer, lambda t: schedule(t, 1.0))
+        return L.LambdaLR(optimizer, lambda t: schedule(t, 1.0), last_epoch=last_epoch)
     if isinstance(schedule, OneCycleLR):
         args = {k: v for k, v in schedule.spec()["args"].items() if v is not None}
     if isinstance(schedule, CyclicLR):
         args.pop("scale_mode")
-    return getattr(L, type(schedule).__name__)(optimizer, **args)
+    if isinstance(schedule, ReduceLROnPlateau):
+        return L.ReduceLROnPlateau(optimizer, **args)
+    return getattr(L, type(schedule).__name__)(optimizer, **args, last_epoch=last_epoch)
+
+
+def from_hf(name: str, num_warmup_steps: int = 0, num_training_steps: int | None = None, *,
+            base_lr: float | None = None, **scheduler_specific_kwargs) -> Schedule:
+    """The schedule of HF transformers' ``get_scheduler(name, optimizer, num_warmup_steps,
+    num_training_steps, scheduler_specific_kwargs=...)``, for the names whose lrs the schedules here
+    give exactly: "linear", "cosine" (num_cycles=0.5), "cosine_with_restarts" (cycles dividing the
+    steps after warmup), "constant", "constant_with_warmup", "reduce_lr_on_plateau", and
+    "cosine_with_min_lr" given ``base_lr`` (its floor is a fraction of the base lr), "inverse_sqrt"
+    (timescale = warmup), "warmup_stable_decay" (linear warmup). Others raise ValueError naming
+    what is missing. Warmups start from 0, as HF's do."""
+    kwargs = dict(scheduler_specific_kwargs)
+    _check_int("num_warmup_steps", num_warmup_steps, 0)
+
+    def training_steps() -> int:
+        if num_training_steps is None:
+            raise ValueError(f"{name!r} needs num_training_steps")
+        _check_int("num_training_steps", num_training_steps, num_warmup_steps + 1)
+        return num_training_steps
+
+    def after_warmup(schedule: Schedule) -> Schedule:
+        if num_warmup_steps == 0:
+            return schedule
+        return SequentialLR([LinearLR(start_factor=0.0, end_factor=1.0, total_iters=num_warmup_steps), schedule],
+                            milestones=[num_warmup_steps])
+
+    def no_more(*allowed: str) -> None:
+        extra = set(kwargs) - set(allowed)
+        if extra:
+            raise ValueError(f"{name!r}: unsupported scheduler_specific_kwargs {sorted(extra)}")
+
+    if name == "constant":
+        no_more()
+        return ConstantLR(factor=1.0, total_iters=0)
+    if name == "constant_with_warmup":
+        no_more()
+        return after_warmup(ConstantLR(factor=1.0, total_iters=0))
+    if name == "linear":
+        no_more()
+        decay = training_steps() - num_warmup_steps
+        return after_warmup(LinearLR(start_factor=1.0, end_factor=0.0, total_iters=decay))
+    if name in ("cosine", "cosine_with_min_lr"):
+        no_more("num_cycles", "min_lr", "min_lr_rate")
+        if kwargs.get("num_cycles", 0.5) != 0.5:
+            raise ValueError(f"{name!r}: num_cycles={kwargs['num_cycles']!r} cannot be expressed yet (0.5 can)")
+        eta_min = 0.0
+        if name == "cosine_with_min_lr":
+            if ("min_lr" in kwargs) == ("min_lr_rate" in kwargs):
+                raise ValueError("'cosine_with_min_lr' takes one of min_lr and min_lr_rate")
+            if "min_lr" in kwargs:
+                eta_min = kwargs["min_lr"]
+            elif base_lr is None:
+                raise ValueError("'cosine_with_min_lr' with min_lr_rate needs base_lr= (its floor is "
+                                 "min_lr_rate * base_lr, an absolute lr here)")
+            else:
+                eta_min = kwargs["min_lr_rate"] * base_lr
+        return after_warmup(CosineAnnealingLR(T_max=training_steps() - num_warmup_steps, eta_min=eta_min))
+    if name == "cosine_with_restarts":
+        no_more("num_cycles")
+        cycles = kwargs.get("num_cycles", 1)
+        decay = training_steps() - num_warmup_steps
+        _check_int("num_cycles", cycles, 1)
+        if decay % cycles:
+            raise ValueError(f"'cosine_with_restarts': num_cycles={cycles} does not divide the "
+                             f"{decay} steps after warmup, which cannot be expressed yet")
+        restarts = CosineAnnealingWarmRestarts(T_0=decay // cycles)
+        return after_warmup(SequentialLR([restarts, ConstantLR(factor=0.0, total_iters=2 ** 53)],
+                                         milestones=[decay]))
+    if name == "inverse_sqrt":
+        no_more("timescale")
+        timescale = kwargs.get("timescale") or num_warmup_steps or 10_000
+        if timescale != num_warmup_steps:
+            raise ValueError(f"'inverse_sqrt': timescale={timescale} other than num_warmup_steps cannot be "
+                             "expressed yet")
+        # HF's is InverseSqrt one step later, 0 at step 0
+        return SequentialLR([ConstantLR(factor=0.0, total_iters=1), InverseSqrt(warmup_steps=num_warmup_steps)],
+                            milestones=[1])
+    if name == "warmup_stable_decay":
+        no_more("num_decay_steps", "num_stable_steps", "warmup_type", "decay_type", "min_lr_ratio", "num_cycles")
+        if kwargs.get("warmup_type", "linear") != "linear" or kwargs.get("num_cycles", 0.5) != 0.5:
+            raise ValueError("'warmup_stable_decay': only warmup_type='linear' and num_cycles=0.5 can be "
+                             "expressed yet")
+        decay_steps = kwargs["num_decay_steps"]
+        stable_steps = kwargs.get("num_stable_steps")
+        if stable_steps is None:
+            stable_steps = training_steps() - num_warmup_steps - decay_steps
+        ratio = kwargs.get("min_lr_ratio", 0.0)
+        wsd = WarmupStableDecay(warmup_steps=0, stable_steps=stable_steps, decay_steps=decay_steps,
+                                decay=kwargs.get("decay_type", "cosine"), min_lr_ratio=ratio)
+        if num_warmup_steps == 0:
+            return wsd
+        return SequentialLR([LinearLR(start_factor=ratio, end_factor=1.0, total_iters=num_warmup_steps), wsd],
+                            milestones=[num_warmup_steps])
+    if name == "reduce_lr_on_plateau":
+        return ReduceLROnPlateau(**kwargs)
+    raise ValueError(f"from_hf: {name!r} cannot be expressed with these schedules yet")

@@ -167,7 +167,7 @@ def test_frozen_parameter_with_unfit_state_does_not_stop_the_others():
     params[1].data = params[1].data.double()  # its state no longer fits; it has no gradient
     params[1].grad = None
     params[0].grad = torch.randn_like(params[0])
-    opt.param_groups[0]["lr"] = 0.02  # a new plan is built
+    opt.param_groups[0]["params"] = list(opt.param_groups[0]["params"])  # a new plan is built
     opt.step()
     assert int(opt.state[params[0]]["step"]) == 4 and int(opt.state[params[1]]["step"]) == 3
 

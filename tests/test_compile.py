@@ -51,3 +51,28 @@ def test_compiled_step_has_one_graph_and_matches_eager(optimizer, options):
     if options:
         assert torch.equal(opt.last_grad_norm(), ref_opt.last_grad_norm())
         assert float(opt.last_grad_norm()) > 0.05  # it clipped
+
+
+def test_compiled_first_step_creates_state_without_a_warning():
+    """The first step under torch.compile creates the state inside the graph: plain zeros, no call
+    Dynamo cannot trace (the huge-page buffer of eager steps)."""
+    import warnings
+
+    torch._dynamo.reset()
+    model = torch.nn.Linear(8, 4)
+    opt = fusedlr.AdamW(model.parameters(), lr=0.01, schedule=S.CosineAnnealingLR(T_max=10))
+    x = torch.randn(16, 8)
+
+    @torch.compile
+    def train_step():
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            train_step()
+    assert not [w for w in caught if "packed_state_buffer" in str(w.message)]
+    assert int(opt.schedule_steps()[0]) == 3
+    assert float(opt.param_groups[0]["lr"]) == S.CosineAnnealingLR(T_max=10)(3, 0.01)

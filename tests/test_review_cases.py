@@ -75,7 +75,8 @@ def test_fusedlr_checkpoint_gives_torch_the_scheduled_lr():
     assert ref.param_groups[0]["lr"] == pytest.approx(0.00625)
     again = fusedlr.Adam([torch.nn.Parameter(torch.ones(2))], lr=0.3)
     again.load_state_dict(saved)
-    assert again.param_groups[0]["lr"] == 0.1 and float(again.last_lr()[0]) == pytest.approx(0.00625)
+    group = again.param_groups[0]
+    assert group["initial_lr"] == 0.1 and float(group["lr"]) == float(again.last_lr()[0]) == pytest.approx(0.00625)
 
 
 @pytest.mark.parametrize("optimizer", [lambda p: fusedlr.SGD(p, lr=0.1, momentum=0.9),

@@ -625,6 +625,12 @@ PreparedCpuStep::PreparedCpuStep(Optimizer optimizer, std::vector<at::Tensor> pa
   }
 }
 
+void PreparedCpuStep::set_hyper(std::vector<double> hyper) {
+  TORCH_CHECK(hyper.size() == hyper_.size(), op_name(optimizer_), ": set_hyper takes ", hyper_.size(),
+              " values, got ", hyper.size());
+  hyper_ = std::move(hyper);
+}
+
 bool PreparedCpuStep::still_checked(size_t i) const {
   const Param& p = params_[i];
   if (!p.checked) return false;

@@ -44,6 +44,9 @@ class PreparedCpuStep {
   void step(const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
             const std::vector<at::Tensor>* grads = nullptr);
 
+  // New values of the hyperparameters, as many as before: the settings changed, the lists did not.
+  void set_hyper(std::vector<double> hyper);
+
  private:
   // A parameter, its step counter, and what its last full check saw.
   struct Param {

@@ -1,0 +1,126 @@
+"""fusedlr.from_torch: a torch optimizer and its lr scheduler as one fusedlr optimizer."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.optim import lr_scheduler as L
+
+from . import schedules as S
+from .optim import SGD, Adam, AdamW
+
+__all__ = ["from_torch", "schedule_of"]
+
+_OPTIMIZERS = {torch.optim.SGD: SGD, torch.optim.Adam: Adam, torch.optim.AdamW: AdamW}
+_TORCH_ONLY_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
+
+def from_torch(optimizer: torch.optim.Optimizer, scheduler: L.LRScheduler | None = None, *,
+               steps_per_epoch: int = 1):
+    """The fusedlr optimizer with `optimizer`'s groups, hyperparameters and state (mid-run too),
+    each group scheduled by the on-device twin of `scheduler` from where it is now.
+
+    `scheduler` may be any torch scheduler with a fusedlr twin (SequentialLR of them too), or a
+    LambdaLR made by HF transformers' ``get_scheduler``; a scheduler stepped once per epoch takes
+    ``steps_per_epoch``. Anything else (a LambdaLR of your own function, ChainedScheduler) raises
+    ValueError naming it. Use the result in place of both; the scheduler is not needed any more.
+    """
+    cls = _OPTIMIZERS.get(type(optimizer))
+    if cls is None:
+        raise ValueError(f"from_torch: {type(optimizer).__name__} has no fusedlr counterpart "
+                         f"(torch.optim.SGD, Adam and AdamW have)")
+    if scheduler is not None and scheduler.optimizer is not optimizer:
+        raise ValueError("from_torch: the scheduler steps another optimizer")
+    groups = []
+    for g, group in enumerate(optimizer.param_groups):
+        new = {k: v for k, v in group.items() if k not in _TORCH_ONLY_KEYS}
+        new["schedule"] = None if scheduler is None else schedule_of(scheduler, g, steps_per_epoch)
+        groups.append(new)
+    fused = cls(groups)
+    if optimizer.state:
+        fused.load_state_dict(optimizer.state_dict())
+    if scheduler is not None:
+        unit = 1 if isinstance(scheduler, L.OneCycleLR) else steps_per_epoch
+        fused.set_schedule_steps(max(scheduler.last_epoch, 0) * unit)
+    return fused
+
+
+def schedule_of(scheduler, g: int = 0, steps_per_epoch: int = 1) -> S.Schedule:
+    """The fusedlr schedule that gives param group g the lrs `scheduler` gives it."""
+    per_epoch = {"steps_per_epoch": steps_per_epoch}
+    group = scheduler.optimizer.param_groups[g]
+    if isinstance(scheduler, L.SequentialLR):
+        return S.SequentialLR([schedule_of(s, g) for s in scheduler._schedulers],
+                              milestones=list(scheduler._milestones), **per_epoch)
+    if isinstance(scheduler, L.StepLR):
+        return S.StepLR(step_size=scheduler.step_size, gamma=scheduler.gamma, **per_epoch)
+    if isinstance(scheduler, L.MultiStepLR):
+        return S.MultiStepLR(milestones=sorted(scheduler.milestones.elements()), gamma=scheduler.gamma, **per_epoch)
+    if isinstance(scheduler, L.ExponentialLR):
+        return S.ExponentialLR(gamma=scheduler.gamma, **per_epoch)
+    if isinstance(scheduler, L.CosineAnnealingLR):
+        return S.CosineAnnealingLR(T_max=scheduler.T_max, eta_min=scheduler.eta_min, **per_epoch)
+    if isinstance(scheduler, L.CosineAnnealingWarmRestarts):
+        return S.CosineAnnealingWarmRestarts(T_0=scheduler.T_0, T_mult=scheduler.T_mult, eta_min=scheduler.eta_min,
+                                             **per_epoch)
+    if isinstance(scheduler, L.LinearLR):
+        return S.LinearLR(start_factor=scheduler.start_factor, end_factor=scheduler.end_factor,
+                          total_iters=scheduler.total_iters, **per_epoch)
+    if isinstance(scheduler, L.ConstantLR):
+        return S.ConstantLR(factor=scheduler.factor, total_iters=scheduler.total_iters, **per_epoch)
+    if isinstance(scheduler, L.PolynomialLR):
+        return S.PolynomialLR(total_iters=scheduler.total_iters, power=scheduler.power, **per_epoch)
+    if isinstance(scheduler, L.OneCycleLR):
+        phases = scheduler._schedule_phases
+        cycled = scheduler.cycle_momentum
+        return S.OneCycleLR(max_lr=group["max_lr"], total_steps=scheduler.total_steps,
+                            pct_start=(phases[0]["end_step"] + 1) / scheduler.total_steps,
+                            anneal_strategy=scheduler._anneal_func_type, div_factor=group["max_lr"] / group["initial_lr"],
+                            final_div_factor=group["initial_lr"] / group["min_lr"], three_phase=len(phases) == 3,
+                            cycle_momentum=cycled, **({"base_momentum": group["base_momentum"],
+                                                       "max_momentum": group["max_momentum"]} if cycled else {}))
+    if isinstance(scheduler, L.CyclicLR):
+        if scheduler._scale_fn_custom is not None:
+            raise ValueError(f"from_torch: CyclicLR's scale_fn {scheduler._scale_fn_custom!r} is Python code, "
+                             "which cannot run on the device; use mode='triangular', 'triangular2' or 'exp_range'")
+        up = round(scheduler.total_size * scheduler.step_ratio)
+        momentum = ({"base_momentum": scheduler.base_momentums[g], "max_momentum": scheduler.max_momentums[g]}
+                    if scheduler.cycle_momentum else {})
+        return S.CyclicLR(base_lr=scheduler.base_lrs[g], max_lr=scheduler.max_lrs[g], step_size_up=up,
+                          step_size_down=int(scheduler.total_size) - up, mode=scheduler.mode, gamma=scheduler.gamma,
+                          cycle_momentum=scheduler.cycle_momentum, **momentum, **per_epoch)
+    if isinstance(scheduler, L.ReduceLROnPlateau):
+        return S.ReduceLROnPlateau(mode=scheduler.mode, factor=scheduler.factor, patience=scheduler.patience,
+                                   threshold=scheduler.threshold, threshold_mode=scheduler.threshold_mode,
+                                   cooldown=scheduler.cooldown, min_lr=scheduler.min_lrs[g], eps=scheduler.eps)
+    if isinstance(scheduler, L.LambdaLR):
+        return _hf_schedule(scheduler.lr_lambdas[g], group)
+    raise ValueError(f"from_torch: {type(scheduler).__name__} has no on-device twin")
+
+
+# HF transformers' get_scheduler builds LambdaLRs over these functions (functools.partial with the
+# schedule's arguments as keywords): their names say which schedule it is.
+_HF_LAMBDAS = {
+    "_get_constant_lambda": "constant",
+    "_get_constant_schedule_with_warmup_lr_lambda": "constant_with_warmup",
+    "_get_linear_schedule_with_warmup_lr_lambda": "linear",
+    "_get_cosine_schedule_with_warmup_lr_lambda": "cosine",
+    "_get_cosine_with_hard_restarts_schedule_with_warmup_lr_lambda": "cosine_with_restarts",
+    "_get_inverse_sqrt_schedule_lr_lambda": "inverse_sqrt",
+    "_get_wsd_scheduler_lambda": "warmup_stable_decay",
+}
+
+
+def _hf_schedule(lr_lambda, group: dict) -> S.Schedule:
+    func = lr_lambda.func if isinstance(lr_lambda, functools.partial) else lr_lambda
+    name = _HF_LAMBDAS.get(getattr(func, "__name__", ""))
+    if name is None or not getattr(func, "__module__", "").startswith("transformers."):
+        raise ValueError(f"from_torch: the LambdaLR's function {lr_lambda!r} is Python code, which cannot run on "
+                         "the device; write it as a fusedlr schedule (fusedlr.schedules)")
+    kwargs = dict(lr_lambda.keywords) if isinstance(lr_lambda, functools.partial) else {}
+    if name == "cosine" and "min_lr_rate" in kwargs:
+        name = "cosine_with_min_lr"
+    warmup = kwargs.pop("num_warmup_steps", 0)
+    total = kwargs.pop("num_training_steps", None)
+    return S.from_hf(name, warmup, total, base_lr=group.get("initial_lr", group["lr"]), **kwargs)
