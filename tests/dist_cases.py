@@ -282,7 +282,14 @@ def case_state_init_step():
     get_optimizer_state_dict(m, opt)
     assert all(torch.equal(p.detach().to_local(), q) for p, q in zip(m.parameters(), before))
     assert opt.schedule_steps().tolist() == [0] and len(opt.state) == len(before)
-    assert all(float(g["lr"]) == 0.01 for g in opt.param_groups)
+    schedule = opt.param_groups[0]["schedule"]
+    # the lrs DCP set to 0 for that step are back: the groups' own next lrs, the base lr untouched
+    assert all(float(g["lr"]) == schedule(0, 0.01) and g["initial_lr"] == 0.01 for g in opt.param_groups)
+    x, y = same_batches(True)(0)
+    ((m(x) - y) ** 2).mean().backward()
+    opt.step()  # a step as any first one: no lr conflict
+    assert opt.schedule_steps().tolist() == [1]
+    assert any(not torch.equal(p.detach().to_local(), q) for p, q in zip(m.parameters(), before))
 
 
 def case_grad_placements():
