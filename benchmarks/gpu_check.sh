@@ -63,9 +63,11 @@ else
 fi
 
 if [ "$built" = 1 ]; then
-  # The CUDA tests only (tests/test_cuda.py, [note: lean CUDA tests]): the CPU and emulation tests
+  # The CUDA tests only (tests/test_cuda.py, [note: lean CUDA tests], and the one-rank NCCL FSDP2
+  # case of tests/test_distributed.py): the CPU and emulation tests
   # need no GPU and run in CI.
-  phase tests 90 "$PYTHON" -m pytest -q -p no:cacheprovider --durations=5 tests/test_cuda.py || true
+  phase tests 90 "$PYTHON" -m pytest -q -p no:cacheprovider --durations=5 tests/test_cuda.py \
+    "tests/test_distributed.py::test_nccl_one_rank_fsdp2" || true
   # torch.compile of a 2,000-tensor step takes minutes: the compiled contender runs on llama-1b only.
   phase bench 100 "$PYTHON" -m fusedlr bench --device cuda --preset llama-1b --steps 30 --quiet \
     --json "$OUT/bench.json" || true
