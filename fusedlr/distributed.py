@@ -82,10 +82,11 @@ def local_value(value: Tensor, param: Tensor) -> Tensor:
 
 
 def local_grad(param: Tensor) -> Tensor | None:
-    """The local shard of a DTensor parameter's gradient, in the parameter's placements."""
+    """The local shard of a DTensor parameter's gradient, in the parameter's placements; a plain
+    parameter's gradient as it is."""
     grad = param.grad
-    if grad is None:
-        return None
+    if grad is None or not is_dtensor(param):
+        return grad
     spec, param_spec = getattr(grad, "_spec", None), param._spec
     if spec is None:
         raise ValueError("a DTensor parameter has a plain tensor gradient; its gradient must be a DTensor")
@@ -110,17 +111,22 @@ class NormReduction:
         self.counted = [True] * len(params)
         if not dtensors:
             return
-        meshes = {p.device_mesh for p in dtensors}
-        ranks = {frozenset(m.mesh.flatten().tolist()) for m in meshes}
-        if len(ranks) != 1:
-            raise ValueError("DTensor parameters on meshes of different ranks: the global norm needs one set of ranks")
-        mesh = next(iter(meshes))
-        if len(ranks.pop()) == dist.get_world_size():
+        # the first parameter's mesh: the same choice on every rank
+        mesh = dtensors[0].device_mesh
+        ranks = frozenset(mesh.mesh.flatten().tolist())
+        if any(frozenset(p.device_mesh.mesh.flatten().tolist()) != ranks for p in dtensors):
+            raise ValueError("DTensor parameters on meshes of different ranks: the global norm (max_grad_norm, "
+                             "skip_nonfinite, GradScaler's inf flags) needs one set of ranks")
+        if len(ranks) == dist.get_world_size():
             self.group = None  # the default group
         elif mesh.ndim == 1:
             self.group = mesh.get_group()
-        else:
+        elif mesh.mesh_dim_names is not None:
             self.group = mesh._flatten().get_group()
+        else:
+            raise ValueError("DTensor parameters on a mesh of several dimensions without names that spans only "
+                             "some ranks: name its dimensions (init_device_mesh(..., mesh_dim_names=...)) so that "
+                             "the global norm can be reduced over its ranks")
         me = dist.get_rank()
         for i, p in enumerate(params):
             # a plain parameter next to DTensor ones is a copy on every rank: counted by the lowest rank

@@ -220,8 +220,10 @@ class _StepLists:
         # The parameters themselves where `params` holds their local shards ([note: DTensor
         # parameters]): the step then passes their gradients' shards; None when all are plain.
         self.owners: list[Tensor] | None = None
-        # How the global norm and inf flags are reduced across ranks ([note: global norm]); None
-        # when the step needs no collective.
+        # Whether the step runs over shards (DTensor parameters, or partition_group): then
+        # `reduction` says how the global norm and inf flags are reduced across ranks ([note:
+        # global norm]), made when a step first needs it.
+        self.sharded = False
         self.reduction: _dist.NormReduction | None = None
         self.hyper: list[float] = []  # the ops' `hyper` and `programs` arguments
         self.programs: list[float] = []
@@ -464,12 +466,11 @@ class _FusedOptimizer(Optimizer):
         if any(is_dtensor(p) for p in lists.params):
             lists.owners = lists.params
             lists.params = [local_of(p) for p in lists.owners]
-        if lists.owners is not None or self.partition_group is not None:
-            lists.reduction = _dist.NormReduction(lists.owners or lists.params, self.partition_group)
+        lists.sharded = lists.owners is not None or self.partition_group is not None
         lists.hyper = list(self._hyper())
         lists.programs = self._programs_now()
         lists.plan = self._make_plan(lists)
-        if lists.reduction is None:
+        if not lists.sharded:
             lists.plan.configure(lists.hyper, lists.programs, self._group_steps, self._plateau_state,
                                  self.max_grad_norm, self.skip_nonfinite, self._norm_out(), self._group_lrs)
         else:  # the norm is reduced across ranks first, then handed to the step ([note: global norm])
@@ -533,10 +534,10 @@ class _FusedOptimizer(Optimizer):
                 and not (lists.stateless and any(p.grad is not None for p in lists.stateless))):
             # the common step: nothing to build (_prepare), nothing to undo
             grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-            if lists.reduction is None:
-                lists.plan.step(grad_scale, found_inf)
-            else:
+            if lists.sharded:
                 self._sharded_step(lists, grad_scale, found_inf)
+            else:
+                lists.plan.step(grad_scale, found_inf)
             return None
         return self._step(closure)
 
@@ -553,7 +554,7 @@ class _FusedOptimizer(Optimizer):
         lists, fresh = self._prepare()
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         try:
-            if lists.reduction is not None:
+            if lists.sharded:
                 self._sharded_step(lists, grad_scale, found_inf)
             elif torch.compiler.is_compiling():
                 self._run_op(lists, [p.grad for p in lists.params], lists.hyper, lists.programs, grad_scale,
@@ -607,6 +608,8 @@ class _FusedOptimizer(Optimizer):
         if not wants_norm and found_inf is None:
             self._step_shards(lists, grads, grad_scale, found_inf)
             return
+        if lists.reduction is None:
+            lists.reduction = _dist.NormReduction(lists.owners or lists.params, self.partition_group)
         reduced = torch.zeros(2, dtype=torch.float64, device=self._device)  # sum of squares, infs found
         if wants_norm:
             local_grads = [p.grad for p in lists.params] if grads is None else grads
@@ -796,7 +799,8 @@ class _FusedOptimizer(Optimizer):
             schedule = saved.get("schedule", group["schedule"])
             new_group["schedule"] = from_spec(schedule) if isinstance(schedule, dict) else schedule
             for key, value in group.items():
-                if not (key == "lr" and isinstance(value, Tensor)):  # the optimizer's own view
+                # the optimizer's own lr view, and its base lr: the checkpoint's lr or initial_lr instead
+                if not (key == "lr" and isinstance(value, Tensor)) and key != "initial_lr":
                     new_group.setdefault(key, value)
             if new_group["schedule"] is not None:  # the base lr: a torch scheduler's initial_lr, or fusedlr's own
                 new_group["lr"] = new_group.setdefault("initial_lr", new_group["lr"])
@@ -917,6 +921,13 @@ class _FusedOptimizer(Optimizer):
     def __setstate__(self, state: dict) -> None:
         state.setdefault("partition_group", None)  # pickled by a version without it
         super().__setstate__(state)
+        # a copy's group lrs must be views of its own vector again, with its version counter
+        views = getattr(self, "_lr_views", [])
+        for g, group in enumerate(self.param_groups):
+            if g < len(views) and views[g] is not None and group.get("lr") is views[g]:
+                group["lr"] = views[g] = self._group_lrs[g]
+        if hasattr(self, "_group_lrs"):
+            self._lrs_version = self._group_lrs._version
         self._lists = None
         self._key = self._seen = self._seen_hyper = None
         self._programs_key = []

@@ -307,6 +307,14 @@ def case_grad_placements():
         opt_b.step()
         assert torch.equal(a.to_local(), b.to_local()), step
     assert not torch.equal(a.full_tensor(), full)
+    # a plain parameter beside a DTensor one: a copy on every rank, its squares counted once
+    c = nn.Parameter(torch.ones(5))
+    opt = fusedlr.AdamW([a, c], lr=0.1, max_grad_norm=math.inf)
+    a.grad = distribute_tensor(torch.full((6, 4), 2.0), mesh, [Shard(0)])
+    c.grad = torch.full((5,), 3.0)
+    opt.step()
+    assert math.isclose(float(opt.last_grad_norm()), math.sqrt(24 * 4.0 + 5 * 9.0), rel_tol=1e-12)
+    assert not torch.equal(c.detach(), torch.ones(5))
 
 
 def case_nccl():

@@ -355,3 +355,36 @@ def test_scheduled_optimizer_made_and_stepped_in_inference_mode():
             opt.step()
             assert torch.allclose(before - params[0], torch.full((5,), schedule(k, 0.1)))
             assert float(opt.param_groups[0]["lr"]) == schedule(k + 1, 0.1)
+
+
+@pytest.mark.parametrize("copy_kind", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_keeps_its_lrs_current_and_guarded(copy_kind):
+    """A deepcopy or an unpickled optimizer's scheduled lrs are views of its own next-lr vector:
+    they follow its steps, and an outside write to them is seen."""
+    import copy
+    import pickle
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = fusedlr.AdamW([p], lr=0.1, schedule=S.StepLR(step_size=1, gamma=0.5))
+    p.grad = torch.ones(3)
+    opt.step()
+    twin = copy.deepcopy(opt) if copy_kind == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    q = twin.param_groups[0]["params"][0]
+    q.grad = torch.ones(3)
+    twin.step()
+    assert float(twin.param_groups[0]["lr"]) == float(twin.last_lr()[0]) == 0.1 * 0.5 ** 2
+    assert float(opt.param_groups[0]["lr"]) == 0.05  # the original is its own
+    twin.param_groups[0]["lr"].fill_(0.7)
+    with pytest.raises(LRConflictError):
+        twin.step()
+
+
+def test_a_torch_checkpoint_without_initial_lr_gives_its_lr_as_the_base():
+    q = torch.nn.Parameter(torch.ones(2))
+    ref = torch.optim.AdamW([q], lr=0.05)
+    q.grad = torch.ones(2)
+    ref.step()
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = fusedlr.AdamW([p], lr=0.01, schedule=S.ExponentialLR(gamma=0.9))
+    opt.load_state_dict(ref.state_dict())
+    assert opt.param_groups[0]["initial_lr"] == 0.05
+    assert float(opt.last_lr()[0]) == pytest.approx(0.05 * 0.9)  # resumed at torch's step 1
