@@ -49,7 +49,10 @@ def base_lr(group: dict) -> float:
     else its lr."""
     if group["schedule"] is None:
         return float(group["lr"])
-    return float(group.get("initial_lr", group["lr"])) * lr_scale(group)
+    base = float(group.get("initial_lr", group["lr"]))
+    if not 0 <= base < float("inf"):  # NaN too
+        raise ValueError(f"initial_lr must be a finite number >= 0, got {group.get('initial_lr')!r}")
+    return base * lr_scale(group)
 
 
 def is_own_lr(opt, g: int, value) -> bool:

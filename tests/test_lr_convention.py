@@ -388,3 +388,16 @@ def test_a_torch_checkpoint_without_initial_lr_gives_its_lr_as_the_base():
     opt.load_state_dict(ref.state_dict())
     assert opt.param_groups[0]["initial_lr"] == 0.05
     assert float(opt.last_lr()[0]) == pytest.approx(0.05 * 0.9)  # resumed at torch's step 1
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, float("inf")])
+def test_a_bad_initial_lr_raises_and_changes_nothing(bad):
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = fusedlr.AdamW([p], lr=0.1, schedule=S.StepLR(step_size=1, gamma=0.5))
+    p.grad = torch.ones(3)
+    opt.step()
+    before, steps = p.detach().clone(), opt.schedule_steps().clone()
+    opt.param_groups[0]["initial_lr"] = bad
+    with pytest.raises(ValueError, match="initial_lr"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and torch.equal(opt.schedule_steps(), steps)
