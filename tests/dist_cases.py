@@ -292,6 +292,30 @@ def case_state_init_step():
     assert any(not torch.equal(p.detach().to_local(), q) for p, q in zip(m.parameters(), before))
 
 
+def case_grad_scaler():
+    """torch.amp.GradScaler with FSDP2: fusedlr unscales and clips in its step, by the global norm of
+    the unscaled gradients; torch unscales, clips with clip_grad_norm_, then steps."""
+    a, b = fsdp(model()), fsdp(model())
+    opt = fusedlr.AdamW(a.parameters(), lr=0.01, weight_decay=0.1, max_grad_norm=0.5)
+    ref = torch.optim.AdamW(b.parameters(), lr=0.01, weight_decay=0.1, foreach=False)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) for _ in range(2)]
+    for step in range(STEPS):
+        x, y = same_batches(True)(step)
+        for m, scaler in zip((a, b), scalers):
+            scaler.scale(((m(x) - y) ** 2).mean() * (30.0 if step % 3 == 0 else 1.0)).backward()
+        scalers[1].unscale_(ref)
+        norm = torch.nn.utils.clip_grad_norm_(list(b.parameters()), 0.5)
+        norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        for o, scaler in ((opt, scalers[0]), (ref, scalers[1])):
+            scaler.step(o)
+            scaler.update()
+        assert math.isclose(float(opt.last_grad_norm()), norm, rel_tol=1e-5), (step, float(opt.last_grad_norm()), norm)
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p.to_local().detach(), q.to_local().detach(), **TOL)
+        opt.zero_grad()
+        ref.zero_grad()
+
+
 def case_grad_placements():
     """A gradient of other placements than its parameter's is redistributed to the parameter's: the
     step equals one given the gradient in the parameter's placements."""
