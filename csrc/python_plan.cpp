@@ -154,8 +154,9 @@ struct SgdPlan {
                         const at::Tensor&, const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
                         std::optional<double>, bool, const OptionalTensor&)>();
     const StepSettings& s = settings;
-    op.call(params, grads_of(params, grads_in), momentum_buffers, master_weights, steps, tensor_group, s.hyper, s.programs,
-            s.group_steps, s.plateau_state, grad_scale, found_inf, s.max_grad_norm, s.skip_nonfinite, s.grad_norm);
+    op.call(params, grads_of(params, grads_in), momentum_buffers, master_weights, steps, tensor_group, s.hyper,
+            s.programs, s.group_steps, s.plateau_state, grad_scale, found_inf, s.max_grad_norm, s.skip_nonfinite,
+            s.grad_norm);
   }
 
   // grads: None, or one per parameter (None for none) to use instead of their .grad
@@ -196,9 +197,9 @@ struct AdamPlan {
                         c10::ArrayRef<double>, const at::Tensor&, const at::Tensor&, const OptionalTensor&,
                         const OptionalTensor&, std::optional<double>, bool, const OptionalTensor&)>();
     const StepSettings& s = settings;
-    op.call(params, grads_of(params, grads_in), exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_weights, steps, tensor_group,
-            s.hyper, s.programs, s.group_steps, s.plateau_state, grad_scale, found_inf, s.max_grad_norm,
-            s.skip_nonfinite, s.grad_norm);
+    op.call(params, grads_of(params, grads_in), exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_weights, steps,
+            tensor_group, s.hyper, s.programs, s.group_steps, s.plateau_state, grad_scale, found_inf,
+            s.max_grad_norm, s.skip_nonfinite, s.grad_norm);
   }
 
   // grads: None, or one per parameter (None for none) to use instead of their .grad

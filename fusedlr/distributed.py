@@ -78,7 +78,8 @@ def local_value(value: Tensor, param: Tensor) -> Tensor:
             value = value.redistribute(param.device_mesh, param.placements)
         return value._local_tensor
     from torch.distributed.tensor import distribute_tensor
-    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)._local_tensor
+    whole = distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    return whole._local_tensor
 
 
 def local_grad(param: Tensor) -> Tensor | None:

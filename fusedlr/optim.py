@@ -243,7 +243,8 @@ class _FusedOptimizer(Optimizer):
 
     def __init__(self, params, defaults: dict, max_grad_norm: float | None, skip_nonfinite: bool,
                  master_weights: bool, partition_group=None):
-        if partition_group is not None and not (_dist.is_initialized() and isinstance(partition_group, dist.ProcessGroup)):
+        if partition_group is not None and not (
+                _dist.is_initialized() and isinstance(partition_group, dist.ProcessGroup)):
             raise ValueError(f"partition_group must be a torch.distributed ProcessGroup of an initialized process "
                              f"group, got {partition_group!r}")
         # the ranks that hold the other partitions of the model's plain parameters (ZeRO): the global
@@ -913,8 +914,8 @@ class _FusedOptimizer(Optimizer):
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        for key in ("_group_steps", "_plateau_state", "_group_lrs", "_lrs_version", "_lr_views", "_device", "_grad_norm",
-                    "max_grad_norm", "skip_nonfinite", "master_weights", "partition_group"):
+        for key in ("_group_steps", "_plateau_state", "_group_lrs", "_lrs_version", "_lr_views", "_device",
+                    "_grad_norm", "max_grad_norm", "skip_nonfinite", "master_weights", "partition_group"):
             state[key] = getattr(self, key)
         return state
 

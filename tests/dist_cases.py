@@ -45,8 +45,9 @@ def pair(schedule, max_grad_norm, opt="adamw", **extra):
         cls = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[opt]
         kwargs = dict(lr=0.01, weight_decay=0.1) if opt == "adamw" else dict(lr=0.05, momentum=0.9)
         o = cls(params, foreach=False, **kwargs)
-        return o, (torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.02, total_steps=STEPS)
-                   if isinstance(schedule, S.OneCycleLR) else torch.optim.lr_scheduler.StepLR(o, step_size=4, gamma=0.5))
+        if isinstance(schedule, S.OneCycleLR):
+            return o, torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.02, total_steps=STEPS)
+        return o, torch.optim.lr_scheduler.StepLR(o, step_size=4, gamma=0.5)
     return ours, theirs
 
 
@@ -149,12 +150,10 @@ def case_fsdp_tp():
         b = fsdp(tp(model(), mesh["tp"]), mesh["dp"])
         assert all(p.device_mesh.ndim == 2 for p in a.parameters())
         ours, theirs = pair(S.StepLR(step_size=4, gamma=0.5), max_norm)
-        batch = same_batches(True)
 
         def dp_batch(step):  # the same data across the tp ranks of a dp rank
             g = torch.Generator().manual_seed(1000 * step + mesh["dp"].get_local_rank())
             return torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
-        del batch
         train_both(a, b, ours, theirs, max_norm, dp_batch)
 
 
@@ -194,7 +193,6 @@ def case_zero():
 
 def case_skip_agrees():
     """An inf on one rank only (GradScaler's flag or a gradient) skips the step on every rank."""
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     a = fsdp(model())
     opt = fusedlr.AdamW(a.parameters(), lr=0.01, skip_nonfinite=True)
     for step in range(3):
@@ -220,7 +218,6 @@ def case_skip_agrees():
     opt2.step()
     assert all(torch.equal(p.detach().to_local(), q) for p, q in zip(a.parameters(), before))
     assert int(opt2.schedule_steps()[0]) == 1
-    del mesh
 
 
 def case_dcp():
