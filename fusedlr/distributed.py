@@ -27,9 +27,12 @@ from torch import Tensor
 
 try:
     from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor.placement_types import _StridedShard
 except ImportError:  # a torch built without distributed
-    DTensor = _StridedShard = None
+    DTensor = None
+try:
+    from torch.distributed.tensor.placement_types import _StridedShard
+except ImportError:  # a torch without strided shards
+    _StridedShard = None
 
 
 def _is_sharded(placement) -> bool:

@@ -495,8 +495,7 @@ class _FusedOptimizer(Optimizer):
                 lists.hyper = hyper
         fresh: list[Tensor] = []
         if lists is None or (lists.stateless and any(p.grad is not None for p in lists.stateless)):
-            first_grads = [(p, group) for group in self.param_groups for p in group["params"]
-                           if p.grad is not None and not self.state.get(p)]
+            first_grads = self._first_gradients()
             for p, _ in first_grads:
                 if p.grad.layout != torch.strided:
                     raise RuntimeError(f"fusedlr optimizers take dense gradients only, got a {p.grad.layout} gradient")
@@ -590,11 +589,15 @@ class _FusedOptimizer(Optimizer):
         return frame is not None and all(
             isinstance(g["lr"], (numbers.Real, Tensor)) and float(g["lr"]) == 0 for g in self.param_groups)
 
+    def _first_gradients(self) -> list[tuple[Tensor, dict]]:
+        """The parameters with a gradient and no state yet, each with its group."""
+        return [(p, group) for group in self.param_groups for p in group["params"]
+                if p.grad is not None and not self.state.get(p)]
+
     def _create_state(self) -> None:
         """The state of every parameter with a gradient, and nothing else: the lists are built, and
         the lrs checked, at the next step (after the caller has put its own lrs back)."""
-        fresh = [(p, group) for group in self.param_groups for p in group["params"]
-                 if p.grad is not None and not self.state.get(p)]
+        fresh = self._first_gradients()
         with torch.no_grad():
             for (p, _), state in zip(fresh, self._new_states(fresh)):
                 self.state[p] = state
