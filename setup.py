@@ -51,13 +51,15 @@ def extension():
     # -fopenmp: ATen's parallel_for is a header template that runs serially without it.
     # -ffp-contract=off: no fused multiply-adds, so the AVX-512, AVX2 and baseline versions of the
     # CPU loops, and the CUDA kernels (-fmad=false), round alike.
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas"]
+    # -Werror=switch: a node kind, optimizer or mode missing from a switch fails the build.
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wall", "-Werror=switch",
+           "-Wno-unknown-pragmas"]
     link = ["-fopenmp"]
     if not want_cuda():
         return CppExtension("fusedlr._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-fmad=false"]
+    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-fmad=false", "-Xcompiler=-Werror=switch"]
     return CUDAExtension(
         "fusedlr._C", sources, extra_compile_args={"cxx": cxx + ["-DFUSEDLR_WITH_CUDA"], "nvcc": nvcc},
         extra_link_args=link,

@@ -253,6 +253,20 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", [] { return std::string(cpu_isa_name(cpu_isa())); },
         "The instruction set the CPU loops run (cpu/cpu_isa.h, [note: instruction sets]).");
   m.def("cpu_isas_supported", &cpu_isas_supported, "The instruction sets this CPU can run the loops in.");
+  m.def(
+      "schedule_kinds",
+      [] {
+        pybind11::dict kinds;
+        for (int id = 0; id < kScheduleKindCount; ++id) {
+          const ScheduleKindInfo& k = kScheduleKinds[id];
+          kinds[k.name] = pybind11::dict(pybind11::arg("id") = id, pybind11::arg("fixed_args") = k.fixed_args,
+                                         pybind11::arg("count_arg") = k.count_arg,
+                                         pybind11::arg("args_per_item") = k.args_per_item,
+                                         pybind11::arg("momentum_flag_arg") = k.momentum_flag_arg);
+        }
+        return kinds;
+      },
+      "The schedule node kinds of csrc/schedule_math.h ([note: schedule kinds]) by name: id and arg layout.");
   m.def("packed_state_buffer", &packed_state_buffer, pybind11::arg("numel"), pybind11::arg("dtype"),
         "A zero CPU tensor for packed optimizer state, on huge pages where the kernel gives them on request.");
   pybind11::class_<SgdPlan> sgd_plan(m, "SgdPlan");

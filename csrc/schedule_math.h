@@ -22,28 +22,10 @@
 
 namespace fusedlr {
 
-enum class ScheduleKind : int {
-  kConstant = 0,  // no schedule: the group's lr
-  kConstantLR = 1,
-  kLinearLR = 2,
-  kStepLR = 3,
-  kMultiStepLR = 4,
-  kExponentialLR = 5,
-  kExponentialDecay = 6,
-  kCosineAnnealingLR = 7,
-  kCosineAnnealingWarmRestarts = 8,
-  kPolynomialLR = 9,
-  kInverseSqrt = 10,
-  kWarmupStableDecay = 11,
-  kOneCycleLR = 12,
-  kCyclicLR = 13,
-  kReduceLROnPlateau = 14,
-  kSequentialLR = 15,
-};
-
 constexpr int kNodeHeader = 2;  // kind, steps_per_epoch
 constexpr int kMaxScheduleDepth = 16;
 
+// The args of each node kind, in order.
 namespace constant_lr_arg { enum : int { kFactor, kTotalIters }; }
 namespace linear_lr_arg { enum : int { kStartFactor, kEndFactor, kTotalIters }; }
 namespace step_lr_arg { enum : int { kStepSize, kGamma }; }
@@ -56,7 +38,7 @@ namespace polynomial_arg { enum : int { kTotalIters, kPower }; }
 namespace inverse_sqrt_arg { enum : int { kWarmupSteps }; }
 namespace wsd_arg { enum : int { kWarmup, kStable, kDecay, kShape, kMinRatio }; }
 enum class WsdShape : int { kLinear = 0, kCosine = 1, kOneMinusSqrt = 2 };
-// OneCycleLR: a header, then kPhaseStride doubles per phase.
+// OneCycleLR: a header, then kStride doubles per phase.
 namespace one_cycle_arg { enum : int { kTotalSteps, kLinearAnneal, kCycleMomentum, kPhaseCount, kFirstPhase }; }
 namespace one_cycle_phase { enum : int { kEndStep, kStartLr, kEndLr, kStartMomentum, kEndMomentum, kStride }; }
 namespace cyclic_arg {
@@ -68,6 +50,86 @@ enum : int { kModeMax, kFactor, kPatience, kThreshold, kThresholdAbs, kCooldown,
 }
 // SequentialLR: count, then count-1 milestones, then count child offsets.
 namespace sequential_arg { enum : int { kCount, kFirstMilestone }; }
+// Warmup: a ramp over the first kSteps steps, then its child (seeing t - kSteps when kPrefix, else t).
+// The ramp's position is p = (t + kOffset) / kSpan; its lr start + (target - start) * shape(p) with
+// target the base lr, start kStart (a factor of the base lr, or an lr when kStartAbsolute).
+namespace warmup_arg { enum : int { kChild, kSteps, kOffset, kSpan, kStart, kStartAbsolute, kShape, kPrefix }; }
+enum class WarmupShape : int { kLinear = 0, kCosine = 1, kOneMinusSqrt = 2 };
+// Decay: with p = (t + kOffset) / kSpan, the factor floor + (1 - floor) * shape(p) of the base lr
+// (floor a factor), or the lr floor + (base - floor) * shape(p) (kFloorAbsolute); from step kEnd on,
+// the floor. kParam is the polynomial's power or the cosines' number of cycles.
+namespace decay_arg { enum : int { kSpan, kOffset, kEnd, kShape, kParam, kFloor, kFloorAbsolute }; }
+enum class DecayShape : int { kLinear = 0, kCosine = 1, kCosineRestarts = 2, kPolynomial = 3, kOneMinusSqrt = 4 };
+// Cycles: cycles of kTInitial * kCycleMul^i steps, the i-th peaking at base * kCycleDecay^i, each
+// annealed to kLrMin by a shape; after kCycleLimit cycles, kLrMin.
+namespace cycles_arg {
+enum : int { kTInitial, kCycleMul, kCycleDecay, kCycleLimit, kLrMin, kShape, kKDecay, kPower, kLb, kUb };
+}
+enum class CycleShape : int { kCosine = 0, kTanh = 1, kPolynomial = 2 };
+
+// [note: schedule kinds]
+// The one table of node kinds. Python reads it through `_C.schedule_kinds()` and finds a kind's id
+// by its name, so a kind is added here (and in the switches the compiler then points at:
+// -Werror=switch) and as a Python class, nowhere else. Per kind: its name; its number of args,
+// fixed_args + args_per_item * a[count_arg] (count_arg kNoArg: fixed_args); the args that must be
+// at least 1, because the evaluation divides by them or counts with them (checked before any kernel
+// runs); the arg that says whether the node sets the momentum / beta1 (kNoArg: it never does).
+constexpr int kNoArg = -1;
+
+constexpr uint32_t args_mask() { return 0; }
+template <typename... Rest>
+constexpr uint32_t args_mask(int first, Rest... rest) {
+  return (uint32_t{1} << first) | args_mask(rest...);
+}
+
+// X(name, fixed_args, count_arg, args_per_item, at_least_one, momentum_flag_arg)
+#define FUSEDLR_SCHEDULE_KINDS(X)                                                                                   \
+  X(Constant, 0, kNoArg, 0, args_mask(), kNoArg)                                                                   \
+  X(ConstantLR, 2, kNoArg, 0, args_mask(), kNoArg)                                                                 \
+  X(LinearLR, 3, kNoArg, 0, args_mask(linear_lr_arg::kTotalIters), kNoArg)                                         \
+  X(StepLR, 2, kNoArg, 0, args_mask(step_lr_arg::kStepSize), kNoArg)                                               \
+  X(MultiStepLR, multi_step_lr_arg::kFirstMilestone, multi_step_lr_arg::kCount, 1, args_mask(), kNoArg)            \
+  X(ExponentialLR, 1, kNoArg, 0, args_mask(), kNoArg)                                                              \
+  X(ExponentialDecay, 1, kNoArg, 0, args_mask(), kNoArg)                                                           \
+  X(CosineAnnealingLR, 2, kNoArg, 0, args_mask(cosine_arg::kTMax), kNoArg)                                         \
+  X(CosineAnnealingWarmRestarts, 3, kNoArg, 0, args_mask(warm_restarts_arg::kT0, warm_restarts_arg::kTMult),       \
+    kNoArg)                                                                                                         \
+  X(PolynomialLR, 2, kNoArg, 0, args_mask(polynomial_arg::kTotalIters), kNoArg)                                    \
+  X(InverseSqrt, 1, kNoArg, 0, args_mask(inverse_sqrt_arg::kWarmupSteps), kNoArg)                                  \
+  X(WarmupStableDecay, 5, kNoArg, 0, args_mask(wsd_arg::kDecay), kNoArg)                                           \
+  X(OneCycleLR, one_cycle_arg::kFirstPhase, one_cycle_arg::kPhaseCount, one_cycle_phase::kStride,                  \
+    args_mask(one_cycle_arg::kTotalSteps, one_cycle_arg::kPhaseCount), one_cycle_arg::kCycleMomentum)               \
+  X(CyclicLR, 10, kNoArg, 0, args_mask(), cyclic_arg::kCycleMomentum)                                              \
+  X(ReduceLROnPlateau, 8, kNoArg, 0, args_mask(), kNoArg)                                                          \
+  X(SequentialLR, 0, sequential_arg::kCount, 2, args_mask(sequential_arg::kCount), kNoArg)                         \
+  X(Warmup, 8, kNoArg, 0, args_mask(warmup_arg::kSteps, warmup_arg::kSpan), kNoArg)                                \
+  X(Decay, 7, kNoArg, 0, args_mask(decay_arg::kSpan), kNoArg)                                                      \
+  X(Cycles, 10, kNoArg, 0, args_mask(cycles_arg::kTInitial, cycles_arg::kCycleLimit), kNoArg)
+
+#define FUSEDLR_KIND_ENUM(name, ...) k##name,
+enum class ScheduleKind : int { FUSEDLR_SCHEDULE_KINDS(FUSEDLR_KIND_ENUM) };
+#undef FUSEDLR_KIND_ENUM
+
+struct ScheduleKindInfo {
+  const char* name;
+  int fixed_args;
+  int count_arg;
+  int args_per_item;
+  uint32_t at_least_one;
+  int momentum_flag_arg;
+};
+
+#define FUSEDLR_KIND_INFO(name, ...) {#name, __VA_ARGS__},
+constexpr ScheduleKindInfo kScheduleKinds[] = {FUSEDLR_SCHEDULE_KINDS(FUSEDLR_KIND_INFO)};
+#undef FUSEDLR_KIND_INFO
+constexpr int kScheduleKindCount = static_cast<int>(sizeof(kScheduleKinds) / sizeof(kScheduleKinds[0]));
+static_assert(kScheduleKindCount <= 32, "at_least_one is a 32-bit mask of args");
+
+// The number of args of a node of `kind` whose args start at a, given that a[count_arg] is readable.
+FUSEDLR_HD int64_t node_arg_count(const ScheduleKindInfo& info, const double* a) {
+  const int64_t items = info.count_arg == kNoArg ? 0 : static_cast<int64_t>(a[info.count_arg]);
+  return info.fixed_args + info.args_per_item * items;
+}
 
 // Per-group ReduceLROnPlateau state, a float64 row on the device. NaN in kLr means "not reduced
 // yet: use the group's lr"; NaN in kBest means "no metric seen yet".
@@ -154,41 +216,135 @@ FUSEDLR_HD double warmup_stable_decay_factor(const double* a, int64_t t) {
   return a[kMinRatio] + (1.0 - a[kMinRatio]) * remaining;
 }
 
-// The value of the leaf node `a` (its args) at schedule time t, for a group whose lr is base_lr.
-FUSEDLR_HD ScheduleValue leaf_value(ScheduleKind kind, const double* a, int64_t t, double base_lr, const double* plateau) {
+FUSEDLR_HD double warmup_shape(WarmupShape shape, double p) {
+  switch (shape) {
+    case WarmupShape::kLinear: return p;
+    case WarmupShape::kCosine: return 0.5 * (1.0 - cos(M_PI * p));
+    case WarmupShape::kOneMinusSqrt: return 1.0 - sqrt(1.0 - p);
+  }
+  return p;
+}
+
+// The ramp of a Warmup node at step t < a[kSteps].
+FUSEDLR_HD double warmup_value(const double* a, int64_t t, double base_lr) {
+  using namespace warmup_arg;
+  const double r = warmup_shape(static_cast<WarmupShape>(static_cast<int>(a[kShape])),
+                                (static_cast<double>(t) + a[kOffset]) / a[kSpan]);
+  if (a[kStartAbsolute] != 0) {
+    // linear as timm computes it: start + t * ((target - start) / span)
+    if (static_cast<WarmupShape>(static_cast<int>(a[kShape])) == WarmupShape::kLinear)
+      return a[kStart] + (static_cast<double>(t) + a[kOffset]) * ((base_lr - a[kStart]) / a[kSpan]);
+    return a[kStart] + (base_lr - a[kStart]) * r;
+  }
+  return base_lr * (r * (1.0 - a[kStart]) + a[kStart]);
+}
+
+FUSEDLR_HD double decay_shape(DecayShape shape, double p, double param) {
+  switch (shape) {
+    case DecayShape::kLinear: return 1.0 - p;
+    case DecayShape::kCosine: return 0.5 * (1.0 + cos(M_PI * param * 2.0 * p));
+    case DecayShape::kCosineRestarts: return 0.5 * (1.0 + cos(M_PI * fmod(param * p, 1.0)));
+    case DecayShape::kPolynomial: return pow(1.0 - p, param);
+    case DecayShape::kOneMinusSqrt: return 1.0 - sqrt(p);
+  }
+  return 1.0 - p;
+}
+
+FUSEDLR_HD double decay_value(const double* a, int64_t t, double base_lr) {
+  using namespace decay_arg;
+  const bool absolute = a[kFloorAbsolute] != 0;
+  const double floor_lr = absolute ? a[kFloor] : base_lr * a[kFloor];
+  if (static_cast<double>(t) >= a[kEnd]) return floor_lr;
+  const auto shape = static_cast<DecayShape>(static_cast<int>(a[kShape]));
+  const double position = static_cast<double>(t) + a[kOffset];
+  // linear as (span - position) / span: one rounding, as HF's linear schedule computes it
+  const double f = shape == DecayShape::kLinear ? (a[kSpan] - position) / a[kSpan]
+                                                : decay_shape(shape, position / a[kSpan], a[kParam]);
+  if (absolute) return a[kFloor] + (base_lr - a[kFloor]) * f;
+  return base_lr * (f * (1.0 - a[kFloor]) + a[kFloor]);
+}
+
+// timm's cycle arithmetic: cycle i, its length t_i and the time t_curr into it.
+FUSEDLR_HD double cycles_value(const double* a, int64_t t, double base_lr) {
+  using namespace cycles_arg;
+  const double t_initial = a[kTInitial];
+  const double mul = a[kCycleMul];
+  const double epoch = static_cast<double>(t);
+  double i, t_i, t_curr;
+  if (mul != 1.0) {
+    i = floor(log(1.0 - epoch / t_initial * (1.0 - mul)) / log(mul));
+    t_i = pow(mul, i) * t_initial;
+    t_curr = epoch - (1.0 - pow(mul, i)) / (1.0 - mul) * t_initial;
+  } else {
+    const int64_t cycle = t / as_int(t_initial);
+    i = static_cast<double>(cycle);
+    t_i = t_initial;
+    t_curr = static_cast<double>(t - as_int(t_initial) * cycle);
+  }
+  const double lr_min = a[kLrMin];
+  if (!(i < a[kCycleLimit])) return lr_min;
+  const double lr_max = base_lr * pow(a[kCycleDecay], i);
+  switch (static_cast<CycleShape>(static_cast<int>(a[kShape]))) {
+    case CycleShape::kCosine:
+      return lr_min + 0.5 * (lr_max - lr_min) * (1.0 + cos(M_PI * pow(t_curr, a[kKDecay]) / pow(t_i, a[kKDecay])));
+    case CycleShape::kTanh: {
+      const double tr = t_curr / t_i;
+      return lr_min + 0.5 * (lr_max - lr_min) * (1.0 - tanh(a[kLb] * (1.0 - tr) + a[kUb] * tr));
+    }
+    case CycleShape::kPolynomial:
+      return lr_min + (lr_max - lr_min) * pow(1.0 - pow(t_curr, a[kKDecay]) / pow(t_i, a[kKDecay]), a[kPower]);
+  }
+  return lr_min;
+}
+
+// [note: schedule evaluation]
+// One node at schedule time t either gives the value or hands on to a child with the child's
+// time: SequentialLR picks the child whose milestone has passed, Warmup its child once the ramp is
+// over. Every kind is a case of this one switch, so a new kind that is not handled fails to build.
+struct NodeStep {
+  bool done;
+  ScheduleValue value;  // when done
+  int64_t child;        // else: the child's offset and its time
+  int64_t t;
+};
+
+FUSEDLR_HD NodeStep leaf(double lr) { return {true, {lr, 0, false}, 0, 0}; }
+FUSEDLR_HD NodeStep leaf(ScheduleValue v) { return {true, v, 0, 0}; }
+
+FUSEDLR_HD NodeStep step_node(ScheduleKind kind, const double* a, int64_t t, double base_lr, const double* plateau) {
   const double epoch = static_cast<double>(t);
   switch (kind) {
     case ScheduleKind::kConstant:
-      return {base_lr, 0, false};
+      return leaf(base_lr);
     case ScheduleKind::kConstantLR: {
       using namespace constant_lr_arg;
-      return {t < as_int(a[kTotalIters]) ? base_lr * a[kFactor] : base_lr, 0, false};
+      return leaf(t < as_int(a[kTotalIters]) ? base_lr * a[kFactor] : base_lr);
     }
     case ScheduleKind::kLinearLR: {
       using namespace linear_lr_arg;
       const int64_t total = as_int(a[kTotalIters]);
       const double progress = static_cast<double>(t < total ? t : total);
-      return {base_lr * (a[kStartFactor] + (a[kEndFactor] - a[kStartFactor]) * progress / a[kTotalIters]), 0, false};
+      return leaf(base_lr * (a[kStartFactor] + (a[kEndFactor] - a[kStartFactor]) * progress / a[kTotalIters]));
     }
     case ScheduleKind::kStepLR: {
       using namespace step_lr_arg;
-      return {base_lr * pow(a[kGamma], static_cast<double>(t / as_int(a[kStepSize]))), 0, false};
+      return leaf(base_lr * pow(a[kGamma], static_cast<double>(t / as_int(a[kStepSize]))));
     }
     case ScheduleKind::kMultiStepLR: {
       using namespace multi_step_lr_arg;
       const int count = static_cast<int>(a[kCount]);
       int passed = 0;
       for (int i = 0; i < count; ++i) passed += as_int(a[kFirstMilestone + i]) <= t;
-      return {base_lr * pow(a[kGamma], static_cast<double>(passed)), 0, false};
+      return leaf(base_lr * pow(a[kGamma], static_cast<double>(passed)));
     }
     case ScheduleKind::kExponentialLR:
-      return {base_lr * pow(a[exponential_lr_arg::kGamma], epoch), 0, false};
+      return leaf(base_lr * pow(a[exponential_lr_arg::kGamma], epoch));
     case ScheduleKind::kExponentialDecay:
-      return {base_lr * exp(-a[exponential_decay_arg::kDecayRate] * epoch), 0, false};
+      return leaf(base_lr * exp(-a[exponential_decay_arg::kDecayRate] * epoch));
     case ScheduleKind::kCosineAnnealingLR: {
       using namespace cosine_arg;
-      if (t >= as_int(a[kTMax])) return {a[kEtaMin], 0, false};
-      return {cosine_annealing(base_lr, a[kEtaMin], epoch, a[kTMax]), 0, false};
+      if (t >= as_int(a[kTMax])) return leaf(a[kEtaMin]);
+      return leaf(cosine_annealing(base_lr, a[kEtaMin], epoch, a[kTMax]));
     }
     case ScheduleKind::kCosineAnnealingWarmRestarts: {
       using namespace warm_restarts_arg;
@@ -203,33 +359,49 @@ FUSEDLR_HD ScheduleValue leaf_value(ScheduleKind kind, const double* a, int64_t 
           period *= mult;
         }
       }
-      return {cosine_annealing(base_lr, a[kEtaMin], static_cast<double>(t_cur), static_cast<double>(period)), 0, false};
+      return leaf(cosine_annealing(base_lr, a[kEtaMin], static_cast<double>(t_cur), static_cast<double>(period)));
     }
     case ScheduleKind::kPolynomialLR: {
       using namespace polynomial_arg;
       const int64_t total = as_int(a[kTotalIters]);
       const double progress = static_cast<double>(t < total ? t : total);
-      return {base_lr * pow(1.0 - progress / a[kTotalIters], a[kPower]), 0, false};
+      return leaf(base_lr * pow(1.0 - progress / a[kTotalIters], a[kPower]));
     }
     case ScheduleKind::kInverseSqrt: {
       const double warmup = a[inverse_sqrt_arg::kWarmupSteps];
       const double n = epoch + 1;
-      return {base_lr * (n < warmup ? n / warmup : sqrt(warmup / n)), 0, false};
+      return leaf(base_lr * (n < warmup ? n / warmup : sqrt(warmup / n)));
     }
     case ScheduleKind::kWarmupStableDecay:
-      return {base_lr * warmup_stable_decay_factor(a, t), 0, false};
+      return leaf(base_lr * warmup_stable_decay_factor(a, t));
     case ScheduleKind::kOneCycleLR:
-      return one_cycle_value(a, t);
+      return leaf(one_cycle_value(a, t));
     case ScheduleKind::kCyclicLR:
-      return cyclic_value(a, t);
+      return leaf(cyclic_value(a, t));
     case ScheduleKind::kReduceLROnPlateau: {
       const double lr = plateau[plateau_slot::kLr];
-      return {is_nan(lr) ? base_lr : lr, 0, false};
+      return leaf(is_nan(lr) ? base_lr : lr);
     }
-    case ScheduleKind::kSequentialLR:
-      break;  // not a leaf
+    case ScheduleKind::kSequentialLR: {
+      const int count = static_cast<int>(a[sequential_arg::kCount]);
+      const double* milestones = a + sequential_arg::kFirstMilestone;
+      int active = 0;
+      while (active < count - 1 && t >= as_int(milestones[active])) ++active;
+      const int64_t start = active > 0 ? as_int(milestones[active - 1]) : 0;
+      return {false, {}, as_int(milestones[count - 1 + active]), t - start};
+    }
+    case ScheduleKind::kWarmup: {
+      using namespace warmup_arg;
+      const int64_t steps = as_int(a[kSteps]);
+      if (t < steps) return leaf(warmup_value(a, t, base_lr));
+      return {false, {}, as_int(a[kChild]), a[kPrefix] != 0 ? t - steps : t};
+    }
+    case ScheduleKind::kDecay:
+      return leaf(decay_value(a, t, base_lr));
+    case ScheduleKind::kCycles:
+      return leaf(cycles_value(a, t, base_lr));
   }
-  return {base_lr, 0, false};
+  return leaf(base_lr);
 }
 
 // The schedule of group `group` after `step` completed optimizer steps.
@@ -240,16 +412,49 @@ FUSEDLR_HD ScheduleValue evaluate_schedule(const double* programs, int group, in
   for (int depth = 0; depth < kMaxScheduleDepth; ++depth) {
     const ScheduleKind kind = static_cast<ScheduleKind>(static_cast<int>(programs[node]));
     t /= as_int(programs[node + 1]);
-    const double* a = programs + node + kNodeHeader;
-    if (kind != ScheduleKind::kSequentialLR) return leaf_value(kind, a, t, base_lr, plateau_row);
-    const int count = static_cast<int>(a[sequential_arg::kCount]);
-    const double* milestones = a + sequential_arg::kFirstMilestone;
-    int active = 0;
-    while (active < count - 1 && t >= as_int(milestones[active])) ++active;
-    if (active > 0) t -= as_int(milestones[active - 1]);
-    node = as_int(milestones[count - 1 + active]);
+    const NodeStep next = step_node(kind, programs + node + kNodeHeader, t, base_lr, plateau_row);
+    if (next.done) return next.value;
+    node = next.child;
+    t = next.t;
   }
   return {base_lr, 0, false};  // deeper than Python lets a program be built
+}
+
+// The children of a node (their offsets, contiguous in its args), for the walks that check a program
+// or look for momentum-setting nodes.
+struct NodeChildren {
+  const double* offsets;
+  int64_t count;
+};
+
+inline NodeChildren node_children(ScheduleKind kind, const double* a) {
+  switch (kind) {
+    case ScheduleKind::kSequentialLR: {
+      const int64_t count = as_int(a[sequential_arg::kCount]);
+      return {a + sequential_arg::kFirstMilestone + count - 1, count};
+    }
+    case ScheduleKind::kWarmup:
+      return {a + warmup_arg::kChild, 1};
+    case ScheduleKind::kConstant:
+    case ScheduleKind::kConstantLR:
+    case ScheduleKind::kLinearLR:
+    case ScheduleKind::kStepLR:
+    case ScheduleKind::kMultiStepLR:
+    case ScheduleKind::kExponentialLR:
+    case ScheduleKind::kExponentialDecay:
+    case ScheduleKind::kCosineAnnealingLR:
+    case ScheduleKind::kCosineAnnealingWarmRestarts:
+    case ScheduleKind::kPolynomialLR:
+    case ScheduleKind::kInverseSqrt:
+    case ScheduleKind::kWarmupStableDecay:
+    case ScheduleKind::kOneCycleLR:
+    case ScheduleKind::kCyclicLR:
+    case ScheduleKind::kReduceLROnPlateau:
+    case ScheduleKind::kDecay:
+    case ScheduleKind::kCycles:
+      break;
+  }
+  return {nullptr, 0};
 }
 
 // ReduceLROnPlateau: one metric observed by a group whose root schedule node is `a` (its args).

@@ -48,42 +48,23 @@ void check_readable(const char* op, const at::Tensor& t, const char* what, size_
 
 namespace {
 
-// The number of args of a node of `kind` whose args start at a (the array ends at `end`), or -1
-// for an unknown kind. Integer args that the evaluation divides by are checked >= 1.
+// The number of args of a node of `kind` whose args start at a (the array ends at `end`), after
+// checking that its count and the args the table marks are at least 1 (the evaluation divides by
+// them or counts with them).
 int64_t node_args(const char* op, ScheduleKind kind, const double* a, const double* end) {
-  auto positive = [&](int index, const char* what) {
-    TORCH_CHECK(a + index < end && a[index] >= 1, op, ": a schedule program has ", what, " < 1");
-  };
-  switch (kind) {
-    case ScheduleKind::kConstant: return 0;
-    case ScheduleKind::kConstantLR: return 2;
-    case ScheduleKind::kLinearLR: positive(linear_lr_arg::kTotalIters, "total_iters"); return 3;
-    case ScheduleKind::kStepLR: positive(step_lr_arg::kStepSize, "step_size"); return 2;
-    case ScheduleKind::kMultiStepLR:
-      TORCH_CHECK(a + multi_step_lr_arg::kCount < end && a[multi_step_lr_arg::kCount] >= 0, op,
-                  ": a MultiStepLR program is truncated");
-      return multi_step_lr_arg::kFirstMilestone + as_int(a[multi_step_lr_arg::kCount]);
-    case ScheduleKind::kExponentialLR: return 1;
-    case ScheduleKind::kExponentialDecay: return 1;
-    case ScheduleKind::kCosineAnnealingLR: positive(cosine_arg::kTMax, "T_max"); return 2;
-    case ScheduleKind::kCosineAnnealingWarmRestarts:
-      positive(warm_restarts_arg::kT0, "T_0");
-      positive(warm_restarts_arg::kTMult, "T_mult");
-      return 3;
-    case ScheduleKind::kPolynomialLR: positive(polynomial_arg::kTotalIters, "total_iters"); return 2;
-    case ScheduleKind::kInverseSqrt: positive(inverse_sqrt_arg::kWarmupSteps, "warmup_steps"); return 1;
-    case ScheduleKind::kWarmupStableDecay: positive(wsd_arg::kDecay, "decay_steps"); return 5;
-    case ScheduleKind::kOneCycleLR:
-      positive(one_cycle_arg::kTotalSteps, "total_steps");
-      positive(one_cycle_arg::kPhaseCount, "a phase");
-      return one_cycle_arg::kFirstPhase + as_int(a[one_cycle_arg::kPhaseCount]) * one_cycle_phase::kStride;
-    case ScheduleKind::kCyclicLR: return 10;
-    case ScheduleKind::kReduceLROnPlateau: return 8;
-    case ScheduleKind::kSequentialLR:
-      positive(sequential_arg::kCount, "a child");
-      return sequential_arg::kFirstMilestone + 2 * as_int(a[sequential_arg::kCount]) - 1;
+  const ScheduleKindInfo& info = kScheduleKinds[static_cast<int>(kind)];
+  if (info.count_arg != kNoArg) {
+    TORCH_CHECK(a + info.count_arg < end && a[info.count_arg] >= 0 && a[info.count_arg] == std::floor(a[info.count_arg]),
+                op, ": a ", info.name, " schedule program is truncated");
   }
-  return -1;
+  const int64_t args = node_arg_count(info, a);
+  TORCH_CHECK(args >= 0 && a + args <= end, op, ": a schedule program node runs past the programs array");
+  for (int i = 0; i < 32; ++i) {
+    if (info.at_least_one & (uint32_t{1} << i)) {
+      TORCH_CHECK(i < args && a[i] >= 1, op, ": a ", info.name, " schedule program has arg ", i, " < 1");
+    }
+  }
+  return args;
 }
 
 }  // namespace
@@ -111,21 +92,18 @@ void check_schedule_inputs(const char* op, c10::ArrayRef<double> programs, int64
     TORCH_CHECK(node >= groups && node + kNodeHeader <= static_cast<int64_t>(programs.size()), op,
                 ": a schedule program node lies outside the programs array");
     const double kind = begin[node];
-    TORCH_CHECK(kind >= 0 && kind <= static_cast<int>(ScheduleKind::kSequentialLR) && kind == static_cast<int>(kind),
-                op, ": a schedule program has an unknown node kind ", kind);
+    TORCH_CHECK(kind >= 0 && kind < kScheduleKindCount && kind == static_cast<int>(kind), op,
+                ": a schedule program has an unknown node kind ", kind);
     TORCH_CHECK(begin[node + 1] >= 1, op, ": a schedule program has steps_per_epoch < 1");
     const double* a = begin + node + kNodeHeader;
     const auto schedule_kind = static_cast<ScheduleKind>(static_cast<int>(kind));
-    const int64_t args = node_args(op, schedule_kind, a, end);
-    TORCH_CHECK(args >= 0 && a + args <= end, op, ": a schedule program node runs past the programs array");
-    if (schedule_kind == ScheduleKind::kSequentialLR) {
-      const int64_t count = as_int(a[sequential_arg::kCount]);
-      for (int64_t k = 0; k < count; ++k) {
-        const double child = a[sequential_arg::kFirstMilestone + count - 1 + k];
-        TORCH_CHECK(child > node && child < static_cast<double>(programs.size()), op,
-                    ": a SequentialLR program names a child outside the programs array");
-        pending.emplace_back(as_int(child), depth + 1);
-      }
+    node_args(op, schedule_kind, a, end);
+    const NodeChildren children = node_children(schedule_kind, a);
+    for (int64_t k = 0; k < children.count; ++k) {
+      const double child = children.offsets[k];
+      TORCH_CHECK(child > node && child < static_cast<double>(programs.size()), op, ": a ",
+                  kScheduleKinds[static_cast<int>(kind)].name, " schedule program names a child outside the programs array");
+      pending.emplace_back(as_int(child), depth + 1);
     }
   }
   TORCH_CHECK(plateau_state.scalar_type() == at::kDouble && plateau_state.dim() == 2 &&

@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from . import _ops
+from . import _C, _ops
 
 __all__ = [
     "Schedule",
@@ -55,9 +55,8 @@ __all__ = [
     "torch_scheduler",
 ]
 
-# Node kinds: csrc/schedule_math.h, enum class ScheduleKind.
-_CONSTANT, _CONSTANT_LR, _LINEAR_LR, _STEP_LR, _MULTI_STEP_LR, _EXPONENTIAL_LR, _EXPONENTIAL_DECAY = range(7)
-_COSINE, _WARM_RESTARTS, _POLYNOMIAL, _INVERSE_SQRT, _WSD, _ONE_CYCLE, _CYCLIC, _PLATEAU, _SEQUENTIAL = range(7, 16)
+# The node kinds of csrc/schedule_math.h ([note: schedule kinds]): id and arg layout by name.
+_KINDS: dict[str, dict] = _C.schedule_kinds()
 _MAX_DEPTH = 16  # kMaxScheduleDepth
 
 
@@ -119,18 +118,35 @@ class Schedule:
 
     # -- the program the kernels run ----------------------------------------------------------
 
-    def _node(self) -> tuple[int, list[float]]:
-        """The node kind and its args, as csrc/schedule_math.h lays them out."""
+    def _node(self, children: Sequence[float] = ()) -> tuple[str, list[float]]:
+        """The node's kind (its name in the kind table) and its args, as csrc/schedule_math.h lays them
+        out; a composite schedule's args hold its children's offsets, given in `children`."""
         raise NotImplementedError
+
+    def _children(self) -> tuple[Schedule, ...]:
+        """The schedules a composite node hands on to, in the order of their offsets in its args."""
+        return ()
 
     def _time_divisor(self) -> int:
         return getattr(self, "steps_per_epoch", 1)
 
+    def _depth(self) -> int:
+        """The nodes the evaluation walks through at most, this one included."""
+        return 1 + max((c._depth() for c in self._children()), default=0)
+
     def _encode(self, program: list[float]) -> int:
         """Appends this schedule's nodes to `program`; returns the index of its root node."""
-        kind, args = self._node()
+        children = self._children()
+        name, args = self._node([0.0] * len(children))
+        info = _KINDS[name]
+        count = 0 if info["count_arg"] < 0 else int(args[info["count_arg"]])
+        if len(args) != info["fixed_args"] + info["args_per_item"] * count:  # Python and C++ disagree
+            raise RuntimeError(f"{name}: {len(args)} node args where the kind table says otherwise")
         at = len(program)
-        program.extend([float(kind), float(self._time_divisor()), *map(float, args)])
+        program.extend([float(info["id"]), float(self._time_divisor()), *map(float, args)])
+        if children:
+            _, args = self._node([float(c._encode(program)) for c in children])
+            program[at + 2:at + 2 + len(args)] = map(float, args)
         return at
 
     _ABSOLUTE_LRS: ClassVar[tuple[str, ...]] = ()  # the arguments that are lrs, not factors of the base lr
@@ -146,7 +162,10 @@ class Schedule:
     @property
     def cycles_momentum(self) -> bool:
         """Whether the schedule also sets SGD's momentum or Adam's beta1."""
-        return False
+        children = self._children()
+        name, args = self._node([0.0] * len(children))
+        flag = _KINDS[name]["momentum_flag_arg"]
+        return (flag >= 0 and args[flag] != 0) or any(c.cycles_momentum for c in children)
 
     @property
     def absolute(self) -> bool:
@@ -176,14 +195,16 @@ class Schedule:
 
     # -- state_dict form: plain data only, so torch.load(weights_only=True) reads it -----------
 
+    _SCHEDULE_FIELDS: ClassVar[tuple[str, ...]] = ()  # the arguments that hold schedules
+
     def spec(self) -> dict:
         args = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, tuple) and value and isinstance(value[0], Schedule):
-                value = [v.spec() for v in value]
+            if isinstance(value, Schedule):
+                value = value.spec()
             elif isinstance(value, tuple):
-                value = list(value)
+                value = [v.spec() if isinstance(v, Schedule) else v for v in value]
             args[f.name] = value
         return {"name": type(self).__name__, "args": args}
 
@@ -197,8 +218,9 @@ def from_spec(spec: dict) -> Schedule:
         raise ValueError(f"unknown schedule {spec['name']!r}")
     try:
         args = dict(spec["args"])
-        if cls is SequentialLR:
-            args["schedulers"] = [from_spec(s) for s in args["schedulers"]]
+        for name in cls._SCHEDULE_FIELDS:
+            value = args[name]
+            args[name] = [from_spec(s) for s in value] if isinstance(value, (list, tuple)) else from_spec(value)
         return cls(**args)
     except (KeyError, TypeError) as e:
         raise ValueError(f"malformed {spec['name']} spec {spec!r}: {e}") from None
@@ -220,8 +242,8 @@ def compile_programs(schedules: Sequence[Schedule | None]) -> list[float]:
 class _Constant(Schedule):
     """No schedule: the group's lr."""
 
-    def _node(self):
-        return _CONSTANT, []
+    def _node(self, children=()):
+        return "Constant", []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,8 +262,8 @@ class ConstantLR(Schedule):
         _check_float("factor", self.factor, 0.0, 1.0)
         _check_int("total_iters", self.total_iters, 0)
 
-    def _node(self):
-        return _CONSTANT_LR, [self.factor, self.total_iters]
+    def _node(self, children=()):
+        return "ConstantLR", [self.factor, self.total_iters]
 
 
 @dataclass(frozen=True)
@@ -258,8 +280,8 @@ class LinearLR(Schedule):
         _check_float("end_factor", self.end_factor, 0.0, 1.0)
         _check_int("total_iters", self.total_iters, 1)
 
-    def _node(self):
-        return _LINEAR_LR, [self.start_factor, self.end_factor, self.total_iters]
+    def _node(self, children=()):
+        return "LinearLR", [self.start_factor, self.end_factor, self.total_iters]
 
 
 @dataclass(frozen=True)
@@ -274,8 +296,8 @@ class StepLR(Schedule):
         _check_int("step_size", self.step_size, 1)
         _check_float("gamma", self.gamma, 0.0)
 
-    def _node(self):
-        return _STEP_LR, [self.step_size, self.gamma]
+    def _node(self, children=()):
+        return "StepLR", [self.step_size, self.gamma]
 
 
 def StepDecay(step_size: int, decay_factor: float = 0.1, steps_per_epoch: int = 1) -> StepLR:
@@ -302,8 +324,8 @@ class MultiStepLR(Schedule):
             _check_int("milestones", m, 0)
         _check_float("gamma", self.gamma, 0.0)
 
-    def _node(self):
-        return _MULTI_STEP_LR, [self.gamma, len(self.milestones), *self.milestones]
+    def _node(self, children=()):
+        return "MultiStepLR", [self.gamma, len(self.milestones), *self.milestones]
 
 
 @dataclass(frozen=True)
@@ -316,8 +338,8 @@ class ExponentialLR(Schedule):
     def _validate(self):
         _check_float("gamma", self.gamma, 0.0)
 
-    def _node(self):
-        return _EXPONENTIAL_LR, [self.gamma]
+    def _node(self, children=()):
+        return "ExponentialLR", [self.gamma]
 
 
 @dataclass(frozen=True)
@@ -330,8 +352,8 @@ class ExponentialDecay(Schedule):
     def _validate(self):
         _check_float("decay_rate", self.decay_rate, 0.0)
 
-    def _node(self):
-        return _EXPONENTIAL_DECAY, [self.decay_rate]
+    def _node(self, children=()):
+        return "ExponentialDecay", [self.decay_rate]
 
 
 @dataclass(frozen=True)
@@ -351,8 +373,8 @@ class CosineAnnealingLR(Schedule):
         _check_int("T_max", self.T_max, 1)
         _check_float("eta_min", self.eta_min, 0.0)
 
-    def _node(self):
-        return _COSINE, [self.T_max, self.eta_min]
+    def _node(self, children=()):
+        return "CosineAnnealingLR", [self.T_max, self.eta_min]
 
 
 CosineAnnealing = CosineAnnealingLR
@@ -374,8 +396,8 @@ class CosineAnnealingWarmRestarts(Schedule):
         _check_int("T_mult", self.T_mult, 1)
         _check_float("eta_min", self.eta_min, 0.0)
 
-    def _node(self):
-        return _WARM_RESTARTS, [self.T_0, self.T_mult, self.eta_min]
+    def _node(self, children=()):
+        return "CosineAnnealingWarmRestarts", [self.T_0, self.T_mult, self.eta_min]
 
 
 @dataclass(frozen=True)
@@ -390,8 +412,8 @@ class PolynomialLR(Schedule):
         _check_int("total_iters", self.total_iters, 1)
         _check_float("power", self.power, 0.0)
 
-    def _node(self):
-        return _POLYNOMIAL, [self.total_iters, self.power]
+    def _node(self, children=()):
+        return "PolynomialLR", [self.total_iters, self.power]
 
 
 @dataclass(frozen=True)
@@ -406,8 +428,8 @@ class InverseSqrt(Schedule):
     def _validate(self):
         _check_int("warmup_steps", self.warmup_steps, 1)
 
-    def _node(self):
-        return _INVERSE_SQRT, [self.warmup_steps]
+    def _node(self, children=()):
+        return "InverseSqrt", [self.warmup_steps]
 
 
 @dataclass(frozen=True)
@@ -433,8 +455,8 @@ class WarmupStableDecay(Schedule):
         _check_choice("decay", self.decay, self._SHAPES)
         _check_float("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
 
-    def _node(self):
-        return _WSD, [self.warmup_steps, self.stable_steps, self.decay_steps, self._SHAPES.index(self.decay),
+    def _node(self, children=()):
+        return "WarmupStableDecay", [self.warmup_steps, self.stable_steps, self.decay_steps, self._SHAPES.index(self.decay),
                       self.min_lr_ratio]
 
 
@@ -511,16 +533,12 @@ class OneCycleLR(Schedule):
     def _time_divisor(self) -> int:
         return 1
 
-    def _node(self):
+    def _node(self, children=()):
         phases = self._phases()
         args = [self.n_steps, self.anneal_strategy == "linear", self.cycle_momentum, len(phases)]
         for phase in phases:
             args.extend(phase)
-        return _ONE_CYCLE, args
-
-    @property
-    def cycles_momentum(self) -> bool:
-        return bool(self.cycle_momentum)
+        return "OneCycleLR", args
 
     @property
     def absolute(self) -> bool:
@@ -572,17 +590,13 @@ class CyclicLR(Schedule):
         _check_float("base_momentum", self.base_momentum, 0.0, 1.0)
         _check_float("max_momentum", self.max_momentum, 0.0, 1.0)
 
-    def _node(self):
+    def _node(self, children=()):
         up = float(self.step_size_up)
         down = float(self.step_size_down) if self.step_size_down is not None else up
         scale_mode = self.scale_mode or ("iterations" if self.mode == "exp_range" else "cycle")
-        return _CYCLIC, [self.base_lr, self.max_lr, up + down, up / (up + down), self._MODES.index(self.mode),
+        return "CyclicLR", [self.base_lr, self.max_lr, up + down, up / (up + down), self._MODES.index(self.mode),
                          scale_mode == "cycle", self.gamma, self.cycle_momentum, self.base_momentum,
                          self.max_momentum]
-
-    @property
-    def cycles_momentum(self) -> bool:
-        return bool(self.cycle_momentum)
 
     @property
     def absolute(self) -> bool:
@@ -617,8 +631,8 @@ class ReduceLROnPlateau(Schedule):
         _check_float("min_lr", self.min_lr, 0.0)
         _check_float("eps", self.eps, 0.0)
 
-    def _node(self):
-        return _PLATEAU, [self.mode == "max", self.factor, self.patience, self.threshold,
+    def _node(self, children=()):
+        return "ReduceLROnPlateau", [self.mode == "max", self.factor, self.patience, self.threshold,
                           self.threshold_mode == "abs", self.cooldown, self.min_lr, self.eps]
 
 
@@ -670,31 +684,17 @@ class SequentialLR(Schedule):
             return self
         return dataclasses.replace(self, schedulers=tuple(s.scaled(factor) for s in self.schedulers))
 
-    def _depth(self) -> int:
-        return 1 + max((s._depth() if isinstance(s, SequentialLR) else 1) for s in self.schedulers)
+    _SCHEDULE_FIELDS = ("schedulers",)
 
-    def _encode(self, program: list[float]) -> int:
-        at = len(program)
-        n = len(self.schedulers)
-        program.extend([float(_SEQUENTIAL), float(self.steps_per_epoch), float(n), *map(float, self.milestones)])
-        children_at = len(program)
-        program.extend([0.0] * n)
-        for i, s in enumerate(self.schedulers):
-            program[children_at + i] = float(s._encode(program))
-        return at
+    def _children(self):
+        return self.schedulers
 
-    @property
-    def cycles_momentum(self) -> bool:
-        return any(s.cycles_momentum for s in self.schedulers)
+    def _node(self, children=()):
+        return "SequentialLR", [len(self.schedulers), *self.milestones, *children]
 
     @property
     def absolute(self) -> bool:
         return all(s.absolute for s in self.schedulers)
-
-    def spec(self) -> dict:
-        return {"name": "SequentialLR", "args": {"schedulers": [s.spec() for s in self.schedulers],
-                                                 "milestones": list(self.milestones),
-                                                 "steps_per_epoch": self.steps_per_epoch}}
 
 
 _BY_NAME = {cls.__name__: cls for cls in (

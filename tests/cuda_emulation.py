@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 BUILD_DIR = ROOT / "build" / "cuda-emulation"
 # As the real kernels round: no contraction into fused multiply-adds (setup.py: -ffp-contract=off
 # for the CPU, -fmad=false for nvcc).
-CFLAGS = ["-O2", "-ffp-contract=off", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas"]
+CFLAGS = ["-O2", "-ffp-contract=off", "-fno-strict-aliasing", "-Wall", "-Werror=switch", "-Wno-unknown-pragmas"]
 
 
 def load():

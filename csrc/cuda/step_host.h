@@ -92,22 +92,12 @@ inline bool schedule_may_set_momentum(c10::ArrayRef<double> programs, int64_t gr
     const int64_t node = pending.back();
     pending.pop_back();
     const int64_t args = node + kNodeHeader;
-    switch (static_cast<ScheduleKind>(static_cast<int>(value_at(node)))) {
-      case ScheduleKind::kOneCycleLR:
-        if (value_at(args + one_cycle_arg::kCycleMomentum) != 0) return true;
-        break;
-      case ScheduleKind::kCyclicLR:
-        if (value_at(args + cyclic_arg::kCycleMomentum) != 0) return true;
-        break;
-      case ScheduleKind::kSequentialLR: {
-        const int64_t count = as_int(value_at(args + sequential_arg::kCount));
-        const int64_t children = args + sequential_arg::kFirstMilestone + count - 1;
-        for (int64_t k = 0; k < count; ++k) pending.push_back(as_int(value_at(children + k)));
-        break;
-      }
-      default:
-        break;
-    }
+    const double kind = value_at(node);
+    TORCH_CHECK(kind >= 0 && kind < kScheduleKindCount, "fusedlr: malformed schedule program of group ", group);
+    const ScheduleKindInfo& info = kScheduleKinds[static_cast<int>(kind)];
+    if (info.momentum_flag_arg != kNoArg && value_at(args + info.momentum_flag_arg) != 0) return true;
+    const NodeChildren children = node_children(static_cast<ScheduleKind>(static_cast<int>(kind)), programs.data() + args);
+    for (int64_t k = 0; k < children.count; ++k) pending.push_back(as_int(value_at(children.offsets - programs.data() + k)));
   }
   return false;
 }
