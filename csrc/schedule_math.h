@@ -52,14 +52,18 @@ enum : int { kModeMax, kFactor, kPatience, kThreshold, kThresholdAbs, kCooldown,
 namespace sequential_arg { enum : int { kCount, kFirstMilestone }; }
 // Warmup: a ramp over the first kSteps steps, then its child (seeing t - kSteps when kPrefix, else t).
 // The ramp's position is p = (t + kOffset) / kSpan; its lr start + (target - start) * shape(p) with
-// target the base lr, start kStart (a factor of the base lr, or an lr when kStartAbsolute).
-namespace warmup_arg { enum : int { kChild, kSteps, kOffset, kSpan, kStart, kStartAbsolute, kShape, kPrefix }; }
+// start kStart (a factor of the base lr, or an lr when kStartAbsolute) and target the base lr, or
+// with kTargetSchedule the child's lr where the ramp ends (timm's tanh schedule warms up so).
+namespace warmup_arg {
+enum : int { kChild, kSteps, kOffset, kSpan, kStart, kStartAbsolute, kShape, kPrefix, kTargetSchedule };
+}
 enum class WarmupShape : int { kLinear = 0, kCosine = 1, kOneMinusSqrt = 2 };
 // Decay: with p = (t + kOffset) / kSpan, the factor floor + (1 - floor) * shape(p) of the base lr
 // (floor a factor), or the lr floor + (base - floor) * shape(p) (kFloorAbsolute); from step kEnd on,
 // the floor. kParam is the polynomial's power or the cosines' number of cycles.
+// inverse_sqrt: 1 / sqrt((position + span) / span), span the timescale; it has no end.
 namespace decay_arg { enum : int { kSpan, kOffset, kEnd, kShape, kParam, kFloor, kFloorAbsolute }; }
-enum class DecayShape : int { kLinear = 0, kCosine = 1, kCosineRestarts = 2, kPolynomial = 3, kOneMinusSqrt = 4 };
+enum class DecayShape : int { kLinear = 0, kCosine = 1, kCosineRestarts = 2, kPolynomial = 3, kOneMinusSqrt = 4, kInverseSqrt = 5 };
 // Cycles: cycles of kTInitial * kCycleMul^i steps, the i-th peaking at base * kCycleDecay^i, each
 // annealed to kLrMin by a shape; after kCycleLimit cycles, kLrMin.
 namespace cycles_arg {
@@ -102,7 +106,7 @@ constexpr uint32_t args_mask(int first, Rest... rest) {
   X(CyclicLR, 10, kNoArg, 0, args_mask(), cyclic_arg::kCycleMomentum)                                              \
   X(ReduceLROnPlateau, 8, kNoArg, 0, args_mask(), kNoArg)                                                          \
   X(SequentialLR, 0, sequential_arg::kCount, 2, args_mask(sequential_arg::kCount), kNoArg)                         \
-  X(Warmup, 8, kNoArg, 0, args_mask(warmup_arg::kSteps, warmup_arg::kSpan), kNoArg)                                \
+  X(Warmup, 9, kNoArg, 0, args_mask(warmup_arg::kSteps, warmup_arg::kSpan), kNoArg)                                \
   X(Decay, 7, kNoArg, 0, args_mask(decay_arg::kSpan), kNoArg)                                                      \
   X(Cycles, 10, kNoArg, 0, args_mask(cycles_arg::kTInitial, cycles_arg::kCycleLimit), kNoArg)
 
@@ -225,27 +229,31 @@ FUSEDLR_HD double warmup_shape(WarmupShape shape, double p) {
   return p;
 }
 
-// The ramp of a Warmup node at step t < a[kSteps].
-FUSEDLR_HD double warmup_value(const double* a, int64_t t, double base_lr) {
+// The ramp of a Warmup node at step t < a[kSteps], towards `target` (the base lr, or the child's lr
+// at the ramp's end).
+FUSEDLR_HD double warmup_value(const double* a, int64_t t, double base_lr, double target) {
   using namespace warmup_arg;
-  const double r = warmup_shape(static_cast<WarmupShape>(static_cast<int>(a[kShape])),
-                                (static_cast<double>(t) + a[kOffset]) / a[kSpan]);
-  if (a[kStartAbsolute] != 0) {
-    // linear as timm computes it: start + t * ((target - start) / span)
-    if (static_cast<WarmupShape>(static_cast<int>(a[kShape])) == WarmupShape::kLinear)
-      return a[kStart] + (static_cast<double>(t) + a[kOffset]) * ((base_lr - a[kStart]) / a[kSpan]);
-    return a[kStart] + (base_lr - a[kStart]) * r;
-  }
-  return base_lr * (r * (1.0 - a[kStart]) + a[kStart]);
+  const auto shape = static_cast<WarmupShape>(static_cast<int>(a[kShape]));
+  const double position = static_cast<double>(t) + a[kOffset];
+  const double r = warmup_shape(shape, position / a[kSpan]);
+  if (a[kStartAbsolute] == 0 && a[kTargetSchedule] == 0) return base_lr * (r * (1.0 - a[kStart]) + a[kStart]);
+  const double start = a[kStartAbsolute] != 0 ? a[kStart] : base_lr * a[kStart];
+  // linear as timm computes it: start + t * ((target - start) / span)
+  if (shape == WarmupShape::kLinear) return start + position * ((target - start) / a[kSpan]);
+  return start + (target - start) * r;
 }
 
-FUSEDLR_HD double decay_shape(DecayShape shape, double p, double param) {
+// The shape at position t + offset of a decay over `span` steps (p = position / span). Linear and
+// inverse_sqrt divide once, as HF's schedules compute them.
+FUSEDLR_HD double decay_shape(DecayShape shape, double position, double span, double param) {
+  const double p = position / span;
   switch (shape) {
-    case DecayShape::kLinear: return 1.0 - p;
+    case DecayShape::kLinear: return (span - position) / span;
     case DecayShape::kCosine: return 0.5 * (1.0 + cos(M_PI * param * 2.0 * p));
     case DecayShape::kCosineRestarts: return 0.5 * (1.0 + cos(M_PI * fmod(param * p, 1.0)));
     case DecayShape::kPolynomial: return pow(1.0 - p, param);
     case DecayShape::kOneMinusSqrt: return 1.0 - sqrt(p);
+    case DecayShape::kInverseSqrt: return 1.0 / sqrt((position + span) / span);
   }
   return 1.0 - p;
 }
@@ -253,13 +261,9 @@ FUSEDLR_HD double decay_shape(DecayShape shape, double p, double param) {
 FUSEDLR_HD double decay_value(const double* a, int64_t t, double base_lr) {
   using namespace decay_arg;
   const bool absolute = a[kFloorAbsolute] != 0;
-  const double floor_lr = absolute ? a[kFloor] : base_lr * a[kFloor];
-  if (static_cast<double>(t) >= a[kEnd]) return floor_lr;
-  const auto shape = static_cast<DecayShape>(static_cast<int>(a[kShape]));
-  const double position = static_cast<double>(t) + a[kOffset];
-  // linear as (span - position) / span: one rounding, as HF's linear schedule computes it
-  const double f = shape == DecayShape::kLinear ? (a[kSpan] - position) / a[kSpan]
-                                                : decay_shape(shape, position / a[kSpan], a[kParam]);
+  if (static_cast<double>(t) >= a[kEnd]) return absolute ? a[kFloor] : base_lr * a[kFloor];
+  const double f = decay_shape(static_cast<DecayShape>(static_cast<int>(a[kShape])), static_cast<double>(t) + a[kOffset],
+                               a[kSpan], a[kParam]);
   if (absolute) return a[kFloor] + (base_lr - a[kFloor]) * f;
   return base_lr * (f * (1.0 - a[kFloor]) + a[kFloor]);
 }
@@ -393,7 +397,7 @@ FUSEDLR_HD NodeStep step_node(ScheduleKind kind, const double* a, int64_t t, dou
     case ScheduleKind::kWarmup: {
       using namespace warmup_arg;
       const int64_t steps = as_int(a[kSteps]);
-      if (t < steps) return leaf(warmup_value(a, t, base_lr));
+      if (t < steps) return leaf(warmup_value(a, t, base_lr, base_lr));  // a schedule target: see walk
       return {false, {}, as_int(a[kChild]), a[kPrefix] != 0 ? t - steps : t};
     }
     case ScheduleKind::kDecay:
@@ -404,20 +408,36 @@ FUSEDLR_HD NodeStep step_node(ScheduleKind kind, const double* a, int64_t t, dou
   return leaf(base_lr);
 }
 
-// The schedule of group `group` after `step` completed optimizer steps.
-FUSEDLR_HD ScheduleValue evaluate_schedule(const double* programs, int group, int64_t step, double base_lr,
-                                           const double* plateau_row) {
-  int64_t node = as_int(programs[group]);
-  int64_t t = step;
+// The value of the schedule rooted at `node` at time t. A Warmup ramping to its child's lr at the
+// ramp's end evaluates the child there with a second walk, which Python keeps free of such ramps
+// (kNested), so the evaluation never recurses further.
+template <bool kNested>
+FUSEDLR_HD ScheduleValue walk_schedule(const double* programs, int64_t node, int64_t t, double base_lr,
+                                       const double* plateau_row) {
   for (int depth = 0; depth < kMaxScheduleDepth; ++depth) {
     const ScheduleKind kind = static_cast<ScheduleKind>(static_cast<int>(programs[node]));
     t /= as_int(programs[node + 1]);
-    const NodeStep next = step_node(kind, programs + node + kNodeHeader, t, base_lr, plateau_row);
+    const double* a = programs + node + kNodeHeader;
+    if constexpr (!kNested) {
+      using namespace warmup_arg;
+      if (kind == ScheduleKind::kWarmup && a[kTargetSchedule] != 0 && t < as_int(a[kSteps])) {
+        const int64_t end = a[kPrefix] != 0 ? 0 : as_int(a[kSteps]);
+        const double target = walk_schedule<true>(programs, as_int(a[kChild]), end, base_lr, plateau_row).lr;
+        return {warmup_value(a, t, base_lr, target), 0, false};
+      }
+    }
+    const NodeStep next = step_node(kind, a, t, base_lr, plateau_row);
     if (next.done) return next.value;
     node = next.child;
     t = next.t;
   }
   return {base_lr, 0, false};  // deeper than Python lets a program be built
+}
+
+// The schedule of group `group` after `step` completed optimizer steps.
+FUSEDLR_HD ScheduleValue evaluate_schedule(const double* programs, int group, int64_t step, double base_lr,
+                                           const double* plateau_row) {
+  return walk_schedule<false>(programs, as_int(programs[group]), step, base_lr, plateau_row);
 }
 
 // The children of a node (their offsets, contiguous in its args), for the walks that check a program

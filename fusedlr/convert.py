@@ -109,6 +109,8 @@ _HF_LAMBDAS = {
     "_get_cosine_with_hard_restarts_schedule_with_warmup_lr_lambda": "cosine_with_restarts",
     "_get_inverse_sqrt_schedule_lr_lambda": "inverse_sqrt",
     "_get_wsd_scheduler_lambda": "warmup_stable_decay",
+    "_get_polynomial_decay_schedule_with_warmup_lr_lambda": "polynomial",
+    "_get_cosine_with_min_lr_schedule_with_warmup_lr_rate_lambda": "cosine_warmup_with_min_lr",
 }
 
 
@@ -119,8 +121,15 @@ def _hf_schedule(lr_lambda, group: dict) -> S.Schedule:
         raise ValueError(f"from_torch: the LambdaLR's function {lr_lambda!r} is Python code, which cannot run on "
                          "the device; write it as a fusedlr schedule (fusedlr.schedules)")
     kwargs = dict(lr_lambda.keywords) if isinstance(lr_lambda, functools.partial) else {}
-    if name == "cosine" and "min_lr_rate" in kwargs:
-        name = "cosine_with_min_lr"
+    if name == "cosine":  # HF's plain cosine shares the function of cosine_with_min_lr, with a floor of 0
+        if kwargs.get("min_lr_rate", 0.0) != 0.0:
+            name = "cosine_with_min_lr"
+        else:
+            kwargs.pop("min_lr_rate", None)
+    if kwargs.get("warmup_lr_rate", 0.0) is None:
+        kwargs.pop("warmup_lr_rate")
     warmup = kwargs.pop("num_warmup_steps", 0)
     total = kwargs.pop("num_training_steps", None)
-    return S.from_hf(name, warmup, total, base_lr=group.get("initial_lr", group["lr"]), **kwargs)
+    # polynomial's lr_end is a fraction of the lr HF read when it was made (its lr_init)
+    base_lr = kwargs.pop("lr_init", group.get("initial_lr", group["lr"]))
+    return S.from_hf(name, warmup, total, base_lr=base_lr, **kwargs)

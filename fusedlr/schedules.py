@@ -48,10 +48,15 @@ __all__ = [
     "CyclicLR",
     "ReduceLROnPlateau",
     "SequentialLR",
+    "Warmup",
+    "Decay",
+    "Cycles",
     "StepDecay",
     "CosineAnnealing",
     "from_spec",
     "from_hf",
+    "from_timm",
+    "from_torchtitan",
     "torch_scheduler",
 ]
 
@@ -157,7 +162,8 @@ class Schedule:
         (timm's layer decay) scales its schedule so."""
         if factor == 1.0 or not self._ABSOLUTE_LRS:
             return self
-        return dataclasses.replace(self, **{name: getattr(self, name) * factor for name in self._ABSOLUTE_LRS})
+        return dataclasses.replace(self, **{name: getattr(self, name) * factor for name in self._ABSOLUTE_LRS
+                                            if getattr(self, name) is not None})
 
     @property
     def cycles_momentum(self) -> bool:
@@ -460,6 +466,117 @@ class WarmupStableDecay(Schedule):
                       self.min_lr_ratio]
 
 
+@dataclass(frozen=True)
+class Decay(Schedule):
+    """A decay from the base lr to a floor over ``decay_steps`` steps, in one of the shapes the
+    warmup-decay schedules of HF transformers and torchtitan use. (No torch twin.)
+
+    With p = (t + offset) / decay_steps and shape(p) one of 1 - p ("linear"),
+    (1 + cos(2 pi num_cycles p)) / 2 ("cosine"), (1 + cos(pi ((num_cycles p) mod 1))) / 2
+    ("cosine_restarts": num_cycles hard restarts), (1 - p) ** power ("polynomial"), 1 - sqrt(p)
+    ("1-sqrt"), 1 / sqrt(1 + p) ("inverse_sqrt", decay_steps being the timescale): lr = base_lr * (min_factor + (1 - min_factor) * shape(p)), or with an absolute floor
+    ``min_lr``, min_lr + (base_lr - min_lr) * shape(p). From t = decay_steps - offset on the lr is
+    the floor (``after="floor"``), or the shape goes on (``after="continue"``, as HF's cosine
+    schedules do past their last step; "inverse_sqrt" always goes on).
+
+        >>> Decay(decay_steps=100, shape="cosine", min_factor=0.1)(50, base_lr=1.0)
+        0.55
+    """
+
+    decay_steps: int
+    shape: str = "linear"
+    min_factor: float = 0.0
+    min_lr: float | None = None
+    power: float = 1.0
+    num_cycles: float = 0.5
+    offset: int = 0
+    after: str = "floor"
+    steps_per_epoch: int = 1
+
+    _SHAPES = ("linear", "cosine", "cosine_restarts", "polynomial", "1-sqrt", "inverse_sqrt")
+    _ABSOLUTE_LRS = ("min_lr",)
+
+    def _validate(self):
+        _check_int("decay_steps", self.decay_steps, 1)
+        _check_choice("shape", self.shape, self._SHAPES)
+        _check_float("min_factor", self.min_factor, 0.0, 1.0)
+        if self.min_lr is not None:
+            _check_float("min_lr", self.min_lr, 0.0)
+            if self.min_factor != 0.0:
+                raise ValueError("min_factor and min_lr: give one floor, a factor of the base lr or an lr")
+        _check_float("power", self.power, 0.0, low_open=True)
+        _check_float("num_cycles", self.num_cycles, 0.0, low_open=True)
+        _check_int("offset", self.offset, 0)
+        _check_choice("after", self.after, ("floor", "continue"))
+        if self.after == "floor" and self.offset >= self.decay_steps:
+            raise ValueError(f"offset must be less than decay_steps={self.decay_steps}, got {self.offset}")
+        if self.after == "continue" and self.shape not in ("cosine", "inverse_sqrt"):
+            raise ValueError(f"after='continue' applies to the 'cosine' and 'inverse_sqrt' shapes (the others "
+                             f"end at p = 1), got shape={self.shape!r}")
+        if self.shape == "inverse_sqrt" and self.after != "continue":
+            raise ValueError("shape='inverse_sqrt' has no end: give after='continue'")
+        for name, default in (("power", 1.0), ("num_cycles", 0.5)):
+            used = {"power": ("polynomial",), "num_cycles": ("cosine", "cosine_restarts")}[name]
+            if getattr(self, name) != default and self.shape not in used:
+                raise ValueError(f"{name} applies to the {' and '.join(map(repr, used))} shapes, not {self.shape!r}")
+
+    def _node(self, children=()):
+        end = 2.0 ** 53 if self.after == "continue" else self.decay_steps - self.offset
+        param = self.power if self.shape == "polynomial" else self.num_cycles
+        absolute = self.min_lr is not None
+        return "Decay", [self.decay_steps, self.offset, end, self._SHAPES.index(self.shape), param,
+                         self.min_lr if absolute else self.min_factor, absolute]
+
+
+@dataclass(frozen=True)
+class Cycles(Schedule):
+    """Annealing cycles as timm's CosineLRScheduler, TanhLRScheduler and PolyLRScheduler run them
+    (without their warmup: wrap in ``Warmup``; without noise). (No torch twin.)
+
+    Cycle i lasts t_i = t_initial * cycle_mul ** i steps and peaks at base_lr * cycle_decay ** i;
+    with t_c the time into it, the lr is lr_min + (peak - lr_min) * shape, shape being
+    (1 + cos(pi t_c ** k / t_i ** k)) / 2 ("cosine", k = k_decay),
+    (1 - tanh(lb (1 - t_c / t_i) + ub t_c / t_i)) / 2 ("tanh"), or
+    (1 - t_c ** k / t_i ** k) ** power ("poly"). After cycle_limit cycles the lr is lr_min.
+    """
+
+    t_initial: int
+    shape: str = "cosine"
+    lr_min: float = 0.0
+    cycle_mul: float = 1.0
+    cycle_decay: float = 1.0
+    cycle_limit: int = 1
+    k_decay: float = 1.0
+    power: float = 0.5
+    lb: float = -7.0
+    ub: float = 3.0
+    steps_per_epoch: int = 1
+
+    _SHAPES = ("cosine", "tanh", "poly")
+    _ABSOLUTE_LRS = ("lr_min",)
+
+    def _validate(self):
+        _check_int("t_initial", self.t_initial, 1)
+        _check_choice("shape", self.shape, self._SHAPES)
+        _check_float("lr_min", self.lr_min, 0.0)
+        _check_float("cycle_mul", self.cycle_mul, 1.0)
+        _check_float("cycle_decay", self.cycle_decay, 0.0, low_open=True)
+        _check_int("cycle_limit", self.cycle_limit, 1)
+        _check_float("k_decay", self.k_decay, 0.0, low_open=True)
+        _check_float("power", self.power, 0.0, low_open=True)
+        _check_float("lb", self.lb)
+        _check_float("ub", self.ub)
+        used = {"k_decay": ("cosine", "poly"), "power": ("poly",), "lb": ("tanh",), "ub": ("tanh",)}
+        defaults = {"k_decay": 1.0, "power": 0.5, "lb": -7.0, "ub": 3.0}
+        for name, shapes in used.items():
+            if getattr(self, name) != defaults[name] and self.shape not in shapes:
+                raise ValueError(f"{name} applies to the {' and '.join(map(repr, shapes))} shapes, not {self.shape!r}")
+
+    def _node(self, children=()):
+        return "Cycles", [self.t_initial, self.cycle_mul, self.cycle_decay, self.cycle_limit, self.lr_min,
+                          self._SHAPES.index(self.shape), self.k_decay, self.power, self.lb, self.ub]
+
+
 # ---------------------------------------------------------------------------------------------
 # Absolute schedules: they set the lr (and momentum) themselves, as in torch.
 
@@ -697,10 +814,94 @@ class SequentialLR(Schedule):
         return all(s.absolute for s in self.schedulers)
 
 
+@dataclass(frozen=True)
+class Warmup(Schedule):
+    """A warmup ramp over the first ``warmup_steps`` steps, then ``schedule``. (No torch twin.)
+
+    The ramp climbs from a start to the base lr: with p = (t + offset) / span (span defaults to
+    warmup_steps) and shape(p) one of p ("linear"), (1 - cos(pi p)) / 2 ("cosine"),
+    1 - sqrt(1 - p) ("1-sqrt"), the lr is base_lr * (start_factor + (1 - start_factor) * shape(p)),
+    or from an absolute ``start_lr``, start_lr + (base_lr - start_lr) * shape(p). With
+    ``target="schedule"`` the ramp climbs to the lr ``schedule`` gives where the ramp ends instead
+    of the base lr (timm's tanh schedule warms up so). From t =
+    warmup_steps on, ``schedule`` runs, seeing t - warmup_steps (``prefix=True``, as SequentialLR
+    and timm's warmup_prefix=True) or t itself (``prefix=False``, timm's default).
+
+    HF's warmups are ``Warmup(s, W)``; timm's ``Warmup(s, warmup_t, start_lr=warmup_lr_init,
+    prefix=warmup_prefix)``; torchtitan's ``Warmup(s, W, offset=1, span=W + 1)``.
+    """
+
+    schedule: Schedule
+    warmup_steps: int
+    start_factor: float = 0.0
+    start_lr: float | None = None
+    shape: str = "linear"
+    prefix: bool = True
+    offset: int = 0
+    span: int | None = None
+    target: str = "base"
+    steps_per_epoch: int = 1
+
+    _SHAPES = ("linear", "cosine", "1-sqrt")
+    _ABSOLUTE_LRS = ("start_lr",)
+    _SCHEDULE_FIELDS = ("schedule",)
+
+    def _validate(self):
+        if not isinstance(self.schedule, Schedule):
+            raise ValueError(f"schedule must be a fusedlr schedule, got {type(self.schedule).__name__}")
+        if isinstance(self.schedule, ReduceLROnPlateau):
+            raise ValueError("schedule: a ReduceLROnPlateau cannot follow a warmup (its state is the group's); "
+                             "warm up with a schedule of its own param group")
+        _check_int("warmup_steps", self.warmup_steps, 1)
+        _check_float("start_factor", self.start_factor, 0.0, 1.0)
+        if self.start_lr is not None:
+            _check_float("start_lr", self.start_lr, 0.0)
+            if self.start_factor != 0.0:
+                raise ValueError("start_factor and start_lr: give one start, a factor of the base lr or an lr")
+        _check_choice("shape", self.shape, self._SHAPES)
+        if not isinstance(self.prefix, bool):
+            raise ValueError(f"prefix must be True or False, got {self.prefix!r}")
+        _check_int("offset", self.offset, 0)
+        if self.span is not None:
+            _check_int("span", self.span, 1)
+        if (self.warmup_steps - 1 + self.offset) / self._span() > 1:
+            raise ValueError(f"the ramp passes its end: (warmup_steps - 1 + offset) / span = "
+                             f"{(self.warmup_steps - 1 + self.offset) / self._span()} > 1")
+        _check_choice("target", self.target, ("base", "schedule"))
+        if self.target == "schedule" and _has_schedule_target(self.schedule):
+            raise ValueError("target='schedule': the schedule after this warmup holds another warmup with "
+                             "target='schedule', which the kernels do not evaluate")
+        if self._depth() > _MAX_DEPTH:
+            raise ValueError(f"schedule: nests deeper than {_MAX_DEPTH} levels")
+
+    def _span(self) -> int:
+        return self.warmup_steps if self.span is None else self.span
+
+    def _children(self):
+        return (self.schedule,)
+
+    def _node(self, children=(0.0,)):
+        absolute = self.start_lr is not None
+        return "Warmup", [children[0], self.warmup_steps, self.offset, self._span(),
+                          self.start_lr if absolute else self.start_factor, absolute,
+                          self._SHAPES.index(self.shape), self.prefix, self.target == "schedule"]
+
+    def scaled(self, factor: float) -> Schedule:
+        if factor == 1.0:
+            return self
+        start = None if self.start_lr is None else self.start_lr * factor
+        return dataclasses.replace(self, schedule=self.schedule.scaled(factor), start_lr=start)
+
+
+def _has_schedule_target(schedule: Schedule) -> bool:
+    return (isinstance(schedule, Warmup) and schedule.target == "schedule") or any(
+        _has_schedule_target(c) for c in schedule._children())
+
+
 _BY_NAME = {cls.__name__: cls for cls in (
     ConstantLR, LinearLR, StepLR, MultiStepLR, ExponentialLR, ExponentialDecay, CosineAnnealingLR,
     CosineAnnealingWarmRestarts, PolynomialLR, InverseSqrt, WarmupStableDecay, OneCycleLR, CyclicLR,
-    ReduceLROnPlateau, SequentialLR)}
+    ReduceLROnPlateau, SequentialLR, Warmup, Decay, Cycles)}
 
 
 def torch_scheduler(schedule: Schedule, optimizer: torch.optim.Optimizer, last_epoch: int = -1):
@@ -719,8 +920,11 @@ def torch_scheduler(schedule: Schedule, optimizer: torch.optim.Optimizer, last_e
                               milestones=list(schedule.milestones))
     if isinstance(schedule, ExponentialDecay):
         return L.ExponentialLR(optimizer, gamma=math.exp(-schedule.decay_rate), last_epoch=last_epoch)
-    if isinstance(schedule, (InverseSqrt, WarmupStableDecay)):
-        return L.LambdaLR(optimizer, lambda t: schedule(t, 1.0), last_epoch=last_epoch)
+    if isinstance(schedule, (InverseSqrt, WarmupStableDecay, Warmup, Decay, Cycles)):
+        # no torch twin: the host formula, per group (the absolute lrs some take are not factors)
+        bases = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+        return L.LambdaLR(optimizer, [lambda t, b=b: schedule(t, b) / b if b else 0.0 for b in bases],
+                          last_epoch=last_epoch)
     if isinstance(schedule, OneCycleLR):
         args = {k: v for k, v in schedule.spec()["args"].items() if v is not None}
     if isinstance(schedule, CyclicLR):
@@ -733,94 +937,178 @@ def torch_scheduler(schedule: Schedule, optimizer: torch.optim.Optimizer, last_e
 def from_hf(name: str, num_warmup_steps: int = 0, num_training_steps: int | None = None, *,
             base_lr: float | None = None, **scheduler_specific_kwargs) -> Schedule:
     """The schedule of HF transformers' ``get_scheduler(name, optimizer, num_warmup_steps,
-    num_training_steps, scheduler_specific_kwargs=...)``, for the names whose lrs the schedules here
-    give exactly: "linear", "cosine" (num_cycles=0.5), "cosine_with_restarts" (cycles dividing the
-    steps after warmup), "constant", "constant_with_warmup", "reduce_lr_on_plateau", and
-    "cosine_with_min_lr" given ``base_lr`` (its floor is a fraction of the base lr), "inverse_sqrt"
-    (timescale = warmup), "warmup_stable_decay" (linear warmup). Others raise ValueError naming
-    what is missing. Warmups start from 0, as HF's do."""
+    num_training_steps, scheduler_specific_kwargs=...)``, step for step, for every name but
+    "greedy" (an adaptive schedule of HF's own). HF's floors and ends given as lrs ("polynomial"'s
+    ``lr_end``, "cosine_with_min_lr"'s ``min_lr``) are fractions of the optimizer's default lr in HF:
+    give that lr as ``base_lr`` for every group to follow HF exactly (without it, "cosine_with_min_lr"
+    floors at ``min_lr`` itself, and "polynomial" needs it unless ``lr_end`` is 0)."""
     kwargs = dict(scheduler_specific_kwargs)
+    name = getattr(name, "value", name)  # a transformers.SchedulerType
     _check_int("num_warmup_steps", num_warmup_steps, 0)
+    warmup = num_warmup_steps
 
     def training_steps() -> int:
         if num_training_steps is None:
             raise ValueError(f"{name!r} needs num_training_steps")
-        _check_int("num_training_steps", num_training_steps, num_warmup_steps + 1)
+        _check_int("num_training_steps", num_training_steps, warmup + 1)
         return num_training_steps
 
-    def after_warmup(schedule: Schedule) -> Schedule:
-        if num_warmup_steps == 0:
-            return schedule
-        return SequentialLR([LinearLR(start_factor=0.0, end_factor=1.0, total_iters=num_warmup_steps), schedule],
-                            milestones=[num_warmup_steps])
+    def after_warmup(schedule: Schedule, **ramp) -> Schedule:
+        return schedule if warmup == 0 else Warmup(schedule, warmup, **ramp)
 
     def no_more(*allowed: str) -> None:
         extra = set(kwargs) - set(allowed)
         if extra:
             raise ValueError(f"{name!r}: unsupported scheduler_specific_kwargs {sorted(extra)}")
 
+    def lr_fraction(key: str, value: float) -> float:
+        if base_lr is None:
+            raise ValueError(f"{name!r}: {key}={value!r} is an lr, a fraction of the optimizer's default lr in HF; "
+                             "give that lr as base_lr=")
+        _check_float("base_lr", base_lr, 0.0, low_open=True)
+        return value / base_lr
+
+    constant = ConstantLR(factor=1.0, total_iters=0)
     if name == "constant":
         no_more()
-        return ConstantLR(factor=1.0, total_iters=0)
+        return constant
     if name == "constant_with_warmup":
         no_more()
-        return after_warmup(ConstantLR(factor=1.0, total_iters=0))
+        return after_warmup(constant)
     if name == "linear":
         no_more()
-        decay = training_steps() - num_warmup_steps
-        return after_warmup(LinearLR(start_factor=1.0, end_factor=0.0, total_iters=decay))
-    if name in ("cosine", "cosine_with_min_lr"):
-        no_more("num_cycles", "min_lr", "min_lr_rate")
-        if kwargs.get("num_cycles", 0.5) != 0.5:
-            raise ValueError(f"{name!r}: num_cycles={kwargs['num_cycles']!r} cannot be expressed yet (0.5 can)")
-        eta_min = 0.0
-        if name == "cosine_with_min_lr":
-            if ("min_lr" in kwargs) == ("min_lr_rate" in kwargs):
-                raise ValueError("'cosine_with_min_lr' takes one of min_lr and min_lr_rate")
-            if "min_lr" in kwargs:
-                eta_min = kwargs["min_lr"]
-            elif base_lr is None:
-                raise ValueError("'cosine_with_min_lr' with min_lr_rate needs base_lr= (its floor is "
-                                 "min_lr_rate * base_lr, an absolute lr here)")
-            else:
-                eta_min = kwargs["min_lr_rate"] * base_lr
-        return after_warmup(CosineAnnealingLR(T_max=training_steps() - num_warmup_steps, eta_min=eta_min))
+        return after_warmup(Decay(training_steps() - warmup))
+    if name == "cosine":
+        no_more("num_cycles")
+        decay = training_steps() - warmup
+        return after_warmup(Decay(decay, "cosine", num_cycles=kwargs.get("num_cycles", 0.5), after="continue"))
     if name == "cosine_with_restarts":
         no_more("num_cycles")
         cycles = kwargs.get("num_cycles", 1)
-        decay = training_steps() - num_warmup_steps
-        _check_int("num_cycles", cycles, 1)
-        if decay % cycles:
-            raise ValueError(f"'cosine_with_restarts': num_cycles={cycles} does not divide the "
-                             f"{decay} steps after warmup, which cannot be expressed yet")
-        restarts = CosineAnnealingWarmRestarts(T_0=decay // cycles)
-        return after_warmup(SequentialLR([restarts, ConstantLR(factor=0.0, total_iters=2 ** 53)],
-                                         milestones=[decay]))
+        return after_warmup(Decay(training_steps() - warmup, "cosine_restarts", num_cycles=cycles))
+    if name == "polynomial":
+        no_more("lr_end", "power")
+        lr_end, power = kwargs.get("lr_end", 1e-7), kwargs.get("power", 1.0)
+        if base_lr is not None and not lr_end < base_lr:
+            raise ValueError(f"'polynomial': lr_end ({lr_end}) must be smaller than the initial lr ({base_lr})")
+        floor = 0.0 if lr_end == 0 else lr_fraction("lr_end", lr_end)
+        decay = training_steps() - warmup
+        # HF holds lr_end from the step after num_training_steps; at that step (1 - p) ** power is 0
+        return after_warmup(Decay(decay, "polynomial", min_factor=floor, power=power))
+    if name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
+        allowed = ("num_cycles", "min_lr", "min_lr_rate") + (("warmup_lr_rate",) if "warmup" in name else ())
+        no_more(*allowed)
+        if ("min_lr" in kwargs) == ("min_lr_rate" in kwargs):
+            raise ValueError(f"{name!r} takes one of min_lr and min_lr_rate")
+        floor = {"min_factor": kwargs["min_lr_rate"]} if "min_lr_rate" in kwargs else (
+            {"min_factor": lr_fraction("min_lr", kwargs["min_lr"])} if base_lr is not None else {"min_lr": kwargs["min_lr"]})
+        cycles = kwargs.get("num_cycles", 0.5)
+        total = training_steps()
+        if name == "cosine_with_min_lr":
+            return after_warmup(Decay(total - warmup, "cosine", num_cycles=cycles, after="continue", **floor))
+        # progress counts from one step earlier, and the warmup ramps to (t + 1) / W, or from warmup_lr_rate
+        decay = Decay(max(1, total - warmup), "cosine", num_cycles=cycles, after="continue", offset=1, **floor)
+        rate = kwargs.get("warmup_lr_rate")
+        if rate is None:
+            return after_warmup(decay, offset=1)
+        _check_float("warmup_lr_rate", rate, 0.0, 1.0)
+        return after_warmup(decay, start_factor=rate, span=max(1, warmup - 1))
     if name == "inverse_sqrt":
         no_more("timescale")
-        timescale = kwargs.get("timescale") or num_warmup_steps or 10_000
-        if timescale != num_warmup_steps:
-            raise ValueError(f"'inverse_sqrt': timescale={timescale} other than num_warmup_steps cannot be "
-                             "expressed yet")
-        # HF's is InverseSqrt one step later, 0 at step 0
-        return SequentialLR([ConstantLR(factor=0.0, total_iters=1), InverseSqrt(warmup_steps=num_warmup_steps)],
-                            milestones=[1])
+        timescale = kwargs.get("timescale")
+        if timescale is None:
+            timescale = warmup or 10_000
+        _check_int("timescale", timescale, 1)
+        # HF: 1 / sqrt((t - W + timescale) / timescale) from t = W on
+        return after_warmup(Decay(timescale, "inverse_sqrt", after="continue"))
     if name == "warmup_stable_decay":
         no_more("num_decay_steps", "num_stable_steps", "warmup_type", "decay_type", "min_lr_ratio", "num_cycles")
-        if kwargs.get("warmup_type", "linear") != "linear" or kwargs.get("num_cycles", 0.5) != 0.5:
-            raise ValueError("'warmup_stable_decay': only warmup_type='linear' and num_cycles=0.5 can be "
-                             "expressed yet")
+        if "num_decay_steps" not in kwargs:
+            raise ValueError("'warmup_stable_decay' needs num_decay_steps")
         decay_steps = kwargs["num_decay_steps"]
+        _check_int("num_decay_steps", decay_steps, 1)
         stable_steps = kwargs.get("num_stable_steps")
         if stable_steps is None:
-            stable_steps = training_steps() - num_warmup_steps - decay_steps
+            stable_steps = training_steps() - warmup - decay_steps
+        _check_int("num_stable_steps", stable_steps, 0)
         ratio = kwargs.get("min_lr_ratio", 0.0)
-        wsd = WarmupStableDecay(warmup_steps=0, stable_steps=stable_steps, decay_steps=decay_steps,
-                                decay=kwargs.get("decay_type", "cosine"), min_lr_ratio=ratio)
-        if num_warmup_steps == 0:
-            return wsd
-        return SequentialLR([LinearLR(start_factor=ratio, end_factor=1.0, total_iters=num_warmup_steps), wsd],
-                            milestones=[num_warmup_steps])
+        warmup_type, decay_type = kwargs.get("warmup_type", "linear"), kwargs.get("decay_type", "cosine")
+        _check_choice("warmup_type", warmup_type, Warmup._SHAPES)
+        _check_choice("decay_type", decay_type, ("linear", "cosine", "1-sqrt"))
+        cycles = {"num_cycles": kwargs.get("num_cycles", 0.5)} if decay_type == "cosine" else {}
+        schedule = Decay(decay_steps, decay_type, min_factor=ratio, **cycles)
+        if stable_steps:
+            schedule = SequentialLR([constant, schedule], milestones=[stable_steps])
+        return after_warmup(schedule, start_factor=ratio, shape=warmup_type)
     if name == "reduce_lr_on_plateau":
         return ReduceLROnPlateau(**kwargs)
-    raise ValueError(f"from_hf: {name!r} cannot be expressed with these schedules yet")
+    raise ValueError(f"from_hf: {name!r} cannot be expressed with these schedules "
+                     "(greedy adapts to the metric in Python, in ways no on-device schedule here does)")
+
+
+def from_timm(scheduler, updates_per_epoch: int | None = None) -> Schedule:
+    """The schedule of a timm ``CosineLRScheduler``, ``TanhLRScheduler`` or ``PolyLRScheduler``,
+    warmup included (``warmup_t``, ``warmup_lr_init``, ``warmup_prefix`` both ways). timm steps one
+    stepped per epoch (``t_in_epochs=True``, its default) with ``step(epoch)``: give the optimizer
+    steps per epoch as ``updates_per_epoch``. Exact to the lr timm sets at every update, the first
+    included (the base lr, where timm has no warmup). Noise (``noise_range_t``) is random on the host and
+    raises, as do timm's other schedulers."""
+    kind = type(scheduler).__name__
+    shapes = {"CosineLRScheduler": "cosine", "TanhLRScheduler": "tanh", "PolyLRScheduler": "poly"}
+    if kind not in shapes or not type(scheduler).__module__.startswith("timm."):
+        raise ValueError(f"from_timm: {kind} cannot be expressed (timm's CosineLRScheduler, TanhLRScheduler "
+                         "and PolyLRScheduler can)")
+    if getattr(scheduler, "noise_range_t", None) is not None:
+        raise ValueError("from_timm: noise_range_t adds random noise on the host, which no on-device schedule "
+                         "reproduces; drop the noise")
+    if scheduler.t_in_epochs:
+        if updates_per_epoch is None:
+            raise ValueError("from_timm: the scheduler steps once per epoch (t_in_epochs=True); give "
+                             "updates_per_epoch, the optimizer steps in one epoch")
+        _check_int("updates_per_epoch", updates_per_epoch, 1)
+    per_epoch = updates_per_epoch if scheduler.t_in_epochs else 1
+    shape = shapes[kind]
+    extra = {"k_decay": scheduler.k_decay} if shape != "tanh" else {"lb": scheduler.lb, "ub": scheduler.ub}
+    if shape == "poly":
+        extra["power"] = scheduler.power
+    cycles = Cycles(t_initial=scheduler.t_initial, shape=shape, lr_min=scheduler.lr_min,
+                    cycle_mul=scheduler.cycle_mul, cycle_decay=scheduler.cycle_decay,
+                    cycle_limit=scheduler.cycle_limit, **extra)
+    if not scheduler.warmup_t:
+        # timm sets the base lr when it is made and the schedule's from its first step() on: its
+        # first update runs at the base lr, whatever the shape gives at 0 (tanh's is below it)
+        return Warmup(cycles, 1, start_factor=1.0, prefix=False, steps_per_epoch=per_epoch)
+    # timm's tanh schedule without warmup_prefix ramps to its own lr at warmup_t, the others to the base lr
+    target = "schedule" if shape == "tanh" and not scheduler.warmup_prefix else "base"
+    return Warmup(cycles, scheduler.warmup_t, start_lr=scheduler.warmup_lr_init, prefix=bool(scheduler.warmup_prefix),
+                  target=target, steps_per_epoch=per_epoch)
+
+
+def from_torchtitan(warmup_steps: int, training_steps: int, decay_ratio: float | None = None,
+                    decay_type: str = "linear", min_lr_factor: float = 0.0) -> Schedule:
+    """torchtitan's ``[lr_scheduler]`` schedule: a linear warmup to the base lr in (t + 1) /
+    (warmup_steps + 1), stable, then a decay over round(training_steps * decay_ratio) steps (all the
+    steps after warmup when decay_ratio is None) of type "linear", "sqrt" (1 - sqrt) or "cosine",
+    to min_lr_factor times the base lr, with progress (t + 1 - start) / (decay steps + 1)."""
+    _check_int("warmup_steps", warmup_steps, 0)
+    _check_int("training_steps", training_steps, 1)
+    _check_choice("decay_type", decay_type, ("linear", "sqrt", "cosine"))
+    _check_float("min_lr_factor", min_lr_factor, 0.0, 1.0)
+    if decay_ratio is None:
+        decay_steps = training_steps - warmup_steps
+    else:
+        _check_float("decay_ratio", decay_ratio, 0.0, 1.0)
+        decay_steps = round(training_steps * decay_ratio)
+    stable_steps = training_steps - warmup_steps - decay_steps
+    if decay_steps < 0 or stable_steps < 0:
+        raise ValueError(f"warmup_steps ({warmup_steps}) and the decay's {decay_steps} steps exceed "
+                         f"training_steps ({training_steps})")
+    schedule: Schedule = ConstantLR(factor=1.0, total_iters=0)
+    if decay_steps > 0:
+        shape = {"sqrt": "1-sqrt"}.get(decay_type, decay_type)
+        # from the decay's last step on, torchtitan holds its progress at 1: the floor
+        decay = Decay(decay_steps + 1, shape, min_factor=min_lr_factor, offset=1)
+        schedule = decay if stable_steps == 0 else SequentialLR([schedule, decay], milestones=[stable_steps])
+    if warmup_steps == 0:
+        return schedule
+    return Warmup(schedule, warmup_steps, offset=1, span=warmup_steps + 1)

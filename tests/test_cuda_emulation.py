@@ -33,6 +33,11 @@ SCHEDULE_POOL = [
     S.CyclicLR(base_lr=1e-3, max_lr=0.02, step_size_up=4, mode="exp_range", gamma=0.99),
     S.SequentialLR([S.LinearLR(start_factor=0.1, total_iters=6), S.StepLR(step_size=3, gamma=0.5)], milestones=[6]),
     S.ReduceLROnPlateau(patience=0, factor=0.5),
+    S.Warmup(S.Cycles(t_initial=7, shape="tanh", cycle_mul=1.5, cycle_decay=0.8, cycle_limit=3), 4, start_lr=1e-3,
+             prefix=False, target="schedule"),
+    S.Warmup(S.Decay(20, "cosine_restarts", num_cycles=3, min_factor=0.1), 5, shape="1-sqrt", offset=1, span=6),
+    S.SequentialLR([S.Decay(9, "inverse_sqrt", after="continue"), S.Cycles(5, shape="poly", k_decay=0.7)],
+                   milestones=[12]),
 ]
 SIZES = [0, 1, 3, 7, 17, 64, 255, 1000, 4097, 65536 + 3, 131073]
 STATE_DTYPE = {torch.float64: torch.float64, torch.float32: torch.float32, torch.bfloat16: torch.float32,
