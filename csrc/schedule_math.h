@@ -70,6 +70,9 @@ namespace cycles_arg {
 enum : int { kTInitial, kCycleMul, kCycleDecay, kCycleLimit, kLrMin, kShape, kKDecay, kPower, kLb, kUb };
 }
 enum class CycleShape : int { kCosine = 0, kTanh = 1, kPolynomial = 2 };
+// Product (torch's ChainedScheduler): base_lr times the product of its children's factors (each
+// child evaluated for a base lr of 1), count then the count child offsets.
+namespace product_arg { enum : int { kCount, kFirstChild }; }
 
 // [note: schedule kinds]
 // The one table of node kinds. Python reads it through `_C.schedule_kinds()` and finds a kind's id
@@ -108,7 +111,8 @@ constexpr uint32_t args_mask(int first, Rest... rest) {
   X(SequentialLR, 0, sequential_arg::kCount, 2, args_mask(sequential_arg::kCount), kNoArg)                         \
   X(Warmup, 9, kNoArg, 0, args_mask(warmup_arg::kSteps, warmup_arg::kSpan), kNoArg)                                \
   X(Decay, 7, kNoArg, 0, args_mask(decay_arg::kSpan), kNoArg)                                                      \
-  X(Cycles, 10, kNoArg, 0, args_mask(cycles_arg::kTInitial, cycles_arg::kCycleLimit), kNoArg)
+  X(Cycles, 10, kNoArg, 0, args_mask(cycles_arg::kTInitial, cycles_arg::kCycleLimit), kNoArg)                   \
+  X(Product, product_arg::kFirstChild, product_arg::kCount, 1, args_mask(product_arg::kCount), kNoArg)
 
 #define FUSEDLR_KIND_ENUM(name, ...) k##name,
 enum class ScheduleKind : int { FUSEDLR_SCHEDULE_KINDS(FUSEDLR_KIND_ENUM) };
@@ -404,13 +408,15 @@ FUSEDLR_HD NodeStep step_node(ScheduleKind kind, const double* a, int64_t t, dou
       return leaf(decay_value(a, t, base_lr));
     case ScheduleKind::kCycles:
       return leaf(cycles_value(a, t, base_lr));
+    case ScheduleKind::kProduct:
+      break;  // walk_schedule evaluates its children; Python never nests one in another
   }
   return leaf(base_lr);
 }
 
 // The value of the schedule rooted at `node` at time t. A Warmup ramping to its child's lr at the
-// ramp's end evaluates the child there with a second walk, which Python keeps free of such ramps
-// (kNested), so the evaluation never recurses further.
+// ramp's end evaluates the child there with a second walk, and a Product each child; Python keeps
+// those walks free of such ramps and products (kNested), so the evaluation never recurses further.
 template <bool kNested>
 FUSEDLR_HD ScheduleValue walk_schedule(const double* programs, int64_t node, int64_t t, double base_lr,
                                        const double* plateau_row) {
@@ -424,6 +430,13 @@ FUSEDLR_HD ScheduleValue walk_schedule(const double* programs, int64_t node, int
         const int64_t end = a[kPrefix] != 0 ? 0 : as_int(a[kSteps]);
         const double target = walk_schedule<true>(programs, as_int(a[kChild]), end, base_lr, plateau_row).lr;
         return {warmup_value(a, t, base_lr, target), 0, false};
+      }
+      if (kind == ScheduleKind::kProduct) {
+        double lr = base_lr;
+        const int64_t count = as_int(a[product_arg::kCount]);
+        for (int64_t i = 0; i < count; ++i)
+          lr *= walk_schedule<true>(programs, as_int(a[product_arg::kFirstChild + i]), t, 1.0, plateau_row).lr;
+        return {lr, 0, false};
       }
     }
     const NodeStep next = step_node(kind, a, t, base_lr, plateau_row);
@@ -455,6 +468,8 @@ inline NodeChildren node_children(ScheduleKind kind, const double* a) {
     }
     case ScheduleKind::kWarmup:
       return {a + warmup_arg::kChild, 1};
+    case ScheduleKind::kProduct:
+      return {a + product_arg::kFirstChild, as_int(a[product_arg::kCount])};
     case ScheduleKind::kConstant:
     case ScheduleKind::kConstantLR:
     case ScheduleKind::kLinearLR:

@@ -22,9 +22,10 @@ def from_torch(optimizer: torch.optim.Optimizer, scheduler: L.LRScheduler | None
     each group scheduled by the on-device twin of `scheduler` from where it is now.
 
     `scheduler` may be any torch scheduler with a fusedlr twin (SequentialLR of them too), or a
-    LambdaLR made by HF transformers' ``get_scheduler``; a scheduler stepped once per epoch takes
-    ``steps_per_epoch``. Anything else (a LambdaLR of your own function, ChainedScheduler) raises
-    ValueError naming it. Use the result in place of both; the scheduler is not needed any more.
+    LambdaLR made by HF transformers' ``get_scheduler``, or a ChainedScheduler of the schedulers that
+    multiply the lr in turn; a scheduler stepped once per epoch takes ``steps_per_epoch``. Anything
+    else (a LambdaLR of your own function, a chain of schedulers that set the lr) raises ValueError
+    naming it. Use the result in place of both; the scheduler is not needed any more.
     """
     cls = _OPTIMIZERS.get(type(optimizer))
     if cls is None:
@@ -42,7 +43,9 @@ def from_torch(optimizer: torch.optim.Optimizer, scheduler: L.LRScheduler | None
         fused.load_state_dict(optimizer.state_dict())
     if scheduler is not None:
         unit = 1 if isinstance(scheduler, L.OneCycleLR) else steps_per_epoch
-        fused.set_schedule_steps(max(scheduler.last_epoch, 0) * unit)
+        # a ChainedScheduler keeps no count of its own: its schedulers step together
+        last_epoch = (scheduler._schedulers[0] if isinstance(scheduler, L.ChainedScheduler) else scheduler).last_epoch
+        fused.set_schedule_steps(max(last_epoch, 0) * unit)
     return fused
 
 
@@ -50,6 +53,14 @@ def schedule_of(scheduler, g: int = 0, steps_per_epoch: int = 1) -> S.Schedule:
     """The fusedlr schedule that gives param group g the lrs `scheduler` gives it."""
     per_epoch = {"steps_per_epoch": steps_per_epoch}
     group = scheduler.optimizer.param_groups[g]
+    if isinstance(scheduler, L.ChainedScheduler):
+        chainable = (L.ConstantLR, L.LinearLR, L.StepLR, L.MultiStepLR, L.ExponentialLR, L.PolynomialLR)
+        for s in scheduler._schedulers:
+            if not isinstance(s, chainable) and not (isinstance(s, L.CosineAnnealingLR) and s.eta_min == 0):
+                raise ValueError(f"from_torch: a ChainedScheduler of {type(s).__name__} cannot be expressed (a "
+                                 "chain multiplies the lr in turn: ConstantLR, LinearLR, StepLR, MultiStepLR, "
+                                 "ExponentialLR, PolynomialLR and CosineAnnealingLR with eta_min=0 can)")
+        return S.Product([schedule_of(s, g, steps_per_epoch) for s in scheduler._schedulers])
     if isinstance(scheduler, L.SequentialLR):
         return S.SequentialLR([schedule_of(s, g) for s in scheduler._schedulers],
                               milestones=list(scheduler._milestones), **per_epoch)

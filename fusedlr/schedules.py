@@ -51,6 +51,7 @@ __all__ = [
     "Warmup",
     "Decay",
     "Cycles",
+    "Product",
     "StepDecay",
     "CosineAnnealing",
     "from_spec",
@@ -870,7 +871,7 @@ class Warmup(Schedule):
         _check_choice("target", self.target, ("base", "schedule"))
         if self.target == "schedule" and _has_schedule_target(self.schedule):
             raise ValueError("target='schedule': the schedule after this warmup holds another warmup with "
-                             "target='schedule', which the kernels do not evaluate")
+                             "target='schedule' or a Product, which the kernels do not evaluate there")
         if self._depth() > _MAX_DEPTH:
             raise ValueError(f"schedule: nests deeper than {_MAX_DEPTH} levels")
 
@@ -893,15 +894,70 @@ class Warmup(Schedule):
         return dataclasses.replace(self, schedule=self.schedule.scaled(factor), start_lr=start)
 
 
+@dataclass(frozen=True)
+class Product(Schedule):
+    """base_lr times the product of each schedule's factor (its lr for a base lr of 1): torch's
+    ChainedScheduler of its chainable schedulers, which multiply the lr in turn. Each schedule must
+    scale with the base lr (no absolute lr, momentum or plateau state; no product inside).
+
+        >>> Product([ConstantLR(factor=0.5, total_iters=3), ExponentialLR(gamma=0.9)])(1, base_lr=1.0)
+        0.45
+    """
+
+    schedulers: tuple[Schedule, ...]
+    steps_per_epoch: int = 1
+
+    _SCHEDULE_FIELDS = ("schedulers",)
+
+    def __post_init__(self):
+        if isinstance(self.schedulers, (str, bytes)) or not isinstance(self.schedulers, Sequence):
+            raise ValueError(f"schedulers must be a sequence, got {self.schedulers!r}")
+        object.__setattr__(self, "schedulers", tuple(self.schedulers))
+        super().__post_init__()
+
+    def _validate(self):
+        if not self.schedulers:
+            raise ValueError("schedulers must hold at least one schedule")
+        for i, s in enumerate(self.schedulers):
+            if not isinstance(s, Schedule):
+                raise ValueError(f"schedulers[{i}] must be a fusedlr schedule, got {type(s).__name__}")
+            if not _scales_with_base(s):
+                raise ValueError(f"schedulers[{i}]: {type(s).__name__} does not scale with the base lr (an "
+                                 "absolute lr, a cycled momentum, plateau state or a product inside), so it "
+                                 "has no factor to multiply")
+        if self._depth() > _MAX_DEPTH:
+            raise ValueError(f"schedulers: nests deeper than {_MAX_DEPTH} levels")
+
+    def _children(self):
+        return self.schedulers
+
+    def _node(self, children=()):
+        return "Product", [len(self.schedulers), *(children or [0.0] * len(self.schedulers))]
+
+    def scaled(self, factor: float) -> Schedule:
+        return self  # every factor is relative
+
+
+def _scales_with_base(schedule: Schedule) -> bool:
+    """Whether schedule(t, b) = b * schedule(t, 1) for every b: what a product multiplies."""
+    if isinstance(schedule, (ReduceLROnPlateau, Product)) or schedule.absolute or schedule.cycles_momentum:
+        return False
+    if isinstance(schedule, Warmup) and schedule.target == "schedule":
+        return False
+    if any(getattr(schedule, name) not in (None, 0, 0.0) for name in schedule._ABSOLUTE_LRS):
+        return False
+    return all(_scales_with_base(c) for c in schedule._children())
+
+
 def _has_schedule_target(schedule: Schedule) -> bool:
-    return (isinstance(schedule, Warmup) and schedule.target == "schedule") or any(
+    return (isinstance(schedule, (Warmup, Product)) and getattr(schedule, "target", "schedule") == "schedule") or any(
         _has_schedule_target(c) for c in schedule._children())
 
 
 _BY_NAME = {cls.__name__: cls for cls in (
     ConstantLR, LinearLR, StepLR, MultiStepLR, ExponentialLR, ExponentialDecay, CosineAnnealingLR,
     CosineAnnealingWarmRestarts, PolynomialLR, InverseSqrt, WarmupStableDecay, OneCycleLR, CyclicLR,
-    ReduceLROnPlateau, SequentialLR, Warmup, Decay, Cycles)}
+    ReduceLROnPlateau, SequentialLR, Warmup, Decay, Cycles, Product)}
 
 
 def torch_scheduler(schedule: Schedule, optimizer: torch.optim.Optimizer, last_epoch: int = -1):
@@ -920,6 +976,9 @@ def torch_scheduler(schedule: Schedule, optimizer: torch.optim.Optimizer, last_e
                               milestones=list(schedule.milestones))
     if isinstance(schedule, ExponentialDecay):
         return L.ExponentialLR(optimizer, gamma=math.exp(-schedule.decay_rate), last_epoch=last_epoch)
+    if isinstance(schedule, Product):
+        return L.ChainedScheduler([torch_scheduler(s, optimizer, last_epoch) for s in schedule.schedulers],
+                                  optimizer=optimizer)
     if isinstance(schedule, (InverseSqrt, WarmupStableDecay, Warmup, Decay, Cycles)):
         # no torch twin: the host formula, per group (the absolute lrs some take are not factors)
         bases = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]

@@ -70,5 +70,44 @@ def test_a_lambda_of_ones_own_raises_naming_it():
 
     with pytest.raises(ValueError, match="my_warmup"):
         fusedlr.from_torch(opt, L.LambdaLR(opt, my_warmup))
-    with pytest.raises(ValueError, match="ChainedScheduler"):
-        fusedlr.from_torch(opt, L.ChainedScheduler([L.StepLR(opt, 3)]))
+    with pytest.raises(ValueError, match="CosineAnnealingWarmRestarts"):
+        fusedlr.from_torch(opt, L.ChainedScheduler([L.StepLR(opt, 3), L.CosineAnnealingWarmRestarts(opt, 5)]))
+
+
+def test_chained_scheduler_mid_run_continues_as_torch():
+    """A ChainedScheduler of schedulers that multiply the lr in turn becomes their Product."""
+    ours, ref = pair(3)
+    ref_opt = torch.optim.AdamW(ref, lr=0.01, foreach=False)
+
+    def chain(opt):
+        return L.ChainedScheduler([L.ConstantLR(opt, factor=0.2, total_iters=20), L.ExponentialLR(opt, gamma=0.98),
+                                   L.MultiStepLR(opt, milestones=[15, 40], gamma=0.5),
+                                   L.CosineAnnealingLR(opt, T_max=90)])
+
+    ref_sched = chain(ref_opt)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(12):
+        for p in ref:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        ref_opt.step()
+        ref_sched.step()
+    with torch.no_grad():
+        for p, q in zip(ours, ref):
+            p.copy_(q)
+    copy = torch.optim.AdamW(ours, lr=0.01, foreach=False)
+    copy.load_state_dict(ref_opt.state_dict())
+    copy_sched = chain(copy)
+    copy_sched.load_state_dict(ref_sched.state_dict())
+    opt = fusedlr.from_torch(copy, copy_sched)
+    assert isinstance(opt.param_groups[0]["schedule"], S.Product)
+    for k in range(12, 80):
+        # torch's chain multiplies recursively: its drift is some 1e-14 relative over these steps
+        assert float(opt.param_groups[0]["lr"]) == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-11), k
+        for p, q in zip(ours, ref):
+            q.grad = torch.randn(q.shape, generator=gen, dtype=q.dtype)
+            p.grad = q.grad.clone()
+        ref_opt.step()
+        ref_sched.step()
+        opt.step()
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL)

@@ -38,6 +38,7 @@ SCHEDULE_POOL = [
     S.Warmup(S.Decay(20, "cosine_restarts", num_cycles=3, min_factor=0.1), 5, shape="1-sqrt", offset=1, span=6),
     S.SequentialLR([S.Decay(9, "inverse_sqrt", after="continue"), S.Cycles(5, shape="poly", k_decay=0.7)],
                    milestones=[12]),
+    S.Product([S.ExponentialLR(gamma=0.97), S.Warmup(S.Decay(30, "polynomial", power=2.0, min_factor=0.1), 3)]),
 ]
 SIZES = [0, 1, 3, 7, 17, 64, 255, 1000, 4097, 65536 + 3, 131073]
 STATE_DTYPE = {torch.float64: torch.float64, torch.float32: torch.float32, torch.bfloat16: torch.float32,

@@ -294,8 +294,24 @@ def test_the_kind_table_names_every_schedule_class():
                 S.ExponentialDecay(0.1), S.CosineAnnealingLR(10), S.CosineAnnealingWarmRestarts(5),
                 S.PolynomialLR(), S.InverseSqrt(4), S.WarmupStableDecay(2, 3, 4), S.OneCycleLR(0.1, total_steps=20),
                 S.CyclicLR(0.01, 0.1), S.ReduceLROnPlateau(), S.SequentialLR([S.ConstantLR()], []),
-                S.Warmup(S.ConstantLR(), 3), S.Decay(5), S.Cycles(5)]
+                S.Warmup(S.ConstantLR(), 3), S.Decay(5), S.Cycles(5), S.Product([S.ConstantLR()])]
     assert {type(e).__name__ for e in examples} == set(classes)
     for e in examples:
         program = S.compile_programs([e])
         assert program[1] == kinds[type(e).__name__]["id"]
+
+
+def test_product_is_the_product_of_the_factors():
+    parts = [S.ConstantLR(factor=0.5, total_iters=7), S.ExponentialLR(gamma=0.97), S.StepLR(4, 0.8, steps_per_epoch=2),
+             S.Warmup(S.Decay(30, "cosine"), 5)]
+    product = S.Product(parts)
+    for t in range(60):
+        want = 3e-3 * math.prod(p(t, 1.0) for p in parts)
+        assert product(t, 3e-3) == pytest.approx(want, rel=REL)
+    assert S.from_spec(product.spec()) == product
+    for bad in (S.OneCycleLR(0.1, total_steps=10), S.CosineAnnealingLR(10, eta_min=1e-4), S.Product([S.ConstantLR()]),
+                S.ReduceLROnPlateau(), S.Warmup(S.ConstantLR(), 3, start_lr=1e-3)):
+        with pytest.raises(ValueError, match="does not scale with the base lr"):
+            S.Product([S.ConstantLR(), bad])
+    with pytest.raises(ValueError, match="Product"):
+        S.Warmup(product, 4, target="schedule")

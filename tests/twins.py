@@ -37,6 +37,12 @@ def _args(s: S.Schedule, *drop: str) -> dict:
 
 def torch_twin(s: S.Schedule, opt: torch.optim.Optimizer):
     """The torch scheduler that gives `s`'s lr on `opt`, stepped once per schedule time unit."""
+    if s in HF_MADE:  # HF's own LambdaLR
+        import transformers
+
+        name, warmup, total, kwargs = HF_MADE[s]
+        return transformers.get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total,
+                                          scheduler_specific_kwargs=kwargs)
     if isinstance(s, S.SequentialLR):
         return L.SequentialLR(opt, [torch_twin(c, opt) for c in s.schedulers], milestones=list(s.milestones))
     if isinstance(s, S.ExponentialDecay):
@@ -77,6 +83,14 @@ def torch_values(s: S.Schedule, n: int, base_lr: float, optimizer: str = "sgd"):
     return lrs, (momenta if s.cycles_momentum else None)
 
 
+# Schedules made by from_hf out of the general nodes (Warmup, Decay), twinned by HF's own schedulers.
+HF_MADE = {S.from_hf(name, warmup, total, **kwargs): (name, warmup, total, kwargs) for name, warmup, total, kwargs in [
+    ("cosine_warmup_with_min_lr", 20, 200, {"min_lr_rate": 0.1, "warmup_lr_rate": 0.05}),
+    ("warmup_stable_decay", 15, 200, {"num_decay_steps": 90, "warmup_type": "cosine", "decay_type": "cosine",
+                                      "num_cycles": 0.7, "min_lr_ratio": 0.05}),
+    ("cosine_with_restarts", 10, 180, {"num_cycles": 2.5}),
+]}
+
 # One instance of every schedule, sized so that 200 steps cross their boundaries.
 SCHEDULES = {
     "none": None,
@@ -101,4 +115,5 @@ SCHEDULES = {
     "SequentialLR": S.SequentialLR([S.LinearLR(start_factor=0.01, total_iters=30),
                                     S.CosineAnnealingLR(T_max=240, eta_min=1e-4)], milestones=[30]),
     "StepLR-per-epoch": S.StepLR(step_size=3, gamma=0.5, steps_per_epoch=10),
+    **{f"hf-{name}": schedule for schedule, (name, *_) in HF_MADE.items()},
 }
