@@ -41,8 +41,8 @@ def plot(args, extra: list[str]) -> int:
         names = [n for n in S.__all__ if isinstance(getattr(S, n), type) and n not in ("Schedule",)]
         print(f"unknown schedule {args.schedule!r}; choose from {', '.join(names)}", file=sys.stderr)
         return 2
-    if cls is S.SequentialLR:
-        print("SequentialLR takes schedules: build it in Python and call .values()", file=sys.stderr)
+    if cls._SCHEDULE_FIELDS:
+        print(f"{args.schedule} takes schedules: build it in Python and call .values()", file=sys.stderr)
         return 2
     try:
         schedule = cls(**parse_schedule_args(extra))

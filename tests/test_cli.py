@@ -121,6 +121,7 @@ def test_presets_have_the_sizes_they_claim():
 @pytest.mark.parametrize("args", [
     ["OneCycleLR", "--max_lr", "0.1", "--total_steps", "300", "--torch"],
     ["CosineAnnealingWarmRestarts", "--T_0", "50", "--T_mult", "2"],
+    ["Cycles", "--t_initial", "60", "--cycle_mul", "1.5", "--cycle_limit", "4", "--shape", "tanh", "--torch"],
 ])
 def test_plot_writes_a_png(tmp_path, args):
     pytest.importorskip("matplotlib")
@@ -136,3 +137,6 @@ def test_plot_refuses_bad_arguments(tmp_path):
     result = subprocess.run(CLI + ["plot", "StepLR", "--step_size", "0", "-o", str(tmp_path / "x.png")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "step_size" in result.stderr
+    result = subprocess.run(CLI + ["plot", "Warmup", "--warmup_steps", "5", "-o", str(tmp_path / "x.png")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "takes schedules" in result.stderr
