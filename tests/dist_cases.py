@@ -384,6 +384,42 @@ def case_bad_tensors():
     assert torch.equal(plain, torch.ones(2, 4)) and int(steps) == 0 and torch.equal(state[0], torch.zeros(2, 4))
 
 
+def case_compile():
+    """torch.compile(fullgraph=True) of the step over FSDP2's DTensor parameters: one graph for the
+    whole run (no recompile per step), equal to the eager step (to rounding: the compiled norm adds
+    in another order), clipping by the global norm too."""
+    from torch._dynamo.utils import counters
+    for max_norm in (None, 0.5):
+        torch._dynamo.reset()
+        counters.clear()
+        a, b = fsdp(model()), fsdp(model())
+        schedule = S.OneCycleLR(max_lr=0.02, total_steps=STEPS)
+        compiled, eager = (fusedlr.AdamW(m.parameters(), lr=0.01, weight_decay=0.1, schedule=schedule,
+                                         max_grad_norm=max_norm) for m in (a, b))
+
+        @torch.compile(fullgraph=True)
+        def step():
+            compiled.step()
+
+        batch_of = same_batches(True)
+        for k in range(STEPS):
+            x, y = batch_of(k)
+            for m in (a, b):
+                (((m(x) - y) ** 2).mean() * (30.0 if k % 3 == 0 else 1.0)).backward()
+            (step if k > 0 else compiled.step)()  # the state exists before compiling, as after a warm-up step
+            eager.step()
+            for (name, p), q in zip(a.named_parameters(), b.parameters()):
+                assert isinstance(p, DTensor) and p.placements == q.placements, name
+                torch.testing.assert_close(p.to_local(), q.to_local(), **TOL, msg=lambda m: f"step {k}, {name}: {m}")
+            if max_norm is not None:  # compiled, the local sums of squares add in another order
+                assert math.isclose(float(compiled.last_grad_norm()), float(eager.last_grad_norm()), rel_tol=1e-5), k
+            # gradients kept (zeroed in place), as for any compiled step: a new gradient is a new graph input
+            a.zero_grad(set_to_none=False)
+            b.zero_grad(set_to_none=False)
+        assert float(compiled.last_lr()[0]) == float(eager.last_lr()[0]) == schedule(STEPS, 0.01)
+        assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
 def main():
     case, rank, world, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
