@@ -20,6 +20,13 @@ _ops = torch.ops.fusedlr
 PLATEAU_SLOTS = 4  # plateau_slot::kCount: lr, best, num_bad, cooldown_counter
 
 
+def sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
+    """The sum of the squares of all elements of `tensors` (one device), a 0-dim float64 tensor:
+    on the CPU in one parallel pass (csrc/cpu/sum_of_squares.cpp), its result independent of the
+    thread count."""
+    return _ops.sum_of_squares(list(tensors))
+
+
 def initial_plateau_state(groups: int, device: torch.device) -> Tensor:
     """ReduceLROnPlateau state before any metric: lr and best unset (NaN), counters at 0."""
     state = torch.zeros(groups, PLATEAU_SLOTS, dtype=torch.float64, device=device)

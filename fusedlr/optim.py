@@ -619,8 +619,7 @@ class _FusedOptimizer(Optimizer):
             local_grads = [p.grad for p in lists.params] if grads is None else grads
             counted = [g for g, c in zip(local_grads, lists.reduction.counted) if c and g is not None]
             if counted:
-                norms = torch._foreach_norm(counted, 2, dtype=torch.float64)
-                reduced[0] = torch.stack(norms).square().sum()
+                reduced[0] = _ops.sum_of_squares(counted)
         if found_inf is not None:
             reduced[1] = found_inf.double().reshape(())
         lists.reduction.global_sum(reduced)
