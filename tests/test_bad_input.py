@@ -221,7 +221,8 @@ def test_meta_tensors_are_refused():
         args = dict(param=param, grad=torch.ones(3))
         args[meta_arg] = torch.ones(3, device="meta")
         with pytest.raises(RuntimeError, match="meta"):
-            _ops.adam_step_([args["param"]], [args["grad"]], [state], [state.clone()], [torch.empty(0)],
-                            [torch.empty(0)], [step], [0], [0.1, 0.9, 0.999, 1e-8, 0, 0, 0, 1], [1.0, 0.0, 1.0],
-                            torch.zeros(1, dtype=torch.int64), _ops.initial_plateau_state(1, "cpu"))
+            _ops.step_("adam", [args["param"]], [args["grad"]],
+                       [[state], [state.clone()], [torch.empty(0)], [torch.empty(0)]], [step], [0],
+                       [0.1, 0.9, 0.999, 1e-8, 0, 0, 0, 1], [1.0, 0.0, 1.0], torch.zeros(1, dtype=torch.int64),
+                       _ops.initial_plateau_state(1, "cpu"))
     assert torch.equal(param, torch.ones(3)) and torch.equal(state, torch.zeros(3)) and int(step) == 0

@@ -11,6 +11,8 @@
 
 #include "../cuda/step_host.h"
 #include "../op_schemas.h"
+#include "../optimizers.h"
+#include "../step_op.h"
 
 namespace fusedlr {
 namespace {
@@ -45,6 +47,11 @@ void set_multiprocessors(int64_t count) {
 // The kernels run so far: a test can see how many launches a step took.
 int64_t kernels_launched() { return kernels_run.load(); }
 
+template <typename Optimizer>
+void impl_step(torch::Library& m) {
+  m.impl(step_op_name<Optimizer>().c_str(), &StepOp<Optimizer, &cuda_step::step<Optimizer, EmulatedLauncher>>::call);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fusedlr_emulated, m) {
@@ -54,16 +61,16 @@ TORCH_LIBRARY(fusedlr_emulated, m) {
 }
 
 TORCH_LIBRARY_IMPL(fusedlr_emulated, CPU, m) {
-  m.impl("sgd_step_", &cuda_step::sgd_step<EmulatedLauncher>);
-  m.impl("adam_step_", &cuda_step::adam_step<EmulatedLauncher>);
+  Optimizers::for_each([&](auto tag) { impl_step<typename decltype(tag)::type>(m); });
   m.impl("plateau_observe_", &cuda_step::plateau_observe<EmulatedLauncher>);
   m.impl("evaluate_schedules", &cuda_step::evaluate_schedules<EmulatedLauncher>);
 }
 
 // As fusedlr's own (ops.cpp, [note: no autograd]).
 TORCH_LIBRARY_IMPL(fusedlr_emulated, Autograd, m) {
-  m.impl("sgd_step_", torch::CppFunction::makeFallthrough());
-  m.impl("adam_step_", torch::CppFunction::makeFallthrough());
+  Optimizers::for_each([&](auto tag) {
+    m.impl(step_op_name<typename decltype(tag)::type>().c_str(), torch::CppFunction::makeFallthrough());
+  });
   m.impl("plateau_observe_", torch::CppFunction::makeFallthrough());
 }
 
