@@ -6,7 +6,8 @@ import torch
 import fusedlr
 from fusedlr import _ops
 from fusedlr import schedules as S
-from test_state_dict import assert_unchanged, snapshot, trained_adam
+from registry import OPTIMIZERS
+from test_state_dict import assert_unchanged, snapshot, trained, trained_adam
 
 
 @pytest.mark.parametrize("build,argument", [
@@ -72,8 +73,9 @@ def bad_gradient_cases():
 
 @pytest.mark.parametrize("name,make_grad,message", list(bad_gradient_cases()))
 @pytest.mark.parametrize("fresh", [False, True], ids=["trained", "new-parameter"])
-def test_bad_gradient_raises_and_changes_nothing(name, make_grad, message, fresh):
-    params, opt = trained_adam()
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_bad_gradient_raises_and_changes_nothing(name, make_grad, message, fresh, optimizer):
+    params, opt = trained(optimizer)
     extra = torch.nn.Parameter(torch.randn(4))
     opt.add_param_group({"params": [extra]})
     all_params = params + [extra]
@@ -105,10 +107,11 @@ def test_observe_refuses_a_non_scalar_metric():
 
 
 @pytest.mark.parametrize("change", ["dtype", "shape", "transposed"])
-def test_parameter_changed_under_its_state_raises_and_changes_nothing(change):
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_parameter_changed_under_its_state_raises_and_changes_nothing(change, optimizer):
     """A parameter given new data of another dtype or layout (p.data = ...) no longer fits the state
     its optimizer made for it: a clear error, nothing changed."""
-    params, opt = trained_adam()
+    params, opt = trained(optimizer)
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()  # the step plan exists

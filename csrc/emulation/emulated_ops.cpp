@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <string>
 
 #include "../cuda/step_host.h"
 #include "../op_schemas.h"
@@ -47,6 +48,17 @@ void set_multiprocessors(int64_t count) {
 // The kernels run so far: a test can see how many launches a step took.
 int64_t kernels_launched() { return kernels_run.load(); }
 
+// The tensors one launch of the optimizer's step takes (cuda/step_kernels.cuh, launch_capacity).
+int64_t launch_capacity(const std::string& optimizer) {
+  int64_t capacity = 0;
+  Optimizers::for_each([&](auto tag) {
+    using Optimizer = typename decltype(tag)::type;
+    if (optimizer == Optimizer::kName) capacity = decltype(cuda_step::ArgsOf<Optimizer>::tensors)::capacity;
+  });
+  TORCH_CHECK(capacity > 0, "fusedlr_emulated.launch_capacity: no optimizer named ", optimizer);
+  return capacity;
+}
+
 template <typename Optimizer>
 void impl_step(torch::Library& m) {
   m.impl(step_op_name<Optimizer>().c_str(), &StepOp<Optimizer, &cuda_step::step<Optimizer, EmulatedLauncher>>::call);
@@ -58,6 +70,7 @@ TORCH_LIBRARY(fusedlr_emulated, m) {
   define_ops(m);
   m.def("set_multiprocessors(int count) -> ()", &set_multiprocessors);
   m.def("kernels_launched() -> int", &kernels_launched);
+  m.def("launch_capacity(str optimizer) -> int", &launch_capacity);
 }
 
 TORCH_LIBRARY_IMPL(fusedlr_emulated, CPU, m) {
