@@ -4,10 +4,11 @@
 
 #include "optimizer_traits.h"
 #include "optimizers/adam.h"
+#include "optimizers/lion.h"
 #include "optimizers/sgd.h"
 
 namespace fusedlr {
 
-using Optimizers = OptimizerList<Sgd, Adam>;
+using Optimizers = OptimizerList<Sgd, Adam, Lion>;
 
 }  // namespace fusedlr

@@ -1,4 +1,4 @@
-"""fusedlr.SGD, fusedlr.Adam, fusedlr.AdamW: torch.optim optimizers whose learning-rate schedule
+"""fusedlr.SGD, fusedlr.Adam, fusedlr.AdamW, fusedlr.Lion: torch.optim optimizers whose learning-rate schedule
 runs inside the fused step.
 
 Each ``step()`` is one op call over every parameter of every group: the kernel reads each group's
@@ -27,7 +27,7 @@ from . import distributed as _dist
 from .distributed import is_dtensor, local_of
 from .schedules import ReduceLROnPlateau, Schedule, compile_programs, from_spec
 
-__all__ = ["SGD", "Adam", "AdamW"]
+__all__ = ["SGD", "Adam", "AdamW", "Lion"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -1120,3 +1120,52 @@ class AdamW(Adam):
                          foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=True, schedule=schedule, max_grad_norm=max_grad_norm,
                          skip_nonfinite=skip_nonfinite, master_weights=master_weights, partition_group=partition_group)
+
+
+class Lion(_FusedOptimizer):
+    r"""Lion (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms") with the schedule
+    fused into the step.
+
+    .. math::
+        g \leftarrow \pm\nabla, \quad
+        c \leftarrow \beta_1 m + (1 - \beta_1) g, \quad
+        \theta \leftarrow \theta (1 - \gamma_t \lambda) - \gamma_t \operatorname{sign}(c), \quad
+        m \leftarrow \beta_2 m + (1 - \beta_2) g
+
+    with :math:`\gamma_t` the scheduled lr, :math:`\lambda` the (decoupled) weight decay and
+    :math:`\beta_1` cycled by OneCycleLR and CyclicLR when they cycle momentum. State: "exp_avg"
+    (m) and "step". Lion's step has the same size in every coordinate, so its lr is usually 3-10x
+    smaller than AdamW's and its weight decay as much larger. Arguments:
+
+    lr (float): the base learning rate. Default: 1e-4.
+    betas (tuple[float, float]): :math:`(\beta_1, \beta_2)`, each in [0, 1]. Default: (0.9, 0.99).
+    weight_decay (float): decoupled weight decay :math:`\lambda`. Default: 0.
+    maximize (bool): maximize the objective instead. Default: False.
+    """ + _SCHEDULE_DOC
+
+    _OPTIMIZER = "lion"
+
+    def __init__(self, params: Iterable, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0, *, maximize: bool = False, foreach: bool | None = None,
+                 differentiable: bool = False, fused: bool | None = None, schedule: Schedule | None = None,
+                 max_grad_norm: float | None = None, skip_nonfinite: bool = False, master_weights: bool = False,
+                 partition_group=None):
+        _check_unsupported(foreach, fused, differentiable)
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, schedule=schedule)
+        self._check_group(defaults)
+        super().__init__(params, defaults, max_grad_norm, skip_nonfinite, master_weights, partition_group)
+
+    def _check_group(self, group: dict) -> None:
+        group["lr"] = _check_range("learning rate (lr)", group["lr"], 0.0)
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas!r} (a pair of numbers in [0, 1] is required)")
+        group["betas"] = (_check_range("beta parameter at index 0 (betas[0])", betas[0], 0.0, 1.0),
+                          _check_range("beta parameter at index 1 (betas[1])", betas[1], 0.0, 1.0))
+        _check_range("weight_decay", group["weight_decay"], 0.0)
+        _check_flag("maximize", group["maximize"])
+
+    def _hyper_values(self, group: dict) -> dict[str, float]:
+        beta1, beta2 = group["betas"]
+        return dict(lr=_lr.base_lr(group), beta1=float(beta1), beta2=float(beta2),
+                    weight_decay=float(group["weight_decay"]), maximize=float(group["maximize"]))

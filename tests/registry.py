@@ -22,6 +22,36 @@ import fusedlr
 from fusedlr import _ops
 
 
+class LionReference(torch.optim.Optimizer):
+    """Lion (Chen et al., 2023) as the paper writes it, in the parameters' dtype: the reference for
+    fusedlr.Lion, which torch lacks. It takes torch's arguments so that torch's schedulers drive its
+    lr and beta1 (OneCycleLR and CyclicLR cycle betas[0]), and keeps torch's state layout
+    ("step", "exp_avg")."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False, foreach=None):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, weight_decay = float(group["lr"]), group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = -p.grad if group["maximize"] else p.grad
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p)
+                exp_avg = state["exp_avg"]
+                interpolated = exp_avg * beta1 + (1 - beta1) * grad
+                p.mul_(1 - lr * weight_decay)
+                p.add_(torch.sign(interpolated), alpha=-lr)
+                exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
+                state["step"] += 1
+
+
 def _sgd_hyper(r: random.Random, schedule) -> tuple[dict, bool]:
     momentum = r.choice([0.0, 0.9])
     dampening = r.choice([0.0, 0.1]) if momentum else 0.0
@@ -39,6 +69,12 @@ def _adam_hyper(r: random.Random, schedule) -> tuple[dict, bool]:
     return values, bool(amsgrad)
 
 
+def _lion_hyper(r: random.Random, schedule) -> tuple[dict, bool]:
+    values = dict(lr=r.choice([1e-3, 0.01]), beta1=r.choice([0.9, 0.8]), beta2=r.choice([0.99, 0.95]),
+                  weight_decay=r.choice([0.0, 0.1]), maximize=float(r.random() < 0.3))
+    return values, False
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
     fused: type
@@ -48,8 +84,8 @@ class Entry:
     random_hyper: Callable[[random.Random, object], tuple[dict, bool]]
     alike: dict = dataclasses.field(default_factory=dict)
     variants: dict = dataclasses.field(default_factory=dict)
-    # An update of lr * sign(c): where c lies within a rounding of 0, two float32 runs that round c
-    # apart step 2 lr apart in that element (float64 runs practically never).
+    # Lion's update is lr * sign(c): where c lies within a rounding of 0, two float32 runs that round
+    # c apart step 2 lr apart in that element (float64 runs practically never).
     sign_update: bool = False
 
     def hyper(self, values: dict) -> list[float]:
@@ -72,6 +108,10 @@ OPTIMIZERS = {
     "adamw": Entry(fusedlr.AdamW, torch.optim.AdamW, dict(lr=0.01, weight_decay=0.1), "adam", _adam_hyper,
                    alike=dict(lr=0.01, weight_decay=0.1, amsgrad=True),
                    variants={"amsgrad": dict(lr=0.01, amsgrad=True, weight_decay=0.05)}),
+    "lion": Entry(fusedlr.Lion, LionReference, dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1), "lion",
+                  _lion_hyper, alike=dict(lr=1e-3, weight_decay=0.1), sign_update=True,
+                  variants={"maximize": dict(lr=3e-3, betas=(0.95, 0.98), maximize=True),
+                            "no-decay": dict(lr=1e-3)}),
 }
 
 # The ops: each C++ optimizer once, with the entry that draws its settings.

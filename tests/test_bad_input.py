@@ -1,5 +1,7 @@
 """Bad input: a clear error, and the parameters, state and step counters exactly as before."""
 
+import math
+
 import pytest
 import torch
 
@@ -29,6 +31,13 @@ from test_state_dict import assert_unchanged, snapshot, trained, trained_adam
     (lambda p: fusedlr.AdamW(p, schedule=torch.optim.lr_scheduler.StepLR), "schedule"),
     (lambda p: fusedlr.AdamW([{"params": p, "lr": -1.0}]), "lr"),
     (lambda p: fusedlr.AdamW([{"params": p, "schedule": "cosine"}]), "schedule"),
+    (lambda p: fusedlr.Lion(p, lr=-1e-4), "lr"),
+    (lambda p: fusedlr.Lion(p, betas=(1.5, 0.99)), "betas"),
+    (lambda p: fusedlr.Lion(p, betas=(0.9, math.nan)), "betas"),
+    (lambda p: fusedlr.Lion(p, weight_decay=-0.1), "weight_decay"),
+    (lambda p: fusedlr.Lion(p, maximize=1), "maximize"),
+    (lambda p: fusedlr.Lion(p, max_grad_norm=0.0), "max_grad_norm"),
+    (lambda p: fusedlr.Lion(p, foreach=True), "foreach"),
 ])
 def test_invalid_hyperparameters_raise_value_error_naming_them(build, argument):
     with pytest.raises(ValueError, match=argument):

@@ -360,3 +360,21 @@ def test_many_parameters_match_torch():
         ref_sched.step()
     compare_state(opt, ref_opt, fused, ref, F64_TOL, "after 6 steps")
 
+
+def test_lion_defaults_and_the_sign_of_zero():
+    """Lion's defaults are the paper's (lr 1e-4, betas (0.9, 0.99), no decay); its update is lr per
+    element in the direction of -sign(c), none where c is 0 (torch.sign(0) = 0), and the decay
+    multiplies first."""
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64))
+    opt = fusedlr.Lion([p])
+    group = opt.param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (1e-4, (0.9, 0.99), 0.0)
+    opt.param_groups[0]["weight_decay"] = 0.5
+    p.grad = torch.tensor([2.0, -1e-30, 0.0, -7.0], dtype=torch.float64)
+    opt.step()
+    decay = 1 - 1e-4 * 0.5
+    expected = torch.tensor([1.0 * decay - 1e-4, -2.0 * decay + 1e-4, 0.5 * decay, 3.0 * decay + 1e-4],
+                            dtype=torch.float64)
+    assert torch.equal(p.detach(), expected)
+    assert torch.equal(opt.state[p]["exp_avg"], (1 - 0.99) * p.grad)
+    assert set(opt.state[p]) == {"step", "exp_avg"} and int(opt.state[p]["step"]) == 1
