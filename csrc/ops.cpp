@@ -23,6 +23,8 @@
 #include <torch/library.h>
 
 #include "op_schemas.h"
+#include "optimizers.h"
+#include "step_op.h"
 
 TORCH_LIBRARY(fusedlr, m) { fusedlr::define_ops(m); }
 
@@ -33,7 +35,8 @@ TORCH_LIBRARY(fusedlr, m) { fusedlr::define_ops(m); }
 // ops do, so a graph that saved a parameter still notices that it changed. Optimizer state and
 // step counters are the optimizer's own and never enter a graph.
 TORCH_LIBRARY_IMPL(fusedlr, Autograd, m) {
-  m.impl("sgd_step_", torch::CppFunction::makeFallthrough());
-  m.impl("adam_step_", torch::CppFunction::makeFallthrough());
+  fusedlr::Optimizers::for_each([&](auto tag) {
+    m.impl(fusedlr::step_op_name<typename decltype(tag)::type>().c_str(), torch::CppFunction::makeFallthrough());
+  });
   m.impl("plateau_observe_", torch::CppFunction::makeFallthrough());
 }

@@ -22,8 +22,9 @@
 #include "cpu/cpu_isa.h"
 #include "cpu/prepared_step.h"
 #include "cpu/state_memory.h"
+#include "optimizers.h"
 #include "schedule_math.h"
-#include "update_math.h"
+#include "step_op.h"
 
 #include <optional>
 #include <vector>
@@ -118,27 +119,34 @@ struct StepSettings {
   }
 };
 
-// The CPU fast path of a plan (cpu/prepared_step.h, [note: prepared steps]), for tensors on the CPU.
-std::shared_ptr<PreparedCpuStep> prepare_on_cpu(PreparedCpuStep::Optimizer optimizer,
-                                                const std::vector<at::Tensor>& params,
-                                                std::vector<std::vector<at::Tensor>> states,
-                                                const std::vector<at::Tensor>& steps,
-                                                const std::vector<int64_t>& tensor_group, const StepSettings& s) {
-  if (!s.group_steps.defined() || !s.group_steps.is_cpu()) return nullptr;
-  return std::make_shared<PreparedCpuStep>(optimizer, params, std::move(states), steps, tensor_group, s.hyper,
-                                           s.programs, s.group_steps, s.plateau_state, s.max_grad_norm,
-                                           s.skip_nonfinite, s.grad_norm);
-}
-
-struct SgdPlan {
-  std::vector<at::Tensor> params, momentum_buffers, master_weights, steps;
+// The plan of one optimizer: its op's lists, its settings, and on the CPU its prepared step.
+template <typename Optimizer>
+struct Plan {
+  static constexpr int kLists = kStateLists<Optimizer>;
+  std::vector<at::Tensor> params;
+  std::vector<std::vector<at::Tensor>> states;  // [state list][parameter], in the op's order
+  std::vector<at::Tensor> steps;
   std::vector<int64_t> tensor_group;
   StepSettings settings;
-  std::shared_ptr<PreparedCpuStep> prepared;
+  std::shared_ptr<PreparedCpuStep> prepared;  // the CPU fast path (cpu/prepared_step.h, [note: prepared steps])
+
+  Plan(std::vector<at::Tensor> params_, std::vector<std::vector<at::Tensor>> states_, std::vector<at::Tensor> steps_,
+       std::vector<int64_t> tensor_group_)
+      : params(std::move(params_)),
+        states(std::move(states_)),
+        steps(std::move(steps_)),
+        tensor_group(std::move(tensor_group_)) {
+    TORCH_CHECK(states.size() == static_cast<size_t>(kLists), step_op_label<Optimizer>(), ": a plan takes ", kLists,
+                " state lists, got ", states.size());
+  }
 
   void prepare() {
-    prepared = prepare_on_cpu(PreparedCpuStep::Optimizer::kSgd, params, {momentum_buffers, master_weights}, steps,
-                              tensor_group, settings);
+    prepared = nullptr;
+    const StepSettings& s = settings;
+    if (!s.group_steps.defined() || !s.group_steps.is_cpu()) return;
+    prepared = prepare_cpu_step(Optimizer::kName, {params, states, steps, tensor_group, s.hyper, s.programs,
+                                                   s.group_steps, s.plateau_state, s.max_grad_norm, s.skip_nonfinite,
+                                                   s.grad_norm});
   }
 
   // grad_scale, found_inf: what torch.amp.GradScaler sets on the optimizer (ops.cpp, [note: amp]).
@@ -146,17 +154,18 @@ struct SgdPlan {
     const std::optional<std::vector<at::Tensor>> grads = unpack_grads(given);
     const std::vector<at::Tensor>* grads_in = grads.has_value() ? &*grads : nullptr;
     if (prepared) return prepared->step(grad_scale, found_inf, grads_in);
-    static const auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("fusedlr::sgd_step_", "")
-            .typed<void(at::TensorList, const c10::List<OptionalTensor>&, at::TensorList, at::TensorList,
-                        at::TensorList, at::IntArrayRef, c10::ArrayRef<double>, c10::ArrayRef<double>,
-                        const at::Tensor&, const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
-                        std::optional<double>, bool, const OptionalTensor&)>();
+    call_op(grads_of(params, grads_in), grad_scale, found_inf, std::make_index_sequence<kLists>{});
+  }
+
+  template <size_t... I>
+  void call_op(const c10::List<OptionalTensor>& grads, const OptionalTensor& grad_scale,
+               const OptionalTensor& found_inf, std::index_sequence<I...>) const {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow(("fusedlr::" + step_op_name<Optimizer>()).c_str(), "")
+                               .template typed<typename StepSignature<Optimizer>::type>();
     const StepSettings& s = settings;
-    op.call(params, grads_of(params, grads_in), momentum_buffers, master_weights, steps, tensor_group, s.hyper,
-            s.programs, s.group_steps, s.plateau_state, grad_scale, found_inf, s.max_grad_norm, s.skip_nonfinite,
-            s.grad_norm);
+    op.call(params, grads, at::TensorList(states[I])..., steps, tensor_group, s.hyper, s.programs, s.group_steps,
+            s.plateau_state, grad_scale, found_inf, s.max_grad_norm, s.skip_nonfinite, s.grad_norm);
   }
 
   // grads: None, or one per parameter (None for none) to use instead of their .grad
@@ -171,59 +180,16 @@ struct SgdPlan {
     write_next_lrs();
   }
 
-  void write_next_lrs() const { settings.write_next_lrs(sgd_slot::kCount, sgd_slot::kLr); }
-};
-
-struct AdamPlan {
-  std::vector<at::Tensor> params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_weights, steps;
-  std::vector<int64_t> tensor_group;
-  StepSettings settings;
-  std::shared_ptr<PreparedCpuStep> prepared;
-
-  void prepare() {
-    prepared = prepare_on_cpu(PreparedCpuStep::Optimizer::kAdam, params,
-                              {exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_weights}, steps, tensor_group, settings);
-  }
-
-  void run(const OptionalTensor& grad_scale, const OptionalTensor& found_inf, const GivenGrads& given) const {
-    const std::optional<std::vector<at::Tensor>> grads = unpack_grads(given);
-    const std::vector<at::Tensor>* grads_in = grads.has_value() ? &*grads : nullptr;
-    if (prepared) return prepared->step(grad_scale, found_inf, grads_in);
-    static const auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("fusedlr::adam_step_", "")
-            .typed<void(at::TensorList, const c10::List<OptionalTensor>&, at::TensorList, at::TensorList,
-                        at::TensorList, at::TensorList, at::TensorList, at::IntArrayRef, c10::ArrayRef<double>,
-                        c10::ArrayRef<double>, const at::Tensor&, const at::Tensor&, const OptionalTensor&,
-                        const OptionalTensor&, std::optional<double>, bool, const OptionalTensor&)>();
-    const StepSettings& s = settings;
-    op.call(params, grads_of(params, grads_in), exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_weights, steps,
-            tensor_group, s.hyper, s.programs, s.group_steps, s.plateau_state, grad_scale, found_inf,
-            s.max_grad_norm, s.skip_nonfinite, s.grad_norm);
-  }
-
-  // grads: None, or one per parameter (None for none) to use instead of their .grad
-  void step(const OptionalTensor& grad_scale, const OptionalTensor& found_inf, const GivenGrads& grads) const {
-    run(grad_scale, found_inf, grads);
-    write_next_lrs();
-  }
-
-  void set_hyper(std::vector<double> hyper) {
-    if (prepared) prepared->set_hyper(hyper);
-    settings.hyper = std::move(hyper);
-    write_next_lrs();
-  }
-
-  void write_next_lrs() const { settings.write_next_lrs(adam_slot::kCount, adam_slot::kLr); }
+  void write_next_lrs() const { settings.write_next_lrs(Optimizer::Slot::kCount, Optimizer::Slot::kLr); }
 };
 
 // plan.configure(hyper, programs, group_steps, plateau_state, max_grad_norm, skip_nonfinite, grad_norm,
 // group_lrs), plan.set_hyper(hyper) and plan.step(grad_scale, found_inf)
-template <typename Plan>
-void define_methods(pybind11::class_<Plan>& plan) {
+template <typename PlanT>
+void define_methods(pybind11::class_<PlanT>& plan) {
   plan.def(
       "configure",
-      [](Plan& self, std::vector<double> hyper, std::vector<double> programs, at::Tensor group_steps,
+      [](PlanT& self, std::vector<double> hyper, std::vector<double> programs, at::Tensor group_steps,
          at::Tensor plateau_state, std::optional<double> max_grad_norm, bool skip_nonfinite,
          OptionalTensor grad_norm, OptionalTensor group_lrs) {
         self.settings.set(std::move(hyper), std::move(programs), std::move(group_steps), std::move(plateau_state),
@@ -234,9 +200,9 @@ void define_methods(pybind11::class_<Plan>& plan) {
       pybind11::arg("hyper"), pybind11::arg("programs"), pybind11::arg("group_steps"), pybind11::arg("plateau_state"),
       pybind11::arg("max_grad_norm"), pybind11::arg("skip_nonfinite"), pybind11::arg("grad_norm"),
       pybind11::arg("group_lrs"));
-  plan.def("set_hyper", &Plan::set_hyper, pybind11::arg("hyper"),
+  plan.def("set_hyper", &PlanT::set_hyper, pybind11::arg("hyper"),
            "New hyperparameter values (as many as before), without preparing the lists again.");
-  plan.def("step", &Plan::step, pybind11::arg("grad_scale"), pybind11::arg("found_inf"),
+  plan.def("step", &PlanT::step, pybind11::arg("grad_scale"), pybind11::arg("found_inf"),
            pybind11::arg("grads") = pybind11::none());
 }
 
@@ -269,20 +235,31 @@ PYBIND11_MODULE(_C, m) {
       "The schedule node kinds of csrc/schedule_math.h ([note: schedule kinds]) by name: id and arg layout.");
   m.def("packed_state_buffer", &packed_state_buffer, pybind11::arg("numel"), pybind11::arg("dtype"),
         "A zero CPU tensor for packed optimizer state, on huge pages where the kernel gives them on request.");
-  pybind11::class_<SgdPlan> sgd_plan(m, "SgdPlan");
-  sgd_plan
-      .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                          std::vector<at::Tensor>, std::vector<int64_t>>(),
-           pybind11::arg("params"), pybind11::arg("momentum_buffers"), pybind11::arg("master_weights"),
-           pybind11::arg("steps"), pybind11::arg("tensor_group"));
-  define_methods(sgd_plan);
-  pybind11::class_<AdamPlan> adam_plan(m, "AdamPlan");
-  adam_plan
-      .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                          std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                          std::vector<int64_t>>(),
-           pybind11::arg("params"), pybind11::arg("exp_avgs"), pybind11::arg("exp_avg_sqs"),
-           pybind11::arg("max_exp_avg_sqs"), pybind11::arg("master_weights"), pybind11::arg("steps"),
-           pybind11::arg("tensor_group"));
-  define_methods(adam_plan);
+  // Each optimizer's plan class and its descriptor (optimizer_traits.h): the names of its
+  // hyperparameter slots in `hyper` order, its state lists in the op's order, and the slot a
+  // schedule that cycles the momentum replaces (fusedlr/_ops.py).
+  pybind11::dict optimizers;
+  Optimizers::for_each([&](auto tag) {
+    using Optimizer = typename decltype(tag)::type;
+    using OptimizerPlan = Plan<Optimizer>;
+    pybind11::class_<OptimizerPlan> plan(m, Optimizer::kPlanName);
+    plan.def(pybind11::init<std::vector<at::Tensor>, std::vector<std::vector<at::Tensor>>, std::vector<at::Tensor>,
+                            std::vector<int64_t>>(),
+             pybind11::arg("params"), pybind11::arg("states"), pybind11::arg("steps"), pybind11::arg("tensor_group"));
+    define_methods(plan);
+    pybind11::list slots, states;
+    for (const char* slot : Optimizer::kSlotNames) slots.append(slot);
+    for (int k = 0; k < kStateLists<Optimizer>; ++k) {
+      const StateSpec& spec = state_spec<Optimizer>(k);
+      states.append(pybind11::make_tuple(spec.key, spec.optional));
+    }
+    pybind11::dict descriptor;
+    descriptor["op"] = step_op_name<Optimizer>();
+    descriptor["plan"] = plan;
+    descriptor["slots"] = pybind11::tuple(slots);
+    descriptor["states"] = pybind11::tuple(states);
+    descriptor["momentum_slot"] = Optimizer::kSlotNames[Optimizer::kMomentumSlot];
+    optimizers[Optimizer::kName] = descriptor;
+  });
+  m.attr("optimizers") = optimizers;
 }

@@ -20,19 +20,6 @@ struct StateList {
   bool low_precision_only = false;  // only bfloat16 and float16 parameters may have it (master weights)
 };
 
-// The state lists of the step ops, in their argument order (ops.cpp).
-inline std::vector<StateList> sgd_state_lists(at::TensorList momentum_buffers, at::TensorList master_weights) {
-  return {{"momentum_buffer", momentum_buffers, true}, {"master_weight", master_weights, true, true}};
-}
-
-inline std::vector<StateList> adam_state_lists(at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                                               at::TensorList max_exp_avg_sqs, at::TensorList master_weights) {
-  return {{"exp_avg", exp_avgs, false},
-          {"exp_avg_sq", exp_avg_sqs, false},
-          {"max_exp_avg_sq", max_exp_avg_sqs, true},
-          {"master_weight", master_weights, true, true}};
-}
-
 using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
 
 // The parameters a step updates: those with a gradient.

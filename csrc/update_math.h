@@ -1,6 +1,6 @@
 #pragma once
-// Optimizer update math: the one definition of the SGD and Adam/AdamW updates, used by the CPU
-// and CUDA kernels.
+// Update math that every optimizer shares: what a step does to its gradients, and the helpers of
+// the element updates. Each optimizer's own update is in csrc/optimizers/ (optimizer_traits.h).
 //
 // [note: rounding order]
 // The element updates follow the order of operations of torch's single-tensor (for-loop) SGD and
@@ -15,11 +15,6 @@
 #include "schedule_math.h"
 
 namespace fusedlr {
-
-// Per-group hyperparameters in the `hyper` argument of the ops, kCount doubles per group
-// (fusedlr/optim.py, `_group_hyper`, builds them in this order).
-namespace sgd_slot { enum : int { kLr, kMomentum, kDampening, kWeightDecay, kNesterov, kMaximize, kCount }; }
-namespace adam_slot { enum : int { kLr, kBeta1, kBeta2, kEps, kWeightDecay, kAmsgrad, kMaximize, kDecoupled, kCount }; }
 
 // Square root in the math type: the float overload (unqualified sqrt on a float is the double one).
 FUSEDLR_HD float sqrt_of(float x) { return sqrtf(x); }
@@ -57,142 +52,14 @@ FUSEDLR_HD double clip_factor(double norm, double max_norm) {
   return factor > 1.0 ? 1.0 : factor;
 }
 
+// The factor every gradient of a group is multiplied by before clipping: -1 when maximizing, over
+// the AMP loss scale.
+FUSEDLR_HD double grad_sign_of(bool maximize, const GradAdjust& adjust) { return (maximize ? -1.0 : 1.0) / adjust.scale; }
+
 // Whether a step is skipped: GradScaler found an inf or NaN, or the optimizer skips non-finite
 // norms and this one is not finite (x - x is 0 for finite x only).
 FUSEDLR_HD bool step_skipped(bool found_inf, bool skip_nonfinite, double norm) {
   return found_inf || (skip_nonfinite && !(norm - norm == 0));
-}
-
-// ---------------------------------------------------------------------------------------------
-// SGD
-
-struct SgdScalars {
-  double lr;
-  double momentum;  // 0: no momentum buffer is used this step
-  double dampening;
-  double weight_decay;
-  double grad_sign;  // -1 when maximizing, over the AMP grad scale
-  double clip;       // the clipping factor ([note: gradient adjustments])
-  bool nesterov;
-  bool first_step;  // the momentum buffer is set to the gradient instead of decayed
-};
-
-FUSEDLR_HD SgdScalars sgd_scalars(const double* hyper, ScheduleValue schedule, int64_t completed_steps,
-                                  GradAdjust adjust) {
-  using namespace sgd_slot;
-  SgdScalars s;
-  s.lr = schedule.lr;
-  s.momentum = schedule.has_momentum ? schedule.momentum : hyper[kMomentum];
-  s.dampening = hyper[kDampening];
-  s.weight_decay = hyper[kWeightDecay];
-  s.grad_sign = (hyper[kMaximize] != 0 ? -1.0 : 1.0) / adjust.scale;
-  s.clip = adjust.clip;
-  s.nesterov = hyper[kNesterov] != 0;
-  s.first_step = completed_steps == 0;
-  return s;
-}
-
-template <typename T>
-struct SgdCoefficients {
-  T neg_lr, momentum, one_minus_dampening, weight_decay, grad_sign, clip;
-  bool nesterov, first_step;
-
-  FUSEDLR_HD explicit SgdCoefficients(const SgdScalars& s)
-      : neg_lr(static_cast<T>(-s.lr)),
-        momentum(static_cast<T>(s.momentum)),
-        one_minus_dampening(static_cast<T>(1 - s.dampening)),
-        weight_decay(static_cast<T>(s.weight_decay)),
-        grad_sign(static_cast<T>(s.grad_sign)),
-        clip(static_cast<T>(s.clip)),
-        nesterov(s.nesterov),
-        first_step(s.first_step) {}
-};
-
-// kMomentum: the tensor has a momentum buffer and this step's momentum is nonzero.
-// kWeightDecay: weight_decay != 0 (torch adds nothing otherwise, not even 0 * param).
-template <typename T, bool kMomentum, bool kWeightDecay>
-FUSEDLR_HD void sgd_update(T& param, T grad, T& momentum_buffer, const SgdCoefficients<T>& c) {
-  T g = grad * c.grad_sign * c.clip;
-  if (kWeightDecay) g = g + c.weight_decay * param;
-  if (kMomentum) {
-    momentum_buffer = c.first_step ? g : momentum_buffer * c.momentum + c.one_minus_dampening * g;
-    g = c.nesterov ? g + c.momentum * momentum_buffer : momentum_buffer;
-  }
-  param = param + c.neg_lr * g;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Adam and AdamW
-
-struct AdamScalars {
-  double beta1, beta2, eps;
-  double weight_decay;           // L2 (Adam); 0 under decoupled decay
-  double decay;                  // decoupled decay multiplier 1 - lr * weight_decay (AdamW); else 1
-  double step_size;              // lr / (1 - beta1^step)
-  double bias_correction2_sqrt;  // (1 - beta2^step)^0.5
-  double grad_sign;              // -1 when maximizing, over the AMP grad scale
-  double clip;                   // the clipping factor ([note: gradient adjustments])
-  bool amsgrad;
-};
-
-// `step` is the tensor's step count including this update (torch's state["step"] after +1).
-FUSEDLR_HD AdamScalars adam_scalars(const double* hyper, ScheduleValue schedule, int64_t step, GradAdjust adjust) {
-  using namespace adam_slot;
-  AdamScalars s;
-  const double lr = schedule.lr;
-  s.beta1 = schedule.has_momentum ? schedule.momentum : hyper[kBeta1];
-  s.beta2 = hyper[kBeta2];
-  s.eps = hyper[kEps];
-  const bool decoupled = hyper[kDecoupled] != 0;
-  s.weight_decay = decoupled ? 0.0 : hyper[kWeightDecay];
-  s.decay = decoupled ? 1 - lr * hyper[kWeightDecay] : 1.0;
-  const double bias_correction1 = 1 - pow(s.beta1, static_cast<double>(step));
-  const double bias_correction2 = 1 - pow(s.beta2, static_cast<double>(step));
-  s.step_size = lr / bias_correction1;
-  s.bias_correction2_sqrt = pow(bias_correction2, 0.5);
-  s.grad_sign = (hyper[kMaximize] != 0 ? -1.0 : 1.0) / adjust.scale;
-  s.clip = adjust.clip;
-  s.amsgrad = hyper[kAmsgrad] != 0;
-  return s;
-}
-
-template <typename T>
-struct AdamCoefficients {
-  T one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, neg_step_size,
-      bias_correction2_sqrt, grad_sign, clip;
-  bool small_lerp_weight;
-
-  FUSEDLR_HD explicit AdamCoefficients(const AdamScalars& s)
-      : one_minus_beta1(static_cast<T>(1 - s.beta1)),
-        beta2(static_cast<T>(s.beta2)),
-        one_minus_beta2(static_cast<T>(1 - s.beta2)),
-        eps(static_cast<T>(s.eps)),
-        weight_decay(static_cast<T>(s.weight_decay)),
-        decay(static_cast<T>(s.decay)),
-        neg_step_size(static_cast<T>(-s.step_size)),
-        bias_correction2_sqrt(static_cast<T>(s.bias_correction2_sqrt)),
-        grad_sign(static_cast<T>(s.grad_sign)),
-        clip(static_cast<T>(s.clip)),
-        small_lerp_weight(one_minus_beta1 < T(0.5) && one_minus_beta1 > T(-0.5)) {}
-};
-
-// kWeightDecay: L2 weight decay (Adam with weight_decay != 0). The decoupled decay of AdamW is a
-// multiplier that is exactly 1 when unused, so it needs no switch.
-template <typename T, bool kAmsgrad, bool kWeightDecay>
-FUSEDLR_HD void adam_update(T& param, T grad, T& exp_avg, T& exp_avg_sq, T& max_exp_avg_sq,
-                            const AdamCoefficients<T>& c) {
-  T g = grad * c.grad_sign * c.clip;
-  if (kWeightDecay) g = g + c.weight_decay * param;
-  param = param * c.decay;
-  exp_avg = lerp(exp_avg, g, c.one_minus_beta1, c.small_lerp_weight);
-  exp_avg_sq = exp_avg_sq * c.beta2 + c.one_minus_beta2 * g * g;
-  T second_moment = exp_avg_sq;
-  if (kAmsgrad) {
-    max_exp_avg_sq = max_exp_avg_sq > exp_avg_sq ? max_exp_avg_sq : exp_avg_sq;
-    second_moment = max_exp_avg_sq;
-  }
-  const T denom = sqrt_of(second_moment) / c.bias_correction2_sqrt + c.eps;
-  param = param + c.neg_step_size * exp_avg / denom;
 }
 
 }  // namespace fusedlr

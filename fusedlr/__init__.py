@@ -13,11 +13,11 @@
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C, schedules
-from .optim import SGD, Adam, AdamW
+from . import _C, optim, schedules
+from .optim import *  # noqa: F401,F403  (every optimizer: optim.__all__)
 from .convert import from_torch
 
-__all__ = ["SGD", "Adam", "AdamW", "from_torch", "schedules", "cuda_built", "cpu_isa"]
+__all__ = [*optim.__all__, "from_torch", "schedules", "cuda_built", "cpu_isa"]
 
 
 def cuda_built() -> bool:

@@ -1,12 +1,14 @@
 """Typed wrappers of the fusedlr ops and their fake kernels (for torch.compile and meta tensors).
 
-The dispatcher picks the CPU or CUDA kernel from the tensors' device. Schemas: csrc/ops.cpp.
-Per-group hyperparameters are laid out as csrc/update_math.h's sgd_slot / adam_slot say
-(fusedlr/optim.py, `_group_hyper`).
+The dispatcher picks the CPU or CUDA kernel from the tensors' device. Schemas: csrc/ops.cpp. Each
+optimizer of the C++ registry (csrc/optimizer_traits.h, [note: optimizer traits]) has a step op,
+described in OPTIMIZERS: the names of its hyperparameter slots in the order of the `hyper`
+argument, and its state lists in the op's order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -34,25 +36,33 @@ def initial_plateau_state(groups: int, device: torch.device) -> Tensor:
     return state
 
 
-def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor | None], momentum_buffers: Sequence[Tensor],
-              master_weights: Sequence[Tensor], steps: Sequence[Tensor], tensor_group: Sequence[int],
-              hyper: Sequence[float], programs: Sequence[float], group_steps: Tensor, plateau_state: Tensor,
-              grad_scale: Tensor | None = None, found_inf: Tensor | None = None, max_grad_norm: float | None = None,
-              skip_nonfinite: bool = False, grad_norm: Tensor | None = None) -> None:
-    _ops.sgd_step_(params, grads, momentum_buffers, master_weights, steps, tensor_group, hyper, programs,
-                   group_steps, plateau_state, grad_scale, found_inf, max_grad_norm, skip_nonfinite, grad_norm)
+@dataclasses.dataclass(frozen=True)
+class OptimizerDescriptor:
+    """What fusedlr._C says of an optimizer of the registry."""
+    name: str
+    op: str                      # its step op in torch.ops.fusedlr
+    plan: type                   # its step plan class (csrc/python_plan.cpp, [note: step plans])
+    slots: tuple[str, ...]       # its hyperparameters per group, in the order of `hyper`
+    states: tuple[str, ...]      # its state keys, in the order of the op's state lists
+    required: tuple[str, ...]    # the state every parameter with state has
+    momentum_slot: str           # the slot a schedule that cycles the momentum replaces
 
 
-def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor | None], exp_avgs: Sequence[Tensor],
-               exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor], master_weights: Sequence[Tensor],
-               steps: Sequence[Tensor], tensor_group: Sequence[int], hyper: Sequence[float],
-               programs: Sequence[float], group_steps: Tensor, plateau_state: Tensor,
-               grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
-               max_grad_norm: float | None = None, skip_nonfinite: bool = False,
-               grad_norm: Tensor | None = None) -> None:
-    _ops.adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_weights, steps, tensor_group,
-                    hyper, programs, group_steps, plateau_state, grad_scale, found_inf, max_grad_norm,
-                    skip_nonfinite, grad_norm)
+OPTIMIZERS: dict[str, OptimizerDescriptor] = {
+    name: OptimizerDescriptor(name, d["op"], d["plan"], tuple(d["slots"]), tuple(key for key, _ in d["states"]),
+                              tuple(key for key, optional in d["states"] if not optional), d["momentum_slot"])
+    for name, d in _C.optimizers.items()}
+
+
+def step_(optimizer: str, params: Sequence[Tensor], grads: Sequence[Tensor | None],
+          states: Sequence[Sequence[Tensor]], steps: Sequence[Tensor], tensor_group: Sequence[int],
+          hyper: Sequence[float], programs: Sequence[float], group_steps: Tensor, plateau_state: Tensor,
+          grad_scale: Tensor | None = None, found_inf: Tensor | None = None, max_grad_norm: float | None = None,
+          skip_nonfinite: bool = False, grad_norm: Tensor | None = None) -> None:
+    """One step of `optimizer` (a key of OPTIMIZERS); `states` holds its state lists in order."""
+    op = getattr(_ops, OPTIMIZERS[optimizer].op)
+    op(params, grads, *states, steps, tensor_group, hyper, programs, group_steps, plateau_state, grad_scale,
+       found_inf, max_grad_norm, skip_nonfinite, grad_norm)
 
 
 def plateau_observe_(metric: Tensor, base_lrs: Sequence[float], programs: Sequence[float],
@@ -78,20 +88,19 @@ def _check_one_device(op: str, group_steps: Tensor, *tensors) -> None:
                                f"{group_steps.device}; all tensors of one optimizer must be on one device")
 
 
-@torch.library.register_fake("fusedlr::sgd_step_")
-def _sgd_step_fake(params, grads, momentum_buffers, master_weights, steps, tensor_group, hyper, programs,
-                   group_steps, plateau_state, grad_scale=None, found_inf=None, max_grad_norm=None,
-                   skip_nonfinite=False, grad_norm=None):
-    _check_one_device("fusedlr.sgd_step_", group_steps, params, grads, momentum_buffers, master_weights, steps,
-                      plateau_state, grad_scale, found_inf, grad_norm)
+def _register_step_fake(op_name: str) -> None:
+    names = [argument.name for argument in getattr(_ops, op_name).default._schema.arguments]
+
+    def fake(*args, **kwargs):
+        bound = dict(zip(names, args), **kwargs)
+        _check_one_device(f"fusedlr.{op_name}", bound["group_steps"],
+                          *(value for name, value in bound.items() if name != "group_steps"))
+
+    torch.library.register_fake(f"fusedlr::{op_name}")(fake)
 
 
-@torch.library.register_fake("fusedlr::adam_step_")
-def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_weights, steps, tensor_group,
-                    hyper, programs, group_steps, plateau_state, grad_scale=None, found_inf=None,
-                    max_grad_norm=None, skip_nonfinite=False, grad_norm=None):
-    _check_one_device("fusedlr.adam_step_", group_steps, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                      master_weights, steps, plateau_state, grad_scale, found_inf, grad_norm)
+for _descriptor in OPTIMIZERS.values():
+    _register_step_fake(_descriptor.op)
 
 
 @torch.library.register_fake("fusedlr::plateau_observe_")

@@ -1,4 +1,4 @@
-"""fusedlr.SGD, fusedlr.Adam, fusedlr.AdamW: torch.optim optimizers whose learning-rate schedule
+"""fusedlr.SGD, fusedlr.Adam, fusedlr.AdamW, fusedlr.Lion: torch.optim optimizers whose learning-rate schedule
 runs inside the fused step.
 
 Each ``step()`` is one op call over every parameter of every group: the kernel reads each group's
@@ -27,7 +27,7 @@ from . import distributed as _dist
 from .distributed import is_dtensor, local_of
 from .schedules import ReduceLROnPlateau, Schedule, compile_programs, from_spec
 
-__all__ = ["SGD", "Adam", "AdamW"]
+__all__ = ["SGD", "Adam", "AdamW", "Lion"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -238,8 +238,19 @@ class _FusedOptimizer(Optimizer):
     # scale of the user's, so there is no class default) instead of unscaling and checking on the
     # host (csrc/ops.cpp, [note: amp]).
     _step_supports_amp_scaling = True
+    # The optimizer of the C++ registry a subclass steps (fusedlr/_ops.py, OPTIMIZERS): its
+    # descriptor gives the order of the `hyper` slots and the state keys.
+    _OPTIMIZER: str
+    _DESCRIPTOR: _ops.OptimizerDescriptor
     _STATE_KEYS: tuple[str, ...]  # tensor state besides "step", in the op's argument order
     _REQUIRED_KEYS: tuple[str, ...]  # what loaded state must hold
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "_OPTIMIZER" in cls.__dict__:
+            cls._DESCRIPTOR = _ops.OPTIMIZERS[cls._OPTIMIZER]
+            cls._STATE_KEYS = cls._DESCRIPTOR.states
+            cls._REQUIRED_KEYS = cls._DESCRIPTOR.required
 
     def __init__(self, params, defaults: dict, max_grad_norm: float | None, skip_nonfinite: bool,
                  master_weights: bool, partition_group=None):
@@ -368,10 +379,20 @@ class _FusedOptimizer(Optimizer):
                 and all(map(operator.is_, objects, seen_objects))
                 and (self._seen_hyper is None or self._hyper() == self._seen_hyper))
 
-    def _group_hyper(self, group: dict) -> tuple[float, ...]:
-        """The group's slots of the ops' `hyper` argument, in csrc/update_math.h's sgd_slot / adam_slot order;
-        the lr slot holds the lr the schedule scales (_lr.base_lr)."""
+    def _hyper_values(self, group: dict) -> dict[str, float]:
+        """The group's hyperparameters by the names of the op's `hyper` slots (the descriptor's
+        `slots`); "lr" is the lr the schedule scales (_lr.base_lr). float(): a tensor value changed
+        in place (fill_) is a changed value."""
         raise NotImplementedError
+
+    def _group_hyper(self, group: dict) -> tuple[float, ...]:
+        """The group's slots of the ops' `hyper` argument, in the descriptor's order."""
+        values = self._hyper_values(group)
+        slots = self._DESCRIPTOR.slots
+        if len(values) != len(slots):
+            raise RuntimeError(f"{type(self).__name__}: hyperparameters {sorted(values)} do not match the "
+                               f"op's slots {list(slots)}")
+        return tuple(values[name] for name in slots)
 
     # -- the lr convention (fusedlr/lr.py) -------------------------------------------------------
 
@@ -413,7 +434,11 @@ class _FusedOptimizer(Optimizer):
         return self._programs
 
     def _has_state(self, key: str, param: Tensor, group: dict) -> bool:
-        """Whether the parameter's state holds `key` (one of _STATE_KEYS) under the current settings."""
+        """Whether the parameter's state holds `key` (one of _STATE_KEYS) under the current settings:
+        required state always, master weights as the option says; a subclass decides its other
+        optional state."""
+        if key in self._REQUIRED_KEYS:
+            return True
         return key == "master_weight" and self.master_weights and _is_low_precision(param)
 
     def _new_states(self, fresh: Sequence[tuple[Tensor, dict]]) -> list[dict]:
@@ -648,12 +673,15 @@ class _FusedOptimizer(Optimizer):
             lists.plan.step(grad_scale, found_inf, grads)
 
     def _make_plan(self, lists: _StepLists):
-        raise NotImplementedError
+        return self._DESCRIPTOR.plan(lists.params, [lists.states[key] for key in self._STATE_KEYS], lists.steps,
+                                     lists.tensor_group)
 
     def _run_op(self, lists: _StepLists, grads: list[Tensor | None], hyper: tuple[float, ...], programs: list[float],
                 grad_scale: Tensor | None, found_inf: Tensor | None, max_grad_norm: float | None,
                 skip_nonfinite: bool, grad_norm: Tensor | None):
-        raise NotImplementedError
+        _ops.step_(self._OPTIMIZER, lists.params, grads, [lists.states[key] for key in self._STATE_KEYS],
+                   lists.steps, lists.tensor_group, hyper, programs, self._group_steps, self._plateau_state,
+                   grad_scale, found_inf, max_grad_norm, skip_nonfinite, grad_norm)
 
     # -- gradient norm ---------------------------------------------------------------------------
 
@@ -711,7 +739,7 @@ class _FusedOptimizer(Optimizer):
         return torch.where(values[:, 2] != 0, values[:, 1], static)
 
     def _static_momentum(self, group: dict) -> float:
-        raise NotImplementedError
+        return self._hyper_values(group)[self._DESCRIPTOR.momentum_slot]
 
     def as_lr_scheduler(self) -> _lr.OnDeviceScheduler:
         """A torch LRScheduler for the slots where a framework wants one (HF Trainer's
@@ -972,8 +1000,7 @@ class SGD(_FusedOptimizer):
     CyclicLR when they cycle it). Arguments as torch.optim.SGD, plus:
     """ + _SCHEDULE_DOC
 
-    _STATE_KEYS = ("momentum_buffer", "master_weight")
-    _REQUIRED_KEYS = ()
+    _OPTIMIZER = "sgd"
 
     def _missing_step(self, saved: dict) -> int:
         # torch's SGD state is only the momentum buffer; a buffer means at least one step was taken.
@@ -1005,27 +1032,16 @@ class SGD(_FusedOptimizer):
         schedule = group["schedule"]
         return group["momentum"] != 0 or (schedule is not None and schedule.cycles_momentum)
 
-    def _group_hyper(self, group: dict) -> tuple[float, ...]:
-        # float(): a tensor value changed in place (fill_) is a changed value
-        return (_lr.base_lr(group), float(group["momentum"]), float(group["dampening"]),
-                float(group["weight_decay"]), float(group["nesterov"]), float(group["maximize"]))
-
-    def _static_momentum(self, group: dict) -> float:
-        return float(group["momentum"])
+    def _hyper_values(self, group: dict) -> dict[str, float]:
+        return dict(lr=_lr.base_lr(group), momentum=float(group["momentum"]), dampening=float(group["dampening"]),
+                    weight_decay=float(group["weight_decay"]), nesterov=float(group["nesterov"]),
+                    maximize=float(group["maximize"]))
 
     def _has_state(self, key: str, param: Tensor, group: dict) -> bool:
         if key == "momentum_buffer":
             return self._uses_momentum(group)
         return super()._has_state(key, param, group)
 
-    def _make_plan(self, lists):
-        return _C.SgdPlan(lists.params, lists.states["momentum_buffer"], lists.states["master_weight"], lists.steps,
-                          lists.tensor_group)
-
-    def _run_op(self, lists, grads, hyper, programs, *options):
-        _ops.sgd_step_(lists.params, grads, lists.states["momentum_buffer"], lists.states["master_weight"],
-                       lists.steps, lists.tensor_group, hyper, programs, self._group_steps, self._plateau_state,
-                       *options)
 
 
 class Adam(_FusedOptimizer):
@@ -1045,8 +1061,7 @@ class Adam(_FusedOptimizer):
     torch.optim.Adam, plus:
     """ + _SCHEDULE_DOC
 
-    _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_weight")
-    _REQUIRED_KEYS = ("exp_avg", "exp_avg_sq")
+    _OPTIMIZER = "adam"
 
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *,
@@ -1074,31 +1089,18 @@ class Adam(_FusedOptimizer):
         _check_flag("maximize", group["maximize"])
         _check_flag("decoupled_weight_decay", group["decoupled_weight_decay"])
 
-    def _group_hyper(self, group: dict) -> tuple[float, ...]:
+    def _hyper_values(self, group: dict) -> dict[str, float]:
         beta1, beta2 = group["betas"]
-        # float(): a tensor value changed in place (fill_) is a changed value
-        return (_lr.base_lr(group), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
-                float(group["amsgrad"]), float(group["maximize"]), float(group["decoupled_weight_decay"]))
-
-    def _static_momentum(self, group: dict) -> float:
-        return float(group["betas"][0])
+        return dict(lr=_lr.base_lr(group), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                    weight_decay=float(group["weight_decay"]), amsgrad=float(group["amsgrad"]),
+                    maximize=float(group["maximize"]),
+                    decoupled_weight_decay=float(group["decoupled_weight_decay"]))
 
     def _has_state(self, key: str, param: Tensor, group: dict) -> bool:
-        if key in ("exp_avg", "exp_avg_sq"):
-            return True
         if key == "max_exp_avg_sq":
             return bool(group["amsgrad"])
         return super()._has_state(key, param, group)
 
-    def _make_plan(self, lists):
-        return _C.AdamPlan(lists.params, lists.states["exp_avg"], lists.states["exp_avg_sq"],
-                           lists.states["max_exp_avg_sq"], lists.states["master_weight"], lists.steps,
-                           lists.tensor_group)
-
-    def _run_op(self, lists, grads, hyper, programs, *options):
-        _ops.adam_step_(lists.params, grads, lists.states["exp_avg"], lists.states["exp_avg_sq"],
-                        lists.states["max_exp_avg_sq"], lists.states["master_weight"], lists.steps,
-                        lists.tensor_group, hyper, programs, self._group_steps, self._plateau_state, *options)
 
 
 class AdamW(Adam):
@@ -1117,3 +1119,52 @@ class AdamW(Adam):
                          foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=True, schedule=schedule, max_grad_norm=max_grad_norm,
                          skip_nonfinite=skip_nonfinite, master_weights=master_weights, partition_group=partition_group)
+
+
+class Lion(_FusedOptimizer):
+    r"""Lion (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms") with the schedule
+    fused into the step.
+
+    .. math::
+        g \leftarrow \pm\nabla, \quad
+        c \leftarrow \beta_1 m + (1 - \beta_1) g, \quad
+        \theta \leftarrow \theta (1 - \gamma_t \lambda) - \gamma_t \operatorname{sign}(c), \quad
+        m \leftarrow \beta_2 m + (1 - \beta_2) g
+
+    with :math:`\gamma_t` the scheduled lr, :math:`\lambda` the (decoupled) weight decay and
+    :math:`\beta_1` cycled by OneCycleLR and CyclicLR when they cycle momentum. State: "exp_avg"
+    (m) and "step". Lion's step has the same size in every coordinate, so its lr is usually 3-10x
+    smaller than AdamW's and its weight decay as much larger. Arguments:
+
+    lr (float): the base learning rate. Default: 1e-4.
+    betas (tuple[float, float]): :math:`(\beta_1, \beta_2)`, each in [0, 1]. Default: (0.9, 0.99).
+    weight_decay (float): decoupled weight decay :math:`\lambda`. Default: 0.
+    maximize (bool): maximize the objective instead. Default: False.
+    """ + _SCHEDULE_DOC
+
+    _OPTIMIZER = "lion"
+
+    def __init__(self, params: Iterable, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0, *, maximize: bool = False, foreach: bool | None = None,
+                 differentiable: bool = False, fused: bool | None = None, schedule: Schedule | None = None,
+                 max_grad_norm: float | None = None, skip_nonfinite: bool = False, master_weights: bool = False,
+                 partition_group=None):
+        _check_unsupported(foreach, fused, differentiable)
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, schedule=schedule)
+        self._check_group(defaults)
+        super().__init__(params, defaults, max_grad_norm, skip_nonfinite, master_weights, partition_group)
+
+    def _check_group(self, group: dict) -> None:
+        group["lr"] = _check_range("learning rate (lr)", group["lr"], 0.0)
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas!r} (a pair of numbers in [0, 1] is required)")
+        group["betas"] = (_check_range("beta parameter at index 0 (betas[0])", betas[0], 0.0, 1.0),
+                          _check_range("beta parameter at index 1 (betas[1])", betas[1], 0.0, 1.0))
+        _check_range("weight_decay", group["weight_decay"], 0.0)
+        _check_flag("maximize", group["maximize"])
+
+    def _hyper_values(self, group: dict) -> dict[str, float]:
+        beta1, beta2 = group["betas"]
+        return dict(lr=_lr.base_lr(group), beta1=float(beta1), beta2=float(beta2),
+                    weight_decay=float(group["weight_decay"]), maximize=float(group["maximize"]))

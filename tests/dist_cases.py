@@ -374,9 +374,10 @@ def case_bad_tensors():
     steps = torch.zeros(1, dtype=torch.int64)
     for params, grads in (([d], [d]), ([plain], [d])):
         try:
-            _ops.adam_step_(params, grads, [torch.zeros(2, 4)], [torch.zeros(2, 4)], [torch.empty(0)],
-                            [torch.empty(0)], [steps.view(())], [0], [0.1, 0.9, 0.999, 1e-8, 0, 0, 0, 1],
-                            [1.0, 0.0, 1.0], torch.zeros(1, dtype=torch.int64), _ops.initial_plateau_state(1, "cpu"))
+            _ops.step_("adam", params, grads, [[torch.zeros(2, 4)], [torch.zeros(2, 4)], [torch.empty(0)],
+                                               [torch.empty(0)]],
+                       [steps.view(())], [0], [0.1, 0.9, 0.999, 1e-8, 0, 0, 0, 1], [1.0, 0.0, 1.0],
+                       torch.zeros(1, dtype=torch.int64), _ops.initial_plateau_state(1, "cpu"))
         except (RuntimeError, ValueError) as e:
             assert "DTensor" in str(e) or "subclass" in str(e) or "mixed" in str(e), e
         else:

@@ -9,6 +9,7 @@ import torch
 
 import fusedlr
 from fusedlr import schedules as S
+from registry import OPTIMIZERS
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -42,7 +43,7 @@ def train(model, opt, scaler, batches, clip=None, poison=(), bad=math.nan, dtype
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("clip", [None, "clip_grad_norm_", "max_grad_norm"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_grad_scaler_matches_torch(device, optimizer, clip, dtype):
@@ -60,12 +61,10 @@ def test_grad_scaler_matches_torch(device, optimizer, clip, dtype):
     # by step 16), so they are no reference.
     impl = dict(fused=True) if clip is None and optimizer == "adamw" else dict(foreach=False)
     fused_clip = dict(max_grad_norm=1.0) if clip == "max_grad_norm" else {}
-    if optimizer == "adamw":
-        opt = fusedlr.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, **fused_clip)
-        ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, weight_decay=0.1, **impl)
-    else:
-        opt = fusedlr.SGD(model.parameters(), lr=1e-2, momentum=0.9, **fused_clip)
-        ref = torch.optim.SGD(ref_model.parameters(), lr=1e-2, momentum=0.9, **impl)
+    entry = OPTIMIZERS[optimizer]
+    kwargs = dict(entry.alike, lr=1e-2)
+    opt = entry.fused(model.parameters(), **kwargs, **fused_clip)
+    ref = entry.reference(ref_model.parameters(), **kwargs, **impl)
     poison = {25, 31}
     # growth_interval=1000: once the scale fits, only the poisoned steps skip, whatever the rounding.
     # In fp16 the first scale overflows; bf16 has float32's range, where only the poison does.

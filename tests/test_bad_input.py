@@ -1,12 +1,15 @@
 """Bad input: a clear error, and the parameters, state and step counters exactly as before."""
 
+import math
+
 import pytest
 import torch
 
 import fusedlr
 from fusedlr import _ops
 from fusedlr import schedules as S
-from test_state_dict import assert_unchanged, snapshot, trained_adam
+from registry import OPTIMIZERS
+from test_state_dict import assert_unchanged, snapshot, trained, trained_adam
 
 
 @pytest.mark.parametrize("build,argument", [
@@ -28,6 +31,13 @@ from test_state_dict import assert_unchanged, snapshot, trained_adam
     (lambda p: fusedlr.AdamW(p, schedule=torch.optim.lr_scheduler.StepLR), "schedule"),
     (lambda p: fusedlr.AdamW([{"params": p, "lr": -1.0}]), "lr"),
     (lambda p: fusedlr.AdamW([{"params": p, "schedule": "cosine"}]), "schedule"),
+    (lambda p: fusedlr.Lion(p, lr=-1e-4), "lr"),
+    (lambda p: fusedlr.Lion(p, betas=(1.5, 0.99)), "betas"),
+    (lambda p: fusedlr.Lion(p, betas=(0.9, math.nan)), "betas"),
+    (lambda p: fusedlr.Lion(p, weight_decay=-0.1), "weight_decay"),
+    (lambda p: fusedlr.Lion(p, maximize=1), "maximize"),
+    (lambda p: fusedlr.Lion(p, max_grad_norm=0.0), "max_grad_norm"),
+    (lambda p: fusedlr.Lion(p, foreach=True), "foreach"),
 ])
 def test_invalid_hyperparameters_raise_value_error_naming_them(build, argument):
     with pytest.raises(ValueError, match=argument):
@@ -72,8 +82,9 @@ def bad_gradient_cases():
 
 @pytest.mark.parametrize("name,make_grad,message", list(bad_gradient_cases()))
 @pytest.mark.parametrize("fresh", [False, True], ids=["trained", "new-parameter"])
-def test_bad_gradient_raises_and_changes_nothing(name, make_grad, message, fresh):
-    params, opt = trained_adam()
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_bad_gradient_raises_and_changes_nothing(name, make_grad, message, fresh, optimizer):
+    params, opt = trained(optimizer)
     extra = torch.nn.Parameter(torch.randn(4))
     opt.add_param_group({"params": [extra]})
     all_params = params + [extra]
@@ -105,10 +116,11 @@ def test_observe_refuses_a_non_scalar_metric():
 
 
 @pytest.mark.parametrize("change", ["dtype", "shape", "transposed"])
-def test_parameter_changed_under_its_state_raises_and_changes_nothing(change):
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_parameter_changed_under_its_state_raises_and_changes_nothing(change, optimizer):
     """A parameter given new data of another dtype or layout (p.data = ...) no longer fits the state
     its optimizer made for it: a clear error, nothing changed."""
-    params, opt = trained_adam()
+    params, opt = trained(optimizer)
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()  # the step plan exists
@@ -221,7 +233,8 @@ def test_meta_tensors_are_refused():
         args = dict(param=param, grad=torch.ones(3))
         args[meta_arg] = torch.ones(3, device="meta")
         with pytest.raises(RuntimeError, match="meta"):
-            _ops.adam_step_([args["param"]], [args["grad"]], [state], [state.clone()], [torch.empty(0)],
-                            [torch.empty(0)], [step], [0], [0.1, 0.9, 0.999, 1e-8, 0, 0, 0, 1], [1.0, 0.0, 1.0],
-                            torch.zeros(1, dtype=torch.int64), _ops.initial_plateau_state(1, "cpu"))
+            _ops.step_("adam", [args["param"]], [args["grad"]],
+                       [[state], [state.clone()], [torch.empty(0)], [torch.empty(0)]], [step], [0],
+                       [0.1, 0.9, 0.999, 1e-8, 0, 0, 0, 1], [1.0, 0.0, 1.0], torch.zeros(1, dtype=torch.int64),
+                       _ops.initial_plateau_state(1, "cpu"))
     assert torch.equal(param, torch.ones(3)) and torch.equal(state, torch.zeros(3)) and int(step) == 0

@@ -7,10 +7,11 @@ from torch._dynamo.utils import counters
 
 import fusedlr
 from fusedlr import schedules as S
+from registry import OPTIMIZERS
 
 
 @pytest.mark.parametrize("options", [{}, dict(max_grad_norm=0.05, skip_nonfinite=True)])
-@pytest.mark.parametrize("optimizer", [fusedlr.AdamW, fusedlr.SGD])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_compiled_step_has_one_graph_and_matches_eager(optimizer, options):
     torch._dynamo.reset()
     counters.clear()
@@ -18,10 +19,9 @@ def test_compiled_step_has_one_graph_and_matches_eager(optimizer, options):
     model, ref = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
     ref.load_state_dict(model.state_dict())
     schedule = S.OneCycleLR(max_lr=0.01, total_steps=100)
-    kwargs = dict(lr=0.01, schedule=schedule) if optimizer is fusedlr.AdamW else dict(lr=0.01, momentum=0.9,
-                                                                                       schedule=schedule)
-    kwargs.update(options)
-    opt, ref_opt = optimizer(model.parameters(), **kwargs), optimizer(ref.parameters(), **kwargs)
+    kwargs = dict(OPTIMIZERS[optimizer].alike, lr=0.01, schedule=schedule, **options)
+    fused_cls = OPTIMIZERS[optimizer].fused
+    opt, ref_opt = fused_cls(model.parameters(), **kwargs), fused_cls(ref.parameters(), **kwargs)
     x = torch.randn(16, 8)
 
     def backward(m):

@@ -22,6 +22,7 @@ import cuda_emulation
 import fusedlr  # noqa: F401  (the CPU ops)
 from fusedlr import _ops
 from fusedlr import schedules as S
+from registry import OPS
 
 emulated = cuda_emulation.load()
 cpu = torch.ops.fusedlr
@@ -82,25 +83,17 @@ def gradient(rng: torch.Generator, numel: int, dtype: torch.dtype, on_grid: bool
 
 
 def group_settings(case: Case, r: random.Random):
-    hyper, schedules, momentum_groups = [], [], []
+    """Each group's schedule and hyperparameters, drawn by the registry (tests/registry.py), and
+    whether the group needs the optimizer's optional state."""
+    entry = OPS[case.optimizer]
+    hyper, schedules, needs_optional = [], [], []
     for _ in range(case.groups):
         schedule = r.choice(SCHEDULE_POOL)
         schedules.append(schedule)
-        maximize = float(r.random() < 0.3)
-        weight_decay = r.choice([0.0, 0.01])
-        if case.optimizer == "sgd":
-            momentum = r.choice([0.0, 0.9])
-            dampening = r.choice([0.0, 0.1]) if momentum else 0.0
-            nesterov = float(momentum != 0 and dampening == 0 and r.random() < 0.5)
-            hyper += [r.choice([0.05, 0.1]), momentum, dampening, weight_decay, nesterov, maximize]
-            momentum_groups.append(momentum != 0 or (schedule is not None and schedule.cycles_momentum))
-        else:
-            amsgrad = float(r.random() < 0.4)
-            decoupled = float(r.random() < 0.5)
-            hyper += [r.choice([1e-3, 0.01]), r.choice([0.9, 0.8]), 0.999, 1e-8, weight_decay, amsgrad, maximize,
-                      decoupled]
-            momentum_groups.append(bool(amsgrad))  # Adam: whether max_exp_avg_sq is needed
-    return hyper, S.compile_programs(schedules), momentum_groups
+        values, needs = entry.random_hyper(r, schedule)
+        hyper += entry.hyper(values)
+        needs_optional.append(needs)
+    return hyper, S.compile_programs(schedules), needs_optional
 
 
 def build(case: Case):
@@ -121,14 +114,13 @@ def build(case: Case):
         if master is not None:
             master.add_(torch.randn(numel, generator=rng, dtype=torch.float64).to(state_dtype) * 1e-3)
         states = []
-        kinds = ["momentum_buffer"] if case.optimizer == "sgd" else ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
-        for kind in kinds:
-            optional = kind in ("momentum_buffer", "max_exp_avg_sq")
-            if optional and not needs_optional[group]:
+        descriptor = _ops.OPTIMIZERS[case.optimizer]
+        for kind in descriptor.states[:-1]:  # the master weight is apart
+            if kind not in descriptor.required and not needs_optional[group]:
                 states.append(torch.empty(0, dtype=state_dtype))
                 continue
             values = torch.randn(numel, generator=rng, dtype=torch.float64)
-            values = values.abs() if kind != "exp_avg" and kind != "momentum_buffer" else values
+            values = values.abs() if kind.endswith("_sq") else values  # second moments
             states.append(placed(values.to(state_dtype), misaligned))
         if master is None:
             master = torch.empty(0, dtype=state_dtype)
@@ -188,10 +180,8 @@ def run_step(ops, case: Case, built, grads, options):
     if case.clip or case.skip_nonfinite:
         options = dict(options, grad_norm=built["grad_norm"])
     common = (steps, groups, built["hyper"], built["programs"], built["group_steps"], built["plateau"])
-    if case.optimizer == "sgd":
-        ops.sgd_step_(params, grads, list(states[0]), masters, *common, **options)
-    else:
-        ops.adam_step_(params, grads, list(states[0]), list(states[1]), list(states[2]), masters, *common, **options)
+    op = getattr(ops, _ops.OPTIMIZERS[case.optimizer].op)
+    op(params, grads, *[list(s) for s in states], masters, *common, **options)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -236,14 +226,14 @@ DTYPE_SETS = {"f32": (torch.float32,), "f64": (torch.float64,), "bf16": (torch.b
 
 
 @pytest.mark.parametrize("dtypes", list(DTYPE_SETS))
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("optimizer", list(OPS))
 def test_random_steps_match_the_cpu(optimizer, dtypes):
     for seed in range(3):
         run_case(Case(optimizer=optimizer, dtypes=DTYPE_SETS[dtypes], seed=seed, groups=1 + seed * 2,
                       master_weights=seed != 1, multiprocessors=[1, 3, 7][seed]))
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("optimizer", list(OPS))
 @pytest.mark.parametrize("options", ["clip", "clip+amp32", "clip+amp64", "skip_nonfinite", "amp64"])
 def test_gradient_options_match_the_cpu(optimizer, options):
     for seed in range(2):
@@ -252,11 +242,11 @@ def test_gradient_options_match_the_cpu(optimizer, options):
                       grad_scale={"amp32": torch.float32, "amp64": torch.float64}.get(options.split("+")[-1])))
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("optimizer", list(OPS))
 def test_more_tensors_than_one_launch_holds(optimizer):
     """Many small tensors in every dtype: several tables per dtype, 32 groups, one counter shared
     across the launches of two dtypes (each count is read before any advances, as on the CPU)."""
-    capacity = 448 if optimizer == "sgd" else 320
+    capacity = emulated.launch_capacity(optimizer)
     case = Case(optimizer=optimizer, dtypes=(torch.float32, torch.float64), tensors=3 * capacity,
                 sizes=(0, 1, 5, 33, 300), groups=32, steps=3, shared_counters=True, clip=True, seed=20)
     launched, _ = run_case(case)

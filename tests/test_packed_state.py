@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fusedlr
+from registry import OPTIMIZERS
 
 
 def packed_params():
@@ -41,7 +42,7 @@ def check_packed_state(opt, params):
     steps = [opt.state[p]["step"] for p in params]
     assert all(s.dtype == torch.int64 and s.dim() == 0 for s in steps)
     assert len({s.untyped_storage().data_ptr() for s in steps}) == 1
-    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "master_weight"):
+    for key in opt._STATE_KEYS:
         holders = [p for p in params if key in opt.state[p]]
         for dtype in (torch.float32, torch.float64):
             group = [p for p in holders if state_dtype(p) == dtype]
@@ -50,16 +51,17 @@ def check_packed_state(opt, params):
                 assert_packed([opt.state[p][key] for p in group], group)
 
 
-@pytest.mark.parametrize("make", [
-    lambda ps: fusedlr.AdamW(ps, lr=1e-3, amsgrad=True, master_weights=True),
-    lambda ps: fusedlr.SGD(ps, lr=1e-2, momentum=0.9, master_weights=True),
-], ids=["adamw-amsgrad", "sgd-momentum"])
-def test_first_step_packs_state_by_dtype(make):
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_first_step_packs_state_by_dtype(optimizer):
+    """Every state of the registry's settings (alike: with its optional state) is packed."""
     params = packed_params()
     for p in params:
         p.grad = torch.randn_like(p)
-    opt = make(params)
+    entry = OPTIMIZERS[optimizer]
+    opt = entry.fused(params, master_weights=True, **entry.alike)
     opt.step()
+    for key in opt._STATE_KEYS:
+        assert any(key in opt.state[p] for p in params), f"no parameter has {key}: the settings test too little"
     check_packed_state(opt, params)
     for p in params:
         if p.dtype in (torch.bfloat16, torch.float16):

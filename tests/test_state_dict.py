@@ -8,16 +8,14 @@ import torch
 
 import fusedlr
 from fusedlr import schedules as S
+from registry import OPTIMIZERS as REGISTRY
 from twins import SCHEDULES, torch_twin
 
 warnings.filterwarnings("ignore", message=".*lr_scheduler.step\\(\\)")
 
 PLATEAU = S.ReduceLROnPlateau(patience=1, factor=0.5, cooldown=1)
-OPTIMIZERS = {
-    "sgd": lambda params, s: fusedlr.SGD(params, lr=0.05, momentum=0.9, nesterov=True, schedule=s),
-    "adam": lambda params, s: fusedlr.Adam(params, lr=0.01, amsgrad=True, schedule=s),
-    "adamw": lambda params, s: fusedlr.AdamW(params, lr=0.01, weight_decay=0.1, schedule=s),
-}
+OPTIMIZERS = {name: (lambda params, s, entry=entry: entry.fused(params, schedule=s, **entry.alike))
+              for name, entry in REGISTRY.items()}
 
 
 def gradients(n, seed):
@@ -148,9 +146,12 @@ def assert_unchanged(before, opt, params):
     assert torch.equal(opt.last_lr(), lr)
 
 
-def trained_adam():
+def trained(optimizer="adamw", **settings):
+    """Two parameters and an optimizer of the registry (its settings updated by `settings`) after
+    three steps."""
     params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(11))]
-    opt = fusedlr.AdamW(params, lr=0.01, schedule=S.StepLR(step_size=2))
+    entry = REGISTRY[optimizer]
+    opt = entry.fused(params, schedule=S.StepLR(step_size=2), **dict(entry.alike, **settings))
     for _ in range(3):
         for p in params:
             p.grad = torch.randn_like(p)
@@ -158,11 +159,17 @@ def trained_adam():
     return params, opt
 
 
-def test_state_dict_of_another_layout_raises_and_changes_nothing():
-    params, opt = trained_adam()
+def trained_adam():
+    """AdamW with state exp_avg and exp_avg_sq."""
+    return trained("adamw", amsgrad=False)
+
+
+@pytest.mark.parametrize("optimizer", list(REGISTRY))
+def test_state_dict_of_another_layout_raises_and_changes_nothing(optimizer):
+    params, opt = trained(optimizer)
     before = snapshot(opt, params)
     other_params = [torch.nn.Parameter(torch.randn(3, 5)), torch.nn.Parameter(torch.randn(11))]
-    other = fusedlr.AdamW(other_params, lr=0.01)
+    other = REGISTRY[optimizer].fused(other_params, **REGISTRY[optimizer].alike)
     for p in other_params:
         p.grad = torch.randn_like(p)
     other.step()
@@ -170,13 +177,13 @@ def test_state_dict_of_another_layout_raises_and_changes_nothing():
         opt.load_state_dict(other.state_dict())
     assert_unchanged(before, opt, params)
 
-    fewer = fusedlr.AdamW([torch.nn.Parameter(torch.randn(5, 3))], lr=0.01)
+    fewer = REGISTRY[optimizer].fused([torch.nn.Parameter(torch.randn(5, 3))])
     with pytest.raises(ValueError, match="parameters"):
         opt.load_state_dict(fewer.state_dict())
     assert_unchanged(before, opt, params)
 
-    two_groups = fusedlr.AdamW([{"params": [torch.nn.Parameter(torch.randn(5, 3))]},
-                                {"params": [torch.nn.Parameter(torch.randn(11))]}], lr=0.01)
+    two_groups = REGISTRY[optimizer].fused([{"params": [torch.nn.Parameter(torch.randn(5, 3))]},
+                                            {"params": [torch.nn.Parameter(torch.randn(11))]}])
     with pytest.raises(ValueError, match="groups"):
         opt.load_state_dict(two_groups.state_dict())
     assert_unchanged(before, opt, params)

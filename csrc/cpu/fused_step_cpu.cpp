@@ -11,14 +11,18 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <exception>
 #include <mutex>
-#include <tuple>
+#include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
+#include "../optimizers.h"
 #include "../schedule_math.h"
 #include "../step_inputs.h"
+#include "../step_op.h"
 #include "../update_math.h"
 #include "cpu_isa.h"
 #include "prepared_step.h"
@@ -282,20 +286,6 @@ T* data_or_null(const at::Tensor& t) {
   return t.numel() == 0 ? nullptr : static_cast<T*>(t.mutable_data_ptr());
 }
 
-// The element loops read the parameter from its float32 master copy where it has one, and write both
-// (ops.cpp, [note: norm and master weights]).
-template <typename param_t, typename math_t, bool kMaster>
-struct ParamAccess {
-  param_t* __restrict__ param;
-  math_t* __restrict__ master;
-
-  math_t load(int64_t i) const { return kMaster ? master[i] : static_cast<math_t>(param[i]); }
-  void store(int64_t i, math_t value) const {
-    param[i] = static_cast<param_t>(value);
-    if (kMaster) master[i] = value;
-  }
-};
-
 // Calls fn(TypePair, std::bool_constant<master>): master weights exist for low-precision types only.
 template <typename Fn>
 void dispatch_param(at::ScalarType dtype, bool master, Fn&& fn) {
@@ -310,224 +300,118 @@ void dispatch_param(at::ScalarType dtype, bool master, Fn&& fn) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// SGD
+// The update of any optimizer (optimizer_traits.h, [note: optimizer traits])
 
-struct SgdTensor : Job {
-  void* momentum_buffer;  // null: none
-  void* master;           // null: no master copy
-  bool use_momentum;      // this step's momentum is nonzero
-  bool weight_decay;
-  SgdScalars scalars;
+template <typename Optimizer>
+struct OptimizerJob : Job {
+  std::array<void*, kStateLists<Optimizer>> state;  // null: none; the last, the master weight
+  typename Optimizer::Scalars scalars;
+  FlagValues<Optimizer::Flag::kCount> flags;
 };
 
-template <typename param_t, typename math_t, bool kMaster, bool kMomentum, bool kWeightDecay>
-FUSEDLR_LOOP_INLINE inline void sgd_range(const SgdTensor& job, int64_t begin, int64_t end) {
-  const ParamAccess<param_t, math_t, kMaster> param{static_cast<param_t*>(job.param), static_cast<math_t*>(job.master)};
-  const param_t* __restrict__ grad = static_cast<const param_t*>(job.grad);
-  math_t* __restrict__ buffer = static_cast<math_t*>(job.momentum_buffer);
-  const SgdCoefficients<math_t> c(job.scalars);
+template <typename T, size_t>
+using StatePointer = T*;
+
+// The element loop: the parameter read from its float32 master copy where it has one, and both
+// written (ops.cpp, [note: norm and master weights]); the first states_used() state lists read
+// and written, each through a pointer of its own (restrict: the loop vectorizes).
+template <typename Optimizer, typename Flags, typename param_t, typename math_t, bool kMaster, size_t... I>
+FUSEDLR_LOOP_INLINE inline void update_elements(param_t* __restrict__ param, math_t* __restrict__ master,
+                                                const param_t* __restrict__ grad, int64_t begin, int64_t end,
+                                                const typename Optimizer::template Coefficients<math_t>& c,
+                                                StatePointer<math_t, I> __restrict__... state) {
+  constexpr int kUsed = Optimizer::template states_used<Flags>();
   for (int64_t i = begin; i < end; ++i) {
-    math_t p = param.load(i);
-    math_t b = kMomentum ? buffer[i] : math_t(0);
-    sgd_update<math_t, kMomentum, kWeightDecay>(p, static_cast<math_t>(grad[i]), b, c);
-    param.store(i, p);
-    if (kMomentum) buffer[i] = b;
+    math_t p = kMaster ? master[i] : static_cast<math_t>(param[i]);
+    math_t values[] = {(static_cast<int>(I) < kUsed ? state[i] : math_t(0))...};
+    Optimizer::template update<math_t, Flags>(p, static_cast<math_t>(grad[i]), values[I]..., c);
+    param[i] = static_cast<param_t>(p);
+    if (kMaster) master[i] = p;
+    ((static_cast<int>(I) < kUsed ? static_cast<void>(state[i] = values[I]) : static_cast<void>(0)), ...);
   }
 }
 
-void sgd_chunk(const SgdTensor& job, int64_t begin, int64_t end) {
-  dispatch_param(job.dtype, job.master != nullptr, [&](auto types, auto master) {
+template <typename Optimizer, typename Flags, typename param_t, typename math_t, bool kMaster, size_t... I>
+FUSEDLR_LOOP_INLINE inline void update_range(const OptimizerJob<Optimizer>& job, int64_t begin, int64_t end,
+                                             std::index_sequence<I...>) {
+  const typename Optimizer::template Coefficients<math_t> c(job.scalars);
+  update_elements<Optimizer, Flags, param_t, math_t, kMaster, I...>(
+      static_cast<param_t*>(job.param), static_cast<math_t*>(job.state[Optimizer::State::kCount]),
+      static_cast<const param_t*>(job.grad), begin, end, c, static_cast<math_t*>(job.state[I])...);
+}
+
+template <typename Optimizer>
+void update_chunk(const OptimizerJob<Optimizer>& job, int64_t begin, int64_t end) {
+  const bool master = job.state[Optimizer::State::kCount] != nullptr;
+  dispatch_param(job.dtype, master, [&](auto types, auto with_master) {
     using Types = decltype(types);
-    dispatch_bool(job.use_momentum, [&](auto momentum) {
-      dispatch_bool(job.weight_decay, [&](auto weight_decay) {
-        run_for_cpu_isa([&]() FUSEDLR_LOOP_INLINE {
-          sgd_range<typename Types::param_t, typename Types::math_t, master(), momentum(), weight_decay()>(job, begin,
-                                                                                                          end);
-        });
+    dispatch_flags(job.flags, [&](auto flags) {
+      run_for_cpu_isa([&]() FUSEDLR_LOOP_INLINE {
+        update_range<Optimizer, decltype(flags), typename Types::param_t, typename Types::math_t, with_master()>(
+            job, begin, end, std::make_index_sequence<Optimizer::State::kCount>{});
       });
     });
   });
 }
 
-// The SGD step proper, from checked jobs: the checks that need the schedule, then the update.
-void sgd_run(const char* op, std::vector<SgdTensor>& jobs, c10::ArrayRef<double> hyper,
-             c10::ArrayRef<double> programs, const at::Tensor& group_steps, const at::Tensor& plateau_state,
-             const GradOptions& options, StepScratch& scratch) {
-  const std::vector<ScheduleValue>& schedule = scratch.schedule;
-  evaluate_groups(hyper, sgd_slot::kCount, sgd_slot::kLr, programs, group_steps, plateau_state, scratch.schedule);
-  auto scalars_of = [&](const SgdTensor& job, GradAdjust adjust) {
-    return sgd_scalars(hyper.data() + job.group * sgd_slot::kCount, schedule[job.group], *job.step, adjust);
-  };
-  for (const SgdTensor& job : jobs) {
-    const double momentum = scalars_of(job, {}).momentum;
-    TORCH_CHECK(momentum == 0 || job.momentum_buffer != nullptr || job.numel == 0, op, ": parameter ", job.index,
-                " is updated with momentum ", momentum, " but has no momentum_buffer");
-  }
-  plan_chunks(jobs, scratch.plan);
-  const StepControl control = control_step(options, scratch, jobs);
-  if (control.skip) {
-    bump_versions_of_skipped_step(jobs);
-    return;
-  }
-  for (SgdTensor& job : jobs) {
-    job.scalars = scalars_of(job, control.adjust);
-    job.use_momentum = job.scalars.momentum != 0;
-    job.weight_decay = job.scalars.weight_decay != 0;
-  }
-  advance_group_counters(group_steps, jobs);
-  run_chunks(scratch.plan, [&](size_t, const Chunk& c) {
-    if (c.begin == 0) advance_tensor_counters(jobs[c.tensor]);
-    sgd_chunk(jobs[c.tensor], c.begin, c.end);
-  });
-}
-
-SgdTensor sgd_job(Job base, void* momentum_buffer, void* master) {
-  SgdTensor job{};
-  static_cast<Job&>(job) = base;
-  job.momentum_buffer = momentum_buffer;
-  job.master = master;
-  return job;
-}
-
-void sgd_step_cpu(at::TensorList params, const OptionalTensorList& grads, at::TensorList momentum_buffers,
-                  at::TensorList master_weights, at::TensorList steps, at::IntArrayRef tensor_group,
-                  c10::ArrayRef<double> hyper, c10::ArrayRef<double> programs, const at::Tensor& group_steps,
-                  const at::Tensor& plateau_state, const std::optional<at::Tensor>& grad_scale,
-                  const std::optional<at::Tensor>& found_inf, std::optional<double> max_grad_norm, bool skip_nonfinite,
-                  const std::optional<at::Tensor>& grad_norm) {
-  const char* op = "fusedlr.sgd_step_";
-  const ActiveTensors active = check_step_inputs(
-      op, at::kCPU, params, grads,
-      sgd_state_lists(momentum_buffers, master_weights), steps,
-      tensor_group, hyper, sgd_slot::kCount, programs, group_steps, plateau_state);
-  const GradOptions options{grad_scale, found_inf, max_grad_norm, skip_nonfinite, grad_norm};
-  check_grad_options(op, group_steps.device(), options);
-  std::vector<SgdTensor> jobs(active.index.size());
-  for (size_t j = 0; j < jobs.size(); ++j) {
-    const size_t i = static_cast<size_t>(active.index[j]);
-    jobs[j] = sgd_job(job_of(i, params, active.grad_data[j], steps, tensor_group),
-                      data_or_null<void>(momentum_buffers[i]), data_or_null<void>(master_weights[i]));
-  }
-  StepScratch scratch;
-  sgd_run(op, jobs, hyper, programs, group_steps, plateau_state, options, scratch);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Adam and AdamW
-
-struct AdamTensor : Job {
-  void* exp_avg;
-  void* exp_avg_sq;
-  void* max_exp_avg_sq;  // null: none
-  void* master;          // null: no master copy
-  AdamScalars scalars;
-};
-
-template <typename param_t, typename math_t, bool kMaster, bool kAmsgrad, bool kWeightDecay>
-FUSEDLR_LOOP_INLINE inline void adam_range(const AdamTensor& job, int64_t begin, int64_t end) {
-  const ParamAccess<param_t, math_t, kMaster> param{static_cast<param_t*>(job.param), static_cast<math_t*>(job.master)};
-  const param_t* __restrict__ grad = static_cast<const param_t*>(job.grad);
-  math_t* __restrict__ exp_avg = static_cast<math_t*>(job.exp_avg);
-  math_t* __restrict__ exp_avg_sq = static_cast<math_t*>(job.exp_avg_sq);
-  math_t* __restrict__ max_exp_avg_sq = static_cast<math_t*>(job.max_exp_avg_sq);
-  const AdamCoefficients<math_t> c(job.scalars);
-  for (int64_t i = begin; i < end; ++i) {
-    math_t p = param.load(i);
-    math_t m = exp_avg[i];
-    math_t v = exp_avg_sq[i];
-    math_t v_max = kAmsgrad ? max_exp_avg_sq[i] : math_t(0);
-    adam_update<math_t, kAmsgrad, kWeightDecay>(p, static_cast<math_t>(grad[i]), m, v, v_max, c);
-    param.store(i, p);
-    exp_avg[i] = m;
-    exp_avg_sq[i] = v;
-    if (kAmsgrad) max_exp_avg_sq[i] = v_max;
-  }
-}
-
-void adam_chunk(const AdamTensor& job, int64_t begin, int64_t end) {
-  dispatch_param(job.dtype, job.master != nullptr, [&](auto types, auto master) {
-    using Types = decltype(types);
-    dispatch_bool(job.scalars.amsgrad, [&](auto amsgrad) {
-      dispatch_bool(job.scalars.weight_decay != 0, [&](auto weight_decay) {
-        run_for_cpu_isa([&]() FUSEDLR_LOOP_INLINE {
-          adam_range<typename Types::param_t, typename Types::math_t, master(), amsgrad(), weight_decay()>(job, begin,
-                                                                                                          end);
-        });
-      });
-    });
-  });
-}
-
-// The Adam step proper, from checked jobs.
-void adam_run(const char* op, std::vector<AdamTensor>& jobs, c10::ArrayRef<double> hyper,
+// The step proper, from checked jobs: the checks that need the schedule, then the update.
+template <typename Optimizer>
+void run_step(const char* op, std::vector<OptimizerJob<Optimizer>>& jobs, c10::ArrayRef<double> hyper,
               c10::ArrayRef<double> programs, const at::Tensor& group_steps, const at::Tensor& plateau_state,
               const GradOptions& options, StepScratch& scratch) {
-  for (const AdamTensor& job : jobs) {
-    const bool amsgrad = hyper[job.group * adam_slot::kCount + adam_slot::kAmsgrad] != 0;
-    TORCH_CHECK(!amsgrad || job.max_exp_avg_sq != nullptr || job.numel == 0, op, ": parameter ", job.index,
-                " is in an amsgrad group but has no max_exp_avg_sq");
-  }
+  constexpr int kSlots = Optimizer::Slot::kCount;
   const std::vector<ScheduleValue>& schedule = scratch.schedule;
-  evaluate_groups(hyper, adam_slot::kCount, adam_slot::kLr, programs, group_steps, plateau_state, scratch.schedule);
+  evaluate_groups(hyper, kSlots, Optimizer::Slot::kLr, programs, group_steps, plateau_state, scratch.schedule);
+  for (const OptimizerJob<Optimizer>& job : jobs) {
+    const ScheduleValue& value = schedule[job.group];
+    const double momentum =
+        value.has_momentum ? value.momentum : hyper[job.group * kSlots + Optimizer::kMomentumSlot];
+    check_needed_states<Optimizer>(op, hyper, job.group, momentum != 0, job.index,
+                                   [&](int k) { return job.state[k] != nullptr || job.numel == 0; });
+  }
   plan_chunks(jobs, scratch.plan);
   const StepControl control = control_step(options, scratch, jobs);
   if (control.skip) {
     bump_versions_of_skipped_step(jobs);
     return;
   }
-  // Consecutive tensors of a group usually share their step count: reuse the powers.
+  // Consecutive tensors of a group usually share their step count: reuse the scalars.
   int64_t last_group = -1, last_step = -1;
-  AdamScalars last_scalars{};
-  for (AdamTensor& job : jobs) {
-    const int64_t step = *job.step + 1;
+  typename Optimizer::Scalars last_scalars{};
+  for (OptimizerJob<Optimizer>& job : jobs) {
+    const int64_t step = *job.step;
     if (job.group != last_group || step != last_step) {
-      last_scalars = adam_scalars(hyper.data() + job.group * adam_slot::kCount, schedule[job.group], step,
-                                  control.adjust);
+      last_scalars = Optimizer::scalars(hyper.data() + job.group * kSlots, schedule[job.group], step, control.adjust);
       last_group = job.group;
       last_step = step;
     }
     job.scalars = last_scalars;
+    job.flags = Optimizer::flags(job.scalars);
   }
   advance_group_counters(group_steps, jobs);
   run_chunks(scratch.plan, [&](size_t, const Chunk& c) {
     if (c.begin == 0) advance_tensor_counters(jobs[c.tensor]);
-    adam_chunk(jobs[c.tensor], c.begin, c.end);
+    update_chunk(jobs[c.tensor], c.begin, c.end);
   });
 }
 
-AdamTensor adam_job(Job base, void* exp_avg, void* exp_avg_sq, void* max_exp_avg_sq, void* master) {
-  AdamTensor job{};
-  static_cast<Job&>(job) = base;
-  job.exp_avg = exp_avg;
-  job.exp_avg_sq = exp_avg_sq;
-  job.max_exp_avg_sq = max_exp_avg_sq;
-  job.master = master;
-  return job;
-}
-
-void adam_step_cpu(at::TensorList params, const OptionalTensorList& grads, at::TensorList exp_avgs,
-                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList master_weights,
-                   at::TensorList steps, at::IntArrayRef tensor_group, c10::ArrayRef<double> hyper,
-                   c10::ArrayRef<double> programs, const at::Tensor& group_steps, const at::Tensor& plateau_state,
-                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                   std::optional<double> max_grad_norm, bool skip_nonfinite,
-                   const std::optional<at::Tensor>& grad_norm) {
-  const char* op = "fusedlr.adam_step_";
-  const ActiveTensors active = check_step_inputs(
-      op, at::kCPU, params, grads,
-      adam_state_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_weights),
-      steps, tensor_group, hyper, adam_slot::kCount, programs, group_steps, plateau_state);
-  const GradOptions options{grad_scale, found_inf, max_grad_norm, skip_nonfinite, grad_norm};
-  check_grad_options(op, group_steps.device(), options);
-  std::vector<AdamTensor> jobs(active.index.size());
+template <typename Optimizer>
+void cpu_step(const StepCall<Optimizer>& call) {
+  const char* op = step_op_label<Optimizer>();
+  const ActiveTensors active =
+      check_step_inputs(op, at::kCPU, call.params, call.grads, state_lists<Optimizer>(call.states), call.steps,
+                        call.tensor_group, call.hyper, Optimizer::Slot::kCount, call.programs, call.group_steps,
+                        call.plateau_state);
+  check_grad_options(op, call.group_steps.device(), call.options);
+  std::vector<OptimizerJob<Optimizer>> jobs(active.index.size());
   for (size_t j = 0; j < jobs.size(); ++j) {
     const size_t i = static_cast<size_t>(active.index[j]);
-    jobs[j] = adam_job(job_of(i, params, active.grad_data[j], steps, tensor_group), exp_avgs[i].mutable_data_ptr(),
-                       exp_avg_sqs[i].mutable_data_ptr(), data_or_null<void>(max_exp_avg_sqs[i]),
-                       data_or_null<void>(master_weights[i]));
+    static_cast<Job&>(jobs[j]) = job_of(i, call.params, active.grad_data[j], call.steps, call.tensor_group);
+    for (int k = 0; k < kStateLists<Optimizer>; ++k) jobs[j].state[k] = data_or_null<void>(call.states[k][i]);
   }
   StepScratch scratch;
-  adam_run(op, jobs, hyper, programs, group_steps, plateau_state, options, scratch);
+  run_step<Optimizer>(op, jobs, call.hyper, call.programs, call.group_steps, call.plateau_state, call.options,
+                      scratch);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -575,60 +459,46 @@ at::Tensor evaluate_schedules_cpu(c10::ArrayRef<double> programs, c10::ArrayRef<
 // ---------------------------------------------------------------------------------------------
 // Prepared steps (prepared_step.h)
 
-namespace {
-const char* op_name(PreparedCpuStep::Optimizer optimizer) {
-  return optimizer == PreparedCpuStep::Optimizer::kSgd ? "fusedlr.sgd_step_" : "fusedlr.adam_step_";
-}
-}  // namespace
-
-// What a prepared step keeps from one step to the next ([note: no allocation]).
-struct PreparedCpuStep::Scratch {
-  StepScratch step;
-  std::tuple<std::vector<SgdTensor>, std::vector<AdamTensor>> jobs;  // the optimizer's kind
-  std::vector<char> active;  // gather: which parameters have a job
-};
-
 PreparedCpuStep::~PreparedCpuStep() = default;
 
-PreparedCpuStep::PreparedCpuStep(Optimizer optimizer, std::vector<at::Tensor> params,
-                                 std::vector<std::vector<at::Tensor>> states, std::vector<at::Tensor> steps,
-                                 std::vector<int64_t> tensor_group, std::vector<double> hyper,
-                                 std::vector<double> programs, at::Tensor group_steps, at::Tensor plateau_state,
-                                 std::optional<double> max_grad_norm, bool skip_nonfinite,
-                                 std::optional<at::Tensor> grad_norm)
-    : optimizer_(optimizer),
-      hyper_(std::move(hyper)),
-      programs_(std::move(programs)),
-      group_steps_(std::move(group_steps)),
-      plateau_state_(std::move(plateau_state)),
-      max_grad_norm_(max_grad_norm),
-      skip_nonfinite_(skip_nonfinite),
-      grad_norm_(std::move(grad_norm)),
-      scratch_(std::make_unique<Scratch>()) {
-  const char* op = op_name(optimizer);
-  const bool sgd = optimizer == Optimizer::kSgd;
-  const size_t lists = sgd ? 2 : 4;
-  TORCH_CHECK(states.size() == lists, op, ": a prepared step takes ", lists, " state lists, got ", states.size());
-  states_ = std::move(states);
-  state_lists_ = sgd ? sgd_state_lists(states_[0], states_[1])
-                     : adam_state_lists(states_[0], states_[1], states_[2], states_[3]);
-  groups_ = check_step_lists(op, at::kCPU, params.size(), params.size(), state_lists_, steps, tensor_group, hyper_,
-                             sgd ? int64_t{sgd_slot::kCount} : int64_t{adam_slot::kCount}, programs_, group_steps_,
-                             plateau_state_);
+PreparedCpuStep::PreparedCpuStep(const char* op, int64_t hyper_slots, size_t state_lists, PreparedStepInputs inputs,
+                                 std::vector<StateList> (*state_views)(const std::vector<std::vector<at::Tensor>>&))
+    : op_(op),
+      hyper_slots_(hyper_slots),
+      hyper_(std::move(inputs.hyper)),
+      programs_(std::move(inputs.programs)),
+      group_steps_(std::move(inputs.group_steps)),
+      plateau_state_(std::move(inputs.plateau_state)),
+      max_grad_norm_(inputs.max_grad_norm),
+      skip_nonfinite_(inputs.skip_nonfinite),
+      grad_norm_(std::move(inputs.grad_norm)) {
+  TORCH_CHECK(inputs.states.size() == state_lists, op, ": a prepared step takes ", state_lists, " state lists, got ",
+              inputs.states.size());
+  TORCH_CHECK(state_lists <= kMaxStateLists, op, ": more state lists than a prepared step holds");
+  states_ = std::move(inputs.states);
+  state_lists_ = state_views(states_);
+  std::vector<at::Tensor>& params = inputs.params;
+  groups_ = check_step_lists(op, at::kCPU, params.size(), params.size(), state_lists_, inputs.steps,
+                             inputs.tensor_group, hyper_, hyper_slots_, programs_, group_steps_, plateau_state_);
   check_grad_options(op, at::Device(at::kCPU),
                      GradOptions{std::nullopt, std::nullopt, max_grad_norm_, skip_nonfinite_, grad_norm_});
   params_.resize(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     params_[i].param = std::move(params[i]);
-    params_[i].step_tensor = std::move(steps[i]);
-    params_[i].group = tensor_group[i];
+    params_[i].step_tensor = std::move(inputs.steps[i]);
+    params_[i].group = inputs.tensor_group[i];
   }
 }
 
 void PreparedCpuStep::set_hyper(std::vector<double> hyper) {
-  TORCH_CHECK(hyper.size() == hyper_.size(), op_name(optimizer_), ": set_hyper takes ", hyper_.size(),
-              " values, got ", hyper.size());
+  TORCH_CHECK(hyper.size() == hyper_.size(), op_, ": set_hyper takes ", hyper_.size(), " values, got ", hyper.size());
   hyper_ = std::move(hyper);
+}
+
+void PreparedCpuStep::KeptStorage::keep(const at::Tensor& t) {
+  storage = c10::intrusive_ptr<c10::StorageImpl>::reclaim_copy(t.storage().unsafeGetStorageImpl());
+  data = storage->data();
+  nbytes = storage->nbytes();
 }
 
 bool PreparedCpuStep::still_checked(size_t i) const {
@@ -641,20 +511,17 @@ bool PreparedCpuStep::still_checked(size_t i) const {
     return false;
   }
   // The state's memory: each storage still holds the allocation the check saw, of the same size.
-  for (size_t k = 0; k < p.storage.size(); ++k) {
-    if (p.storage[k] &&
-        (p.storage[k]->data() != p.storage_data[k] || p.storage[k]->nbytes() != p.storage_nbytes[k])) {
-      return false;
-    }
+  for (const KeptStorage& kept : p.state_storage) {
+    if (kept.moved()) return false;
   }
-  return true;
+  return !p.step_storage.moved();
 }
 
 void PreparedCpuStep::check(size_t i) {
   Param& p = params_[i];
   p.checked = false;
-  check_param_tensors(op_name(optimizer_), at::kCPU, at::Device(at::kCPU), p.param, state_lists_, p.step_tensor,
-                      p.group, groups_, i);
+  check_param_tensors(op_, at::kCPU, at::Device(at::kCPU), p.param, state_lists_, p.step_tensor, p.group, groups_,
+                      i);
   p.dtype = p.param.scalar_type();
   p.sizes.assign(p.param.sizes().begin(), p.param.sizes().end());
   p.strides.assign(p.param.strides().begin(), p.param.strides().end());
@@ -662,40 +529,36 @@ void PreparedCpuStep::check(size_t i) {
     // Storages released here, maybe on a pool thread, could be the last owners of Python objects:
     // step() frees them on the calling thread.
     const std::lock_guard<std::mutex> lock(retired_mutex_);
-    for (auto& storage : p.storage) {
-      if (storage) retired_.push_back(std::move(storage));
+    for (KeptStorage& kept : p.state_storage) {
+      if (kept.storage) retired_.push_back(std::move(kept.storage));
     }
+    if (p.step_storage.storage) retired_.push_back(std::move(p.step_storage.storage));
   }
-  p.storage = {};
-  auto keep = [&](size_t k, const at::Tensor& t) {
-    p.storage[k] = c10::intrusive_ptr<c10::StorageImpl>::reclaim_copy(t.storage().unsafeGetStorageImpl());
-    p.storage_data[k] = p.storage[k]->data();
-    p.storage_nbytes[k] = p.storage[k]->nbytes();
-  };
+  p.state = {};
+  p.state_storage = {};
   for (size_t k = 0; k < states_.size(); ++k) {
     const at::Tensor& state = states_[k][i];
     p.state[k] = state.numel() == 0 ? nullptr : state.mutable_data_ptr();
-    if (p.state[k] != nullptr) keep(k, state);
+    if (p.state[k] != nullptr) p.state_storage[k].keep(state);
   }
   p.step = p.step_tensor.mutable_data_ptr<int64_t>();
-  keep(4, p.step_tensor);
+  p.step_storage.keep(p.step_tensor);
   p.checked = true;
 }
 
 // The jobs of a step: make(i, common part) for each parameter i with a gradient, in order, and the
 // gradient copies they read. Thousands of parameters are gathered by all threads (their metadata
 // is mostly out of the caches: the misses of different threads overlap); a failed check raises the
-// error of the first parameter that fails, as a serial loop would. The jobs are the scratch's.
+// error of the first parameter that fails, as a serial loop would.
 template <typename JobT, typename Make>
-std::vector<JobT>& PreparedCpuStep::gather(const Make& make, const std::vector<at::Tensor>* grads,
-                                           std::vector<at::Tensor>& copies) {
-  const char* op = op_name(optimizer_);
+void PreparedCpuStep::gather(std::vector<JobT>& slots, const Make& make, const std::vector<at::Tensor>* grads,
+                             std::vector<at::Tensor>& copies) {
+  const char* op = op_;
   const at::Device cpu(at::kCPU);
   const size_t n = params_.size();
   TORCH_CHECK(grads == nullptr || grads->size() == n, op, ": ", grads == nullptr ? 0 : grads->size(),
               " gradients given for ", n, " parameters");
-  std::vector<JobT>& slots = std::get<std::vector<JobT>>(scratch_->jobs);
-  std::vector<char>& active = scratch_->active;
+  std::vector<char>& active = active_;
   slots.resize(n);
   active.assign(n, 0);
   std::mutex mutex;
@@ -711,7 +574,7 @@ std::vector<JobT>& PreparedCpuStep::gather(const Make& make, const std::vector<a
         if (!still_checked(i)) check(i);
         const Param& p = params_[i];
         const void* grad_data = checked_grad_data(op, at::kCPU, cpu, p.param, grad, i, range_copies);
-        slots[i] = make(i, Job{i, p.param.mutable_data_ptr(), grad_data, p.dtype, p.param.numel(), p.group, p.step,
+        slots[i] = make(p, Job{i, p.param.mutable_data_ptr(), grad_data, p.dtype, p.param.numel(), p.group, p.step,
                                p.param.unsafeGetTensorImpl()});
         active[i] = 1;
       } catch (...) {
@@ -740,48 +603,80 @@ std::vector<JobT>& PreparedCpuStep::gather(const Make& make, const std::vector<a
     if (active[i]) slots[count++] = slots[i];
   }
   slots.resize(count);
-  return slots;
 }
 
-void PreparedCpuStep::step(const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                           const std::vector<at::Tensor>* grads) {
-  const char* op = op_name(optimizer_);
-  const GradOptions options{grad_scale, found_inf, max_grad_norm_, skip_nonfinite_, grad_norm_};
-  check_grad_options(op, group_steps_.device(), options);
-  std::vector<at::Tensor> copies;  // gradients in another layout than their parameter's
-  if (optimizer_ == Optimizer::kSgd) {
-    auto& jobs = gather<SgdTensor>(
-        [&](size_t i, const Job& base) { return sgd_job(base, params_[i].state[0], params_[i].state[1]); }, grads,
-        copies);
-    sgd_run(op, jobs, hyper_, programs_, group_steps_, plateau_state_, options, scratch_->step);
-  } else {
-    auto& jobs = gather<AdamTensor>(
-        [&](size_t i, const Job& base) {
-          const auto& state = params_[i].state;
-          return adam_job(base, state[0], state[1], state[2], state[3]);
+namespace {
+
+// The prepared step of one optimizer: the gather of the common part, the optimizer's update.
+template <typename Optimizer>
+class PreparedStepOf final : public PreparedCpuStep {
+ public:
+  static_assert(kStateLists<Optimizer> <= kMaxStateLists, "kMaxStateLists counts every optimizer's lists");
+
+  explicit PreparedStepOf(PreparedStepInputs inputs)
+      : PreparedCpuStep(step_op_label<Optimizer>(), Optimizer::Slot::kCount, kStateLists<Optimizer>,
+                        std::move(inputs), &state_lists<Optimizer, std::vector<std::vector<at::Tensor>>>) {}
+
+  void step(const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+            const std::vector<at::Tensor>* grads) override {
+    const GradOptions options{grad_scale, found_inf, max_grad_norm_, skip_nonfinite_, grad_norm_};
+    check_grad_options(op_, group_steps_.device(), options);
+    std::vector<at::Tensor> copies;  // gradients in another layout than their parameter's
+    gather(
+        jobs_,
+        [](const Param& p, const Job& base) {
+          OptimizerJob<Optimizer> job{};
+          static_cast<Job&>(job) = base;
+          for (int k = 0; k < kStateLists<Optimizer>; ++k) job.state[k] = p.state[k];
+          return job;
         },
         grads, copies);
-    adam_run(op, jobs, hyper_, programs_, group_steps_, plateau_state_, options, scratch_->step);
+    run_step<Optimizer>(op_, jobs_, hyper_, programs_, group_steps_, plateau_state_, options, scratch_);
   }
+
+ private:
+  std::vector<OptimizerJob<Optimizer>> jobs_;  // [note: no allocation]
+  StepScratch scratch_;
+};
+
+}  // namespace
+
+std::shared_ptr<PreparedCpuStep> prepare_cpu_step(const char* optimizer, PreparedStepInputs inputs) {
+  std::shared_ptr<PreparedCpuStep> prepared;
+  Optimizers::for_each([&](auto tag) {
+    using Optimizer = typename decltype(tag)::type;
+    if (std::string(Optimizer::kName) == optimizer) prepared = std::make_shared<PreparedStepOf<Optimizer>>(std::move(inputs));
+  });
+  TORCH_CHECK(prepared, "fusedlr: no optimizer named ", optimizer);
+  return prepared;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Registration: every optimizer's op, on the dense and (to refuse them clearly) sparse keys
+
+namespace {
+
+template <typename Optimizer>
+void impl_step(torch::Library& m) {
+  m.impl(step_op_name<Optimizer>().c_str(), &StepOp<Optimizer, &cpu_step<Optimizer>>::call);
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(fusedlr, CPU, m) {
-  m.impl("sgd_step_", &sgd_step_cpu);
-  m.impl("adam_step_", &adam_step_cpu);
+  Optimizers::for_each([&](auto tag) { impl_step<typename decltype(tag)::type>(m); });
   m.impl("plateau_observe_", &plateau_observe_cpu);
   m.impl("evaluate_schedules", &evaluate_schedules_cpu);
 }
 
-}  // namespace fusedlr
-
 // A sparse gradient routes the call to a sparse dispatch key; the same kernel then refuses it with
 // a clear message (check_step_inputs) before touching anything.
 TORCH_LIBRARY_IMPL(fusedlr, SparseCPU, m) {
-  m.impl("sgd_step_", &fusedlr::sgd_step_cpu);
-  m.impl("adam_step_", &fusedlr::adam_step_cpu);
+  Optimizers::for_each([&](auto tag) { impl_step<typename decltype(tag)::type>(m); });
 }
 
 TORCH_LIBRARY_IMPL(fusedlr, SparseCsrCPU, m) {
-  m.impl("sgd_step_", &fusedlr::sgd_step_cpu);
-  m.impl("adam_step_", &fusedlr::adam_step_cpu);
+  Optimizers::for_each([&](auto tag) { impl_step<typename decltype(tag)::type>(m); });
 }
+
+}  // namespace fusedlr

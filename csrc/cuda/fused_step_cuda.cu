@@ -48,22 +48,24 @@ class CudaLauncher {
 
 }  // namespace
 
+template <typename Optimizer>
+void impl_step(torch::Library& m) {
+  m.impl(step_op_name<Optimizer>().c_str(), &StepOp<Optimizer, &cuda_step::step<Optimizer, CudaLauncher>>::call);
+}
+
 TORCH_LIBRARY_IMPL(fusedlr, CUDA, m) {
-  m.impl("sgd_step_", &cuda_step::sgd_step<CudaLauncher>);
-  m.impl("adam_step_", &cuda_step::adam_step<CudaLauncher>);
+  Optimizers::for_each([&](auto tag) { impl_step<typename decltype(tag)::type>(m); });
   m.impl("plateau_observe_", &cuda_step::plateau_observe<CudaLauncher>);
   m.impl("evaluate_schedules", &cuda_step::evaluate_schedules<CudaLauncher>);
 }
 
 // As on the CPU: a sparse gradient routes the call here, and check_step_inputs refuses it.
 TORCH_LIBRARY_IMPL(fusedlr, SparseCUDA, m) {
-  m.impl("sgd_step_", &cuda_step::sgd_step<CudaLauncher>);
-  m.impl("adam_step_", &cuda_step::adam_step<CudaLauncher>);
+  Optimizers::for_each([&](auto tag) { impl_step<typename decltype(tag)::type>(m); });
 }
 
 TORCH_LIBRARY_IMPL(fusedlr, SparseCsrCUDA, m) {
-  m.impl("sgd_step_", &cuda_step::sgd_step<CudaLauncher>);
-  m.impl("adam_step_", &cuda_step::adam_step<CudaLauncher>);
+  Optimizers::for_each([&](auto tag) { impl_step<typename decltype(tag)::type>(m); });
 }
 
 }  // namespace fusedlr

@@ -22,9 +22,10 @@
 #include <optional>
 #include <vector>
 
+#include "../optimizers.h"
 #include "../schedule_math.h"
 #include "../step_inputs.h"
-#include "../update_math.h"
+#include "../step_op.h"
 #include "step_kernels.cuh"
 
 namespace fusedlr {
@@ -223,20 +224,12 @@ auto grad_sum_kernel_of(at::ScalarType dtype) {
   return kernel;
 }
 
-inline auto sgd_kernel_of(at::ScalarType dtype) {
-  void (*kernel)(const SgdArgs) = nullptr;
+template <typename Optimizer>
+auto step_kernel_of(at::ScalarType dtype) {
+  void (*kernel)(const ArgsOf<Optimizer>) = nullptr;
   dispatch_param_dtype(dtype, [&](auto types) {
     using Types = decltype(types);
-    kernel = sgd_kernel<typename Types::param_t, typename Types::math_t>;
-  });
-  return kernel;
-}
-
-inline auto adam_kernel_of(at::ScalarType dtype) {
-  void (*kernel)(const AdamArgs) = nullptr;
-  dispatch_param_dtype(dtype, [&](auto types) {
-    using Types = decltype(types);
-    kernel = adam_kernel<typename Types::param_t, typename Types::math_t>;
+    kernel = step_kernel<Optimizer, typename Types::param_t, typename Types::math_t>;
   });
   return kernel;
 }
@@ -245,67 +238,39 @@ inline auto adam_kernel_of(at::ScalarType dtype) {
 // Whether a step is skipped (found_inf, a non-finite norm) is known on the device only, so the
 // version counter of every parameter the step may update is bumped when its kernels are
 // launched, skipped or not; the CPU does the same (cpu/fused_step_cpu.cpp).
-template <typename Launcher>
-void sgd_step(at::TensorList params, const OptionalTensorList& grads, at::TensorList momentum_buffers,
-              at::TensorList master_weights, at::TensorList steps, at::IntArrayRef tensor_group,
-              c10::ArrayRef<double> hyper, c10::ArrayRef<double> programs, const at::Tensor& group_steps,
-              const at::Tensor& plateau_state, const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf, std::optional<double> max_grad_norm, bool skip_nonfinite,
-              const std::optional<at::Tensor>& grad_norm) {
-  const char* op = "fusedlr.sgd_step_";
+template <typename Optimizer, typename Launcher>
+void step(const StepCall<Optimizer>& call) {
+  using Args = ArgsOf<Optimizer>;
+  static_assert(sizeof(Args) <= kMaxArgBytes, "kernel arguments too large");
+  constexpr int kSlots = Optimizer::Slot::kCount;
+  const char* op = step_op_label<Optimizer>();
   const ActiveTensors active =
-      check_step_inputs(op, Launcher::kDeviceType, params, grads, sgd_state_lists(momentum_buffers, master_weights),
-                        steps, tensor_group, hyper, sgd_slot::kCount, programs, group_steps, plateau_state);
-  const int64_t groups = static_cast<int64_t>(hyper.size()) / sgd_slot::kCount;
-  check_capacity(op, groups, programs);
-  std::vector<int8_t> may_use_momentum(groups, -1);
+      check_step_inputs(op, Launcher::kDeviceType, call.params, call.grads, state_lists<Optimizer>(call.states),
+                        call.steps, call.tensor_group, call.hyper, kSlots, call.programs, call.group_steps,
+                        call.plateau_state);
+  const int64_t groups = static_cast<int64_t>(call.hyper.size()) / kSlots;
+  check_capacity(op, groups, call.programs);
+  // The momentum a step uses is known on the device only: a group's may be nonzero when its
+  // setting is or its schedule may cycle it.
+  std::vector<int8_t> momentum_nonzero(groups, -1);
   for (const int64_t i : active.index) {
-    const int64_t g = tensor_group[i];
-    if (may_use_momentum[g] < 0) {
-      may_use_momentum[g] =
-          hyper[g * sgd_slot::kCount + sgd_slot::kMomentum] != 0 || schedule_may_set_momentum(programs, g);
+    const int64_t g = call.tensor_group[i];
+    if (momentum_nonzero[g] < 0) {
+      momentum_nonzero[g] =
+          call.hyper[g * kSlots + Optimizer::kMomentumSlot] != 0 || schedule_may_set_momentum(call.programs, g);
     }
-    TORCH_CHECK(!may_use_momentum[g] || momentum_buffers[i].numel() == params[i].numel(), op, ": parameter ", i,
-                " is in a group with momentum (or a schedule that cycles it) but has no momentum_buffer");
+    check_needed_states<Optimizer>(op, call.hyper, g, momentum_nonzero[g] != 0, static_cast<size_t>(i), [&](int k) {
+      return call.states[k][i].numel() == call.params[i].numel();
+    });
   }
-  const GradOptions options{grad_scale, found_inf, max_grad_norm, skip_nonfinite, grad_norm};
-  check_grad_options(op, group_steps.device(), options);
-  const Launcher launcher(group_steps.device());
-  const DeviceGradOptions device_options(options);
-  const auto plan = plan_step<SgdArgs, 2>(active, params, {momentum_buffers, master_weights}, steps, tensor_group,
-                                          group_table(hyper, programs, group_steps, plateau_state, device_options),
-                                          group_steps);
-  bump_versions(active, params);
-  run_step(launcher, plan, group_steps, device_options, grad_sum_kernel_of<SgdArgs>, sgd_kernel_of);
-}
-
-template <typename Launcher>
-void adam_step(at::TensorList params, const OptionalTensorList& grads, at::TensorList exp_avgs,
-               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList master_weights,
-               at::TensorList steps, at::IntArrayRef tensor_group, c10::ArrayRef<double> hyper,
-               c10::ArrayRef<double> programs, const at::Tensor& group_steps, const at::Tensor& plateau_state,
-               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-               std::optional<double> max_grad_norm, bool skip_nonfinite, const std::optional<at::Tensor>& grad_norm) {
-  const char* op = "fusedlr.adam_step_";
-  const ActiveTensors active = check_step_inputs(
-      op, Launcher::kDeviceType, params, grads, adam_state_lists(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_weights),
-      steps, tensor_group, hyper, adam_slot::kCount, programs, group_steps, plateau_state);
-  check_capacity(op, static_cast<int64_t>(hyper.size()) / adam_slot::kCount, programs);
-  for (const int64_t i : active.index) {
-    const bool amsgrad = hyper[tensor_group[i] * adam_slot::kCount + adam_slot::kAmsgrad] != 0;
-    TORCH_CHECK(!amsgrad || max_exp_avg_sqs[i].numel() == params[i].numel(), op, ": parameter ", i,
-                " is in an amsgrad group but has no max_exp_avg_sq");
-  }
-  const GradOptions options{grad_scale, found_inf, max_grad_norm, skip_nonfinite, grad_norm};
-  check_grad_options(op, group_steps.device(), options);
-  const Launcher launcher(group_steps.device());
-  const DeviceGradOptions device_options(options);
-  const auto plan = plan_step<AdamArgs, 4>(active, params, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_weights},
-                                           steps, tensor_group,
-                                           group_table(hyper, programs, group_steps, plateau_state, device_options),
-                                           group_steps);
-  bump_versions(active, params);
-  run_step(launcher, plan, group_steps, device_options, grad_sum_kernel_of<AdamArgs>, adam_kernel_of);
+  check_grad_options(op, call.group_steps.device(), call.options);
+  const Launcher launcher(call.group_steps.device());
+  const DeviceGradOptions device_options(call.options);
+  const auto plan = plan_step<Args, kStateLists<Optimizer>>(
+      active, call.params, call.states, call.steps, call.tensor_group,
+      group_table(call.hyper, call.programs, call.group_steps, call.plateau_state, device_options), call.group_steps);
+  bump_versions(active, call.params);
+  run_step(launcher, plan, call.group_steps, device_options, grad_sum_kernel_of<Args>, step_kernel_of<Optimizer>);
 }
 
 inline ScheduleArgs schedule_args(const char* op, c10::ArrayRef<double> programs, c10::ArrayRef<double> base_lrs) {

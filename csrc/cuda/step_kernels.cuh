@@ -5,9 +5,9 @@
 // launches the kernels is step_host.h, the same for both.
 //
 // [note: multi-tensor apply]
-// One launch updates up to kSgdCapacity or kAdamCapacity tensors of one dtype, with flags (momentum,
-// weight decay, amsgrad) that may differ per tensor: a block picks the template instance of the
-// element loop for each chunk, as the CPU kernels do. Everything a launch needs travels by
+// One launch updates up to launch_capacity() tensors of one dtype (as many as the kernel arguments
+// hold), with the optimizer's flags (momentum, weight decay, amsgrad) that may differ per tensor: a
+// block picks the template instance of the element loop for each chunk, as the CPU kernels do. Everything a launch needs travels by
 // value in the kernel arguments (__grid_constant__, read through the constant cache): each group's
 // hyperparameters and schedule program, and per tensor its data pointers, size, group and step
 // counter. Tensors are cut into chunks of kChunkSize elements; chunk_end[i] counts the chunks of
@@ -27,7 +27,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
+#include "../optimizers.h"
 #include "../schedule_math.h"
 #include "../update_math.h"
 
@@ -38,9 +40,7 @@ namespace cuda_step {
 // is refused (TORCH_CHECK) before anything changes; more tensors take more launches.
 constexpr int kMaxGroups = 32;
 constexpr int kMaxProgram = 512;  // doubles of the `programs` argument
-constexpr int kMaxHyperSlots = std::max<int>(adam_slot::kCount, sgd_slot::kCount);
-constexpr int kSgdCapacity = 448;  // tensors per launch
-constexpr int kAdamCapacity = 320;
+constexpr int kMaxHyperSlots = Optimizers::kMaxSlots;
 constexpr size_t kMaxArgBytes = 30000;  // the limit is 32764 (CUDA 12.1+, sm_70+)
 
 constexpr int kThreads = 256;
@@ -64,8 +64,7 @@ struct GroupTable {
   bool skip_nonfinite;
 };
 
-// Per tensor of a launch; kStates state lists (a momentum buffer; exp_avg, exp_avg_sq, max_exp_avg_sq),
-// then the master weight.
+// Per tensor of a launch; kStates state lists: the optimizer's, then the master weight.
 template <int kStates, int kCapacity>
 struct TensorTable {
   static constexpr int states = kStates;
@@ -86,10 +85,19 @@ struct StepArgs {
   TensorTable<kStates, kCapacity> tensors;
 };
 
-using SgdArgs = StepArgs<2, kSgdCapacity>;
-using AdamArgs = StepArgs<4, kAdamCapacity>;
-static_assert(sizeof(SgdArgs) <= kMaxArgBytes && sizeof(AdamArgs) <= kMaxArgBytes, "kernel arguments too large");
+// The tensors a launch of kStates state lists takes: as many as fit in the kernel arguments,
+// rounded down to a multiple of 32, and one counter thread each.
+template <int kStates>
+constexpr int launch_capacity() {
+  constexpr size_t kPerTensor = sizeof(void*) * (kStates + 3) + sizeof(int64_t) + sizeof(int32_t) + sizeof(uint8_t);
+  constexpr size_t kFits = (kMaxArgBytes - sizeof(GroupTable) - 2 * sizeof(int64_t)) / kPerTensor;
+  return std::min<int>(static_cast<int>(kFits / 32 * 32), kCounterThreads);
+}
+
+template <typename Optimizer>
+using ArgsOf = StepArgs<kStateLists<Optimizer>, launch_capacity<kStateLists<Optimizer>>()>;
 static_assert(kMaxGroups <= 256, "group indices are uint8_t");
+static_assert(kMaxGroups <= kCounterThreads, "one counter thread per group");
 
 struct CounterArgs {
   const double* found_inf;
@@ -100,8 +108,6 @@ struct CounterArgs {
   int64_t* group_steps;  // null but for the last launch of a step
   int32_t groups;
 };
-static_assert(kSgdCapacity <= kCounterThreads && kAdamCapacity <= kCounterThreads && kMaxGroups <= kCounterThreads,
-              "one counter thread per tensor and per group");
 
 // The schedule arguments of the two schedule ops.
 struct ScheduleArgs {
@@ -123,20 +129,7 @@ __device__ __forceinline__ bool is_aligned(const T* p) {
   return reinterpret_cast<uintptr_t>(p) % alignof(V) == 0;
 }
 
-// Calls fn(std::bool_constant<a>{}, std::bool_constant<b>{}): runtime flags, uniform across a block,
-// to template arguments.
-template <typename Fn>
-__device__ __forceinline__ void dispatch_flags(bool a, bool b, const Fn& fn) {
-  if (a) {
-    if (b) fn(std::true_type{}, std::true_type{});
-    else fn(std::true_type{}, std::false_type{});
-  } else {
-    if (b) fn(std::false_type{}, std::true_type{});
-    else fn(std::false_type{}, std::false_type{});
-  }
-}
-
-constexpr int kMaxStates = 3;  // the update's states; the master weight is apart
+constexpr int kMaxStates = Optimizers::kMaxStates;  // the update's states; the master weight is apart
 
 // update(param, grad, states) on elements [begin, end) of one tensor, each thread a strided share.
 // The first kStates of `state` are read and written. With kMaster the parameter is read from its
@@ -308,78 +301,53 @@ __device__ __forceinline__ StepControl step_control(const GroupTable& groups) {
   return control;
 }
 
+template <typename Optimizer, typename Flags, typename math_t, size_t... I>
+__device__ __forceinline__ void apply_update(math_t& param, math_t grad, math_t* state,
+                                             const typename Optimizer::template Coefficients<math_t>& c,
+                                             std::index_sequence<I...>) {
+  Optimizer::template update<math_t, Flags>(param, grad, state[I]..., c);
+}
+
 // [note: scalars per chunk]
 // A block evaluates the schedule and the tensor's scalars (double pow and cos) for a chunk only
 // when its group or step count differs from the previous chunk's: consecutive tensors of a group
 // usually share their step count, so a model of many small tensors pays for them about once per
-// block and group.
-template <typename param_t, typename math_t>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) sgd_kernel(const __grid_constant__ SgdArgs args) {
+// block and group. The flags of the update are decided with the scalars (optimizer_traits.h).
+template <typename Optimizer, typename param_t, typename math_t>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) step_kernel(const __grid_constant__ ArgsOf<Optimizer> args) {
+  constexpr int kSlots = Optimizer::Slot::kCount;
+  constexpr int kStates = Optimizer::State::kCount;
+  using Coefficients = typename Optimizer::template Coefficients<math_t>;
   const StepControl control = step_control(args.groups);
   if (control.skip) return;
   const auto& t = args.tensors;
   int scalars_group = -1;
   int64_t scalars_step = -1;
-  SgdCoefficients<math_t> c(SgdScalars{});
-  bool momentum = false, weight_decay = false;
+  Coefficients c{typename Optimizer::Scalars{}};
+  FlagValues<Optimizer::Flag::kCount> flags{};
   for_each_chunk(t, [&](int i, int64_t begin, int64_t end) {
     const int g = t.group[i];
     const int64_t step = *t.step[i];
     if (g != scalars_group || step != scalars_step) {
-      const ScheduleValue schedule = group_schedule(args.groups, g, sgd_slot::kCount, sgd_slot::kLr);
-      const SgdScalars s = sgd_scalars(args.groups.hyper + g * sgd_slot::kCount, schedule, step, control.adjust);
-      c = SgdCoefficients<math_t>(s);
-      momentum = s.momentum != 0;
-      weight_decay = s.weight_decay != 0;
+      const ScheduleValue schedule = group_schedule(args.groups, g, kSlots, Optimizer::Slot::kLr);
+      const typename Optimizer::Scalars s =
+          Optimizer::scalars(args.groups.hyper + g * kSlots, schedule, step, control.adjust);
+      c = Coefficients(s);
+      flags = Optimizer::flags(s);
       scalars_group = g;
       scalars_step = step;
     }
-    math_t* const state[kMaxStates] = {momentum ? static_cast<math_t*>(t.state[0][i]) : nullptr};
-    math_t* const master = static_cast<math_t*>(t.state[1][i]);
+    math_t* state[kMaxStates];
+#pragma unroll
+    for (int k = 0; k < kStates; ++k) state[k] = static_cast<math_t*>(t.state[k][i]);
+    math_t* const master = static_cast<math_t*>(t.state[kStates][i]);
     dispatch_master<param_t, math_t>(master, [&](auto with_master) {
-      dispatch_flags(state[0] != nullptr, weight_decay, [&](auto with_momentum, auto with_weight_decay) {
-        constexpr bool kMomentum = decltype(with_momentum)::value;
-        constexpr bool kWeightDecay = decltype(with_weight_decay)::value;
-        update_range<param_t, math_t, kMomentum ? 1 : 0, decltype(with_master)::value>(
-            static_cast<param_t*>(t.param[i]), static_cast<const param_t*>(t.grad[i]), state, master, begin, end,
-            [&](math_t& p, math_t grad, math_t* st) { sgd_update<math_t, kMomentum, kWeightDecay>(p, grad, st[0], c); });
-      });
-    });
-  });
-}
-
-template <typename param_t, typename math_t>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) adam_kernel(const __grid_constant__ AdamArgs args) {
-  const StepControl control = step_control(args.groups);
-  if (control.skip) return;
-  const auto& t = args.tensors;
-  int scalars_group = -1;
-  int64_t scalars_step = -1;
-  AdamCoefficients<math_t> c(AdamScalars{});
-  bool amsgrad = false, weight_decay = false;
-  for_each_chunk(t, [&](int i, int64_t begin, int64_t end) {
-    const int g = t.group[i];
-    const int64_t step = *t.step[i] + 1;
-    if (g != scalars_group || step != scalars_step) {
-      const ScheduleValue schedule = group_schedule(args.groups, g, adam_slot::kCount, adam_slot::kLr);
-      const AdamScalars s = adam_scalars(args.groups.hyper + g * adam_slot::kCount, schedule, step, control.adjust);
-      c = AdamCoefficients<math_t>(s);
-      amsgrad = s.amsgrad;
-      weight_decay = s.weight_decay != 0;
-      scalars_group = g;
-      scalars_step = step;
-    }
-    math_t* const state[kMaxStates] = {static_cast<math_t*>(t.state[0][i]), static_cast<math_t*>(t.state[1][i]),
-                                       static_cast<math_t*>(t.state[2][i])};
-    math_t* const master = static_cast<math_t*>(t.state[3][i]);
-    dispatch_master<param_t, math_t>(master, [&](auto with_master) {
-      dispatch_flags(amsgrad, weight_decay, [&](auto with_amsgrad, auto with_weight_decay) {
-        constexpr bool kAmsgrad = decltype(with_amsgrad)::value;
-        constexpr bool kWeightDecay = decltype(with_weight_decay)::value;
-        update_range<param_t, math_t, kAmsgrad ? 3 : 2, decltype(with_master)::value>(
+      dispatch_flags(flags, [&](auto flag_set) {
+        using Flags = decltype(flag_set);
+        update_range<param_t, math_t, Optimizer::template states_used<Flags>(), decltype(with_master)::value>(
             static_cast<param_t*>(t.param[i]), static_cast<const param_t*>(t.grad[i]), state, master, begin, end,
             [&](math_t& p, math_t grad, math_t* st) {
-              adam_update<math_t, kAmsgrad, kWeightDecay>(p, grad, st[0], st[1], st[2], c);
+              apply_update<Optimizer, Flags>(p, grad, st, c, std::make_index_sequence<kStates>{});
             });
       });
     });

@@ -8,9 +8,12 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <string>
 
 #include "../cuda/step_host.h"
 #include "../op_schemas.h"
+#include "../optimizers.h"
+#include "../step_op.h"
 
 namespace fusedlr {
 namespace {
@@ -45,25 +48,42 @@ void set_multiprocessors(int64_t count) {
 // The kernels run so far: a test can see how many launches a step took.
 int64_t kernels_launched() { return kernels_run.load(); }
 
+// The tensors one launch of the optimizer's step takes (cuda/step_kernels.cuh, launch_capacity).
+int64_t launch_capacity(const std::string& optimizer) {
+  int64_t capacity = 0;
+  Optimizers::for_each([&](auto tag) {
+    using Optimizer = typename decltype(tag)::type;
+    if (optimizer == Optimizer::kName) capacity = decltype(cuda_step::ArgsOf<Optimizer>::tensors)::capacity;
+  });
+  TORCH_CHECK(capacity > 0, "fusedlr_emulated.launch_capacity: no optimizer named ", optimizer);
+  return capacity;
+}
+
+template <typename Optimizer>
+void impl_step(torch::Library& m) {
+  m.impl(step_op_name<Optimizer>().c_str(), &StepOp<Optimizer, &cuda_step::step<Optimizer, EmulatedLauncher>>::call);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fusedlr_emulated, m) {
   define_ops(m);
   m.def("set_multiprocessors(int count) -> ()", &set_multiprocessors);
   m.def("kernels_launched() -> int", &kernels_launched);
+  m.def("launch_capacity(str optimizer) -> int", &launch_capacity);
 }
 
 TORCH_LIBRARY_IMPL(fusedlr_emulated, CPU, m) {
-  m.impl("sgd_step_", &cuda_step::sgd_step<EmulatedLauncher>);
-  m.impl("adam_step_", &cuda_step::adam_step<EmulatedLauncher>);
+  Optimizers::for_each([&](auto tag) { impl_step<typename decltype(tag)::type>(m); });
   m.impl("plateau_observe_", &cuda_step::plateau_observe<EmulatedLauncher>);
   m.impl("evaluate_schedules", &cuda_step::evaluate_schedules<EmulatedLauncher>);
 }
 
 // As fusedlr's own (ops.cpp, [note: no autograd]).
 TORCH_LIBRARY_IMPL(fusedlr_emulated, Autograd, m) {
-  m.impl("sgd_step_", torch::CppFunction::makeFallthrough());
-  m.impl("adam_step_", torch::CppFunction::makeFallthrough());
+  Optimizers::for_each([&](auto tag) {
+    m.impl(step_op_name<typename decltype(tag)::type>().c_str(), torch::CppFunction::makeFallthrough());
+  });
   m.impl("plateau_observe_", torch::CppFunction::makeFallthrough());
 }
 
