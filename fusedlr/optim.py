@@ -55,6 +55,14 @@ def _as_float(name: str, value: Any) -> float:
     return float(value)
 
 
+def _check_betas(betas: Any, high_open: bool) -> tuple[float, float]:
+    """A pair of betas in [0, 1) (high_open) or [0, 1]; ValueError naming the one that is not."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r} (a pair of numbers in [0, 1{')' if high_open else ']'} is required)")
+    return (_check_range("beta parameter at index 0 (betas[0])", betas[0], 0.0, 1.0, high_open=high_open),
+            _check_range("beta parameter at index 1 (betas[1])", betas[1], 0.0, 1.0, high_open=high_open))
+
+
 def _check_range(name: str, value: Any, low: float, high: float = math.inf, high_open: bool = False) -> float:
     value = _as_float(name, value)
     if value < low or value > high or (high_open and value == high):
@@ -1078,11 +1086,7 @@ class Adam(_FusedOptimizer):
 
     def _check_group(self, group: dict) -> None:
         group["lr"] = _check_range("learning rate (lr)", group["lr"], 0.0)
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"Invalid betas: {betas!r} (a pair of numbers in [0, 1) is required)")
-        group["betas"] = (_check_range("beta parameter at index 0 (betas[0])", betas[0], 0.0, 1.0, high_open=True),
-                          _check_range("beta parameter at index 1 (betas[1])", betas[1], 0.0, 1.0, high_open=True))
+        group["betas"] = _check_betas(group["betas"], high_open=True)
         _check_range("epsilon value (eps)", group["eps"], 0.0)
         _check_range("weight_decay", group["weight_decay"], 0.0)
         _check_flag("amsgrad", group["amsgrad"])
@@ -1156,11 +1160,7 @@ class Lion(_FusedOptimizer):
 
     def _check_group(self, group: dict) -> None:
         group["lr"] = _check_range("learning rate (lr)", group["lr"], 0.0)
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"Invalid betas: {betas!r} (a pair of numbers in [0, 1] is required)")
-        group["betas"] = (_check_range("beta parameter at index 0 (betas[0])", betas[0], 0.0, 1.0),
-                          _check_range("beta parameter at index 1 (betas[1])", betas[1], 0.0, 1.0))
+        group["betas"] = _check_betas(group["betas"], high_open=False)
         _check_range("weight_decay", group["weight_decay"], 0.0)
         _check_flag("maximize", group["maximize"])
 

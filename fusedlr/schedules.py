@@ -92,6 +92,21 @@ def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
+def _schedule_tuple(name: str, value: Any) -> tuple:
+    """A sequence argument (schedulers, milestones) as a tuple; ValueError naming it otherwise."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"{name} must be a sequence, got {value!r}")
+    return tuple(value)
+
+
+def _check_schedules(schedulers: tuple) -> None:
+    if not schedulers:
+        raise ValueError("schedulers must hold at least one schedule")
+    for i, s in enumerate(schedulers):
+        if not isinstance(s, Schedule):
+            raise ValueError(f"schedulers[{i}] must be a fusedlr schedule, got {type(s).__name__}")
+
+
 def _plain(value: Any) -> Any:
     """Python int / float for any integral / real number (a numpy scalar would not torch.load safely)."""
     if isinstance(value, bool) or value is None or isinstance(value, (str, Schedule)) or callable(value):
@@ -772,18 +787,12 @@ class SequentialLR(Schedule):
 
     def __post_init__(self):
         for name in ("schedulers", "milestones"):
-            value = getattr(self, name)
-            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-                raise ValueError(f"{name} must be a sequence, got {value!r}")
-            object.__setattr__(self, name, tuple(value))
+            object.__setattr__(self, name, _schedule_tuple(name, getattr(self, name)))
         super().__post_init__()
 
     def _validate(self):
-        if not self.schedulers:
-            raise ValueError("schedulers must hold at least one schedule")
+        _check_schedules(self.schedulers)
         for i, s in enumerate(self.schedulers):
-            if not isinstance(s, Schedule):
-                raise ValueError(f"schedulers[{i}] must be a fusedlr schedule, got {type(s).__name__}")
             if isinstance(s, ReduceLROnPlateau):
                 raise ValueError(f"schedulers[{i}]: ReduceLROnPlateau cannot be part of a SequentialLR "
                                  "(as in torch); give it its own param group")
@@ -910,17 +919,12 @@ class Product(Schedule):
     _SCHEDULE_FIELDS = ("schedulers",)
 
     def __post_init__(self):
-        if isinstance(self.schedulers, (str, bytes)) or not isinstance(self.schedulers, Sequence):
-            raise ValueError(f"schedulers must be a sequence, got {self.schedulers!r}")
-        object.__setattr__(self, "schedulers", tuple(self.schedulers))
+        object.__setattr__(self, "schedulers", _schedule_tuple("schedulers", self.schedulers))
         super().__post_init__()
 
     def _validate(self):
-        if not self.schedulers:
-            raise ValueError("schedulers must hold at least one schedule")
+        _check_schedules(self.schedulers)
         for i, s in enumerate(self.schedulers):
-            if not isinstance(s, Schedule):
-                raise ValueError(f"schedulers[{i}] must be a fusedlr schedule, got {type(s).__name__}")
             if not _scales_with_base(s):
                 raise ValueError(f"schedulers[{i}]: {type(s).__name__} does not scale with the base lr (an "
                                  "absolute lr, a cycled momentum, plateau state or a product inside), so it "
