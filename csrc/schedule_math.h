@@ -207,23 +207,6 @@ FUSEDLR_HD ScheduleValue cyclic_value(const double* a, int64_t t) {
   return {lr, momentum, a[kCycleMomentum] != 0};
 }
 
-FUSEDLR_HD double warmup_stable_decay_factor(const double* a, int64_t t) {
-  using namespace wsd_arg;
-  const int64_t warmup = as_int(a[kWarmup]);
-  const int64_t decay_start = warmup + as_int(a[kStable]);
-  if (t < warmup) return static_cast<double>(t + 1) / static_cast<double>(warmup);
-  if (t < decay_start) return 1.0;
-  const int64_t decay = as_int(a[kDecay]);
-  const double pct = t - decay_start >= decay ? 1.0 : static_cast<double>(t - decay_start) / static_cast<double>(decay);
-  double remaining = 1.0 - pct;
-  switch (static_cast<WsdShape>(static_cast<int>(a[kShape]))) {
-    case WsdShape::kLinear: remaining = 1.0 - pct; break;
-    case WsdShape::kCosine: remaining = (1 + cos(M_PI * pct)) / 2; break;
-    case WsdShape::kOneMinusSqrt: remaining = 1.0 - sqrt(pct); break;
-  }
-  return a[kMinRatio] + (1.0 - a[kMinRatio]) * remaining;
-}
-
 FUSEDLR_HD double warmup_shape(WarmupShape shape, double p) {
   switch (shape) {
     case WarmupShape::kLinear: return p;
@@ -260,6 +243,25 @@ FUSEDLR_HD double decay_shape(DecayShape shape, double position, double span, do
     case DecayShape::kInverseSqrt: return 1.0 / sqrt((position + span) / span);
   }
   return 1.0 - p;
+}
+
+// WarmupStableDecay: (t + 1) / W, then 1, then a Decay's shape (decay_shape) to the min ratio.
+FUSEDLR_HD double warmup_stable_decay_factor(const double* a, int64_t t) {
+  using namespace wsd_arg;
+  const int64_t warmup = as_int(a[kWarmup]);
+  const int64_t decay_start = warmup + as_int(a[kStable]);
+  if (t < warmup) return static_cast<double>(t + 1) / static_cast<double>(warmup);
+  if (t < decay_start) return 1.0;
+  const int64_t decay = as_int(a[kDecay]);
+  DecayShape shape = DecayShape::kLinear;
+  switch (static_cast<WsdShape>(static_cast<int>(a[kShape]))) {
+    case WsdShape::kLinear: shape = DecayShape::kLinear; break;
+    case WsdShape::kCosine: shape = DecayShape::kCosine; break;
+    case WsdShape::kOneMinusSqrt: shape = DecayShape::kOneMinusSqrt; break;
+  }
+  const int64_t into = t - decay_start < decay ? t - decay_start : decay;
+  const double remaining = decay_shape(shape, static_cast<double>(into), static_cast<double>(decay), 0.5);
+  return a[kMinRatio] + (1.0 - a[kMinRatio]) * remaining;
 }
 
 FUSEDLR_HD double decay_value(const double* a, int64_t t, double base_lr) {
