@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-import operator
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -22,10 +21,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim import optimizer as _torch_optimizer
 
-from . import _C, _ops, lr as _lr
+from . import _checkpoint, _ops, _state, _step_cache, lr as _lr
 from . import distributed as _dist
+from ._step_cache import StepLists
 from .distributed import is_dtensor, local_of
-from .schedules import ReduceLROnPlateau, Schedule, compile_programs, from_spec
+from .schedules import ReduceLROnPlateau, Schedule, compile_programs
 
 __all__ = ["SGD", "Adam", "AdamW", "Lion"]
 
@@ -38,11 +38,6 @@ def _host_values_on(device: torch.device, values: Any, dtype: torch.dtype) -> Te
     if device.type == "cuda":
         return values.pin_memory().to(device, non_blocking=True)
     return values.to(device)
-
-
-def _state_dtype(param: Tensor) -> torch.dtype:
-    """Optimizer state is float32 for low-precision parameters (csrc/step_inputs.cpp, state_dtype)."""
-    return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
 def _as_float(name: str, value: Any) -> float:
@@ -94,120 +89,6 @@ def _check_max_grad_norm(value: Any) -> float | None:
     return float(value)
 
 
-def _is_low_precision(param: Tensor) -> bool:
-    return param.dtype in (torch.bfloat16, torch.float16)
-
-
-# [note: packed state]
-# The optimizer creates the state of many parameters at once (their first step, load_state_dict).
-# The state entries of those parameters ("exp_avg", "momentum_buffer", ...) that are small are then
-# views into shared buffers ("packs") of at most _PACK_BYTES, one set per dtype, and their step
-# counters are the elements of one int64 vector. The views have their parameter's shape and
-# strides, as torch's state does, and start on 64-byte boundaries. A step reads every state
-# tensor's storage: shared by thousands of small tensors, it is read once, not once per tensor from
-# wherever the allocator put it. An entry of _ALONE_BYTES or more has a storage of its own (it
-# gains nothing from sharing, and saving or copying it alone should not carry others along), as
-# has state added later (a new momentum buffer, say) and the state of a parameter that is not
-# dense (its strides do not span exactly its elements).
-_PACK_ALIGN = 16  # elements
-_PACK_BYTES = 16 << 20
-_ALONE_BYTES = 4 << 20
-
-
-def _zero_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    if device.type == "cpu" and not _is_compiling():  # a compiled first step makes plain zeros
-        return _C.packed_state_buffer(numel, dtype)  # on huge pages where the kernel gives them
-    return torch.zeros(numel, dtype=dtype, device=device)
-
-
-def _is_dense(t: Tensor) -> bool:
-    """Whether t's elements take exactly numel consecutive places of its storage, in some order of
-    its dimensions (a contiguous, channels-last or transposed tensor; not a slice or an expand)."""
-    if t.numel() == 0:
-        return True
-    span = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda dim: dim[1]):
-        if size != 1:
-            if stride != span:
-                return False
-            span *= size
-    return True
-
-
-def _packed_like(likes: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
-    """A zero tensor of `dtype` with each of `likes`' shape and strides, the small ones views of
-    shared packs ([note: packed state])."""
-    out: list[Tensor | None] = [None] * len(likes)
-    packs: list[tuple[list[tuple[int, int]], int]] = []  # ([(index into likes, offset)], elements)
-    members: list[tuple[int, int]] = []
-    size = 0
-    for i, like in enumerate(likes):
-        padded = -(-like.numel() // _PACK_ALIGN) * _PACK_ALIGN
-        if not _is_dense(like):
-            out[i] = torch.zeros_like(like, dtype=dtype)
-        elif padded * dtype.itemsize >= _ALONE_BYTES:
-            packs.append(([(i, 0)], padded))
-        else:
-            if (size + padded) * dtype.itemsize > _PACK_BYTES:
-                packs.append((members, size))
-                members, size = [], 0
-            members.append((i, size))
-            size += padded
-    packs.append((members, size))
-    for members, size in packs:
-        if members:
-            buffer = _zero_buffer(size, dtype, likes[members[0][0]].device)
-            for i, offset in members:
-                out[i] = buffer.as_strided(likes[i].shape, likes[i].stride(), offset)
-    return out
-
-
-def _packed_state(params: Sequence[Tensor]) -> list[Tensor]:
-    """Zero state tensors for `params` (float32 for low-precision ones), packed by state dtype."""
-    out: list[Tensor | None] = [None] * len(params)
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, p in enumerate(params):
-        by_dtype.setdefault(_state_dtype(p), []).append(i)
-    for dtype, indices in by_dtype.items():
-        for i, t in zip(indices, _packed_like([params[i] for i in indices], dtype)):
-            out[i] = t
-    return out
-
-
-def _packed_steps(counts: Sequence[int], device: torch.device) -> list[Tensor]:
-    """0-dim int64 step counters holding `counts`, the elements of one vector. Fresh counters (all
-    zero) take no copy from the host, as torch's own lazily created state does not."""
-    if not counts:
-        return []
-    steps = torch.zeros(len(counts), dtype=torch.int64, device=device)
-    if any(counts):
-        steps.copy_(torch.tensor(list(counts), dtype=torch.int64))
-    return list(steps.unbind())
-
-
-class _Same:
-    """An object in a step key: equal to another _Same of the very same object (not an equal one),
-    and holding it, so that its id cannot pass to a new object while the key lives."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj):
-        self.obj = obj
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, _Same) and other.obj is self.obj
-
-    __hash__ = None
-
-
-def _changes_in_place(value: Any) -> bool:
-    """Whether a group's value could change while it stays the same object (a tensor filled in
-    place, a list): then the groups' settings are read by value at every step."""
-    if isinstance(value, tuple):
-        return any(_changes_in_place(v) for v in value)
-    return not isinstance(value, (numbers.Number, Schedule, type(None)))
-
-
 # The step's hot path reads these once per step: looked up once here.
 _is_compiling = torch.compiler.is_compiling
 _autograd_profiler = torch.autograd.profiler  # ._is_profiler_enabled: torch's flag for fast checks
@@ -215,31 +96,13 @@ _global_pre_hooks = _torch_optimizer._global_optimizer_pre_hooks
 _global_post_hooks = _torch_optimizer._global_optimizer_post_hooks
 
 
-class _StepLists:
-    """The op's per-parameter lists for every parameter that has optimizer state, and the plan that
-    holds them on the C++ side (csrc/python_plan.cpp, [note: step plans])."""
-
-    def __init__(self):
-        self.params: list[Tensor] = []
-        self.tensor_group: list[int] = []
-        self.steps: list[Tensor] = []
-        self.states: dict[str, list[Tensor]] = {}
-        self.stateless: list[Tensor] = []  # parameters not yet given state (never had a gradient)
-        # The parameters themselves where `params` holds their local shards ([note: DTensor
-        # parameters]): the step then passes their gradients' shards; None when all are plain.
-        self.owners: list[Tensor] | None = None
-        # Whether the step runs over shards (DTensor parameters, or partition_group): then
-        # `reduction` says how the global norm and inf flags are reduced across ranks ([note:
-        # global norm]), made when a step first needs it.
-        self.sharded = False
-        self.reduction: _dist.NormReduction | None = None
-        self.hyper: list[float] = []  # the ops' `hyper` and `programs` arguments
-        self.programs: list[float] = []
-        self.plan = None
-
-
 class _FusedOptimizer(Optimizer):
-    """What SGD, Adam and AdamW share: groups, device step counters, state_dict, the step path."""
+    """What SGD, Adam and AdamW share: groups, device step counters, state_dict, the step path.
+
+    Its parts of their own: the step cache (fusedlr/_step_cache.py), the state layout
+    (fusedlr/_state.py) and checkpoint conversion (fusedlr/_checkpoint.py). A subclass's hooks
+    (_check_group, _hyper_values, _has_state, _missing_step) are the optimizer's methods, which
+    those modules call."""
 
     # torch.amp.GradScaler hands the step its scale and inf flag (grad_scale, found_inf attributes
     # it sets on the optimizer and deletes after the step; it reads an existing grad_scale as a
@@ -279,13 +142,10 @@ class _FusedOptimizer(Optimizer):
         self._group_lrs: Tensor | None = None      # float64 [groups]: each group's next lr (fusedlr/lr.py)
         self._lrs_version = 0                      # its version counter after the optimizer's last own write
         self._lr_views: list[Tensor | None] = []   # the "lr" put into each scheduled group, a view of it
-        self._lists: _StepLists | None = None
-        self._key: list | None = None  # _step_key() of the cached lists
-        self._seen: tuple[list, list[int]] | None = None  # _objects() when _key was last found current
-        self._seen_hyper: tuple[float, ...] | None = None  # _hyper() then, where a setting can change in place
+        self._lists: StepLists | None = None  # the step cache (fusedlr/_step_cache.py)
         self._programs_key: list[Schedule | None] = []
         self._programs: list[float] = []
-        self._placeholders: dict[Tensor, Tensor] = {}
+        self._placeholders = _state.Placeholders()
         super().__init__(params, defaults)
 
     # -- groups ----------------------------------------------------------------------------------
@@ -345,48 +205,6 @@ class _FusedOptimizer(Optimizer):
     def _hyper(self) -> tuple[float, ...]:
         return tuple(value for group in self.param_groups for value in self._group_hyper(group))
 
-    def _step_key(self) -> list:
-        """What the cached lists and the plan's settings were built from: the optimizer's options,
-        the state dict, and each group's parameter list, schedule and hyperparameter values.
-        Replacing, clearing or resizing `opt.state` or a group's params list, or changing a
-        setting that decides which state a parameter has (SGD's momentum on or off, amsgrad), rebuilds
-        them; other hyperparameter values reach the plan without a rebuild (_prepare). Putting one
-        parameter or state tensor in place of another (same count) is not seen (load_state_dict is
-        the way to do that). A tensor setting is read as a float (a host sync on a GPU: set floats)."""
-        key = [self.max_grad_norm, self.skip_nonfinite, self.master_weights, _Same(self.state), len(self.state)]
-        for group in self.param_groups:
-            params = group["params"]
-            key += (_Same(params), len(params), group["schedule"], _lr.lr_scale(group), self._state_layout(group))
-        return key
-
-    def _state_layout(self, group: dict) -> tuple[bool, ...]:
-        """The group's settings that decide which state its parameters have."""
-        return tuple(self._has_state(key, group["params"][0], group) if group["params"] else False
-                     for key in self._STATE_KEYS if key != "master_weight")
-
-    def _objects(self) -> tuple[list, list[int]]:
-        """The objects _step_key() reads (the state dict, every value of every group: its params list
-        and settings as set) and the sizes of the containers among them: the common step's
-        cheaper test of _step_key()."""
-        state = self.state
-        objects = [state, self.max_grad_norm, self.skip_nonfinite, self.master_weights]
-        sizes = [len(state)]
-        for group in self.param_groups:
-            objects += group.values()
-            sizes.append(len(group["params"]))
-        return objects, sizes
-
-    def _unchanged(self) -> bool:
-        """Whether _step_key() is as it was when last checked, judged from _objects(): the same
-        objects (by identity: a setting may be a tensor, which has no plain equality) of the same
-        sizes, and, where a setting can change in place (a tensor, a list), the same values. A
-        different object of an equal value sends the step to _prepare, which compares values."""
-        objects, sizes = self._objects()
-        seen_objects, seen_sizes = self._seen
-        return (sizes == seen_sizes and len(objects) == len(seen_objects)
-                and all(map(operator.is_, objects, seen_objects))
-                and (self._seen_hyper is None or self._hyper() == self._seen_hyper))
-
     def _hyper_values(self, group: dict) -> dict[str, float]:
         """The group's hyperparameters by the names of the op's `hyper` slots (the descriptor's
         `slots`); "lr" is the lr the schedule scales (_lr.base_lr). float(): a tensor value changed
@@ -444,45 +262,14 @@ class _FusedOptimizer(Optimizer):
     def _has_state(self, key: str, param: Tensor, group: dict) -> bool:
         """Whether the parameter's state holds `key` (one of _STATE_KEYS) under the current settings:
         required state always, master weights as the option says; a subclass decides its other
-        optional state."""
+        optional state. Read when state is created and by the step key (fusedlr/_state.py,
+        fusedlr/_step_cache.py)."""
         if key in self._REQUIRED_KEYS:
             return True
-        return key == "master_weight" and self.master_weights and _is_low_precision(param)
+        return key == "master_weight" and _state.has_master_weight(param, self.master_weights)
 
-    def _new_states(self, fresh: Sequence[tuple[Tensor, dict]]) -> list[dict]:
-        """The state of parameters with their first gradient, [note: packed state]: step 0, zero
-        buffers, master weights copied from the parameters."""
-        if not fresh:
-            return []
-        states = [{"step": step} for step in _packed_steps([0] * len(fresh), fresh[0][0].device)]
-        shards = [local_of(p) for p, _ in fresh]
-        for key in self._STATE_KEYS:
-            holders = [i for i, (p, group) in enumerate(fresh) if self._has_state(key, p, group)]
-            for i, tensor in zip(holders, _packed_state([shards[i] for i in holders])):
-                if key == "master_weight":
-                    tensor.copy_(shards[i].detach())
-                states[i][key] = _dist.like_parameter(tensor, fresh[i][0])
-        return states
-
-    def _ensure_state(self, param: Tensor, group: dict, state: dict) -> None:
-        """Adds state the settings now need (a momentum buffer, max_exp_avg_sq, a master weight)."""
-        for key in self._STATE_KEYS:
-            if state.get(key) is None and self._has_state(key, param, group):
-                shard = local_of(param)
-                tensor = torch.zeros_like(shard, dtype=_state_dtype(param))
-                if key == "master_weight":
-                    tensor.copy_(shard.detach())
-                state[key] = _dist.like_parameter(tensor, param)
-
-    def _placeholder(self, param: Tensor) -> Tensor:
-        """An empty tensor standing for optional state a parameter does not have."""
-        empty = self._placeholders.get(param)
-        if empty is None:
-            empty = self._placeholders[param] = local_of(param).new_empty(0, dtype=_state_dtype(param))
-        return empty
-
-    def _build_lists(self) -> _StepLists:
-        lists = _StepLists()
+    def _build_lists(self) -> StepLists:
+        lists = StepLists()
         lists.states = {key: [] for key in self._STATE_KEYS}
         for g, group in enumerate(self.param_groups):
             for p in group["params"]:
@@ -490,13 +277,13 @@ class _FusedOptimizer(Optimizer):
                 if not state:
                     lists.stateless.append(p)
                     continue
-                self._ensure_state(p, group, state)
+                _state.ensure_state(self._STATE_KEYS, self._has_state, p, group, state)
                 lists.params.append(p)
                 lists.tensor_group.append(g)
                 lists.steps.append(state["step"])
                 for key in self._STATE_KEYS:
                     value = state.get(key)
-                    lists.states[key].append(self._placeholder(p) if value is None else local_of(value))
+                    lists.states[key].append(self._placeholders.of(p) if value is None else local_of(value))
         if any(is_dtensor(p) for p in lists.params):
             lists.owners = lists.params
             lists.params = [local_of(p) for p in lists.owners]
@@ -512,15 +299,14 @@ class _FusedOptimizer(Optimizer):
                                  None, self._group_lrs)
         return lists
 
-    def _prepare(self) -> tuple[_StepLists, list[Tensor]]:
+    def _prepare(self) -> tuple[StepLists, list[Tensor]]:
         """The lists of this step, creating state for parameters with their first gradient.
         Returns them and the parameters whose state was created here (undone if the step fails)."""
         self._check_lrs()
-        key = self._step_key()
-        if key != self._key:
-            self._key = key
-            self._lists = None
+        key = _step_cache.step_key(self)
         lists = self._lists
+        if lists is not None and key != lists.key:
+            lists = self._lists = None
         if lists is not None:
             hyper = list(self._hyper())
             if hyper != lists.hyper:  # new values, same lists: no rebuild
@@ -536,7 +322,8 @@ class _FusedOptimizer(Optimizer):
                     raise RuntimeError("fusedlr optimizers do not support complex gradients")
             try:
                 with torch.no_grad():
-                    for (p, _), state in zip(first_grads, self._new_states(first_grads)):
+                    new_states = _state.new_states(self._STATE_KEYS, self._has_state, first_grads)
+                    for (p, _), state in zip(first_grads, new_states):
                         self.state[p] = state
                         fresh.append(p)
                     lists = self._lists = self._build_lists()
@@ -545,13 +332,8 @@ class _FusedOptimizer(Optimizer):
                     del self.state[p]
                 self._lists = None
                 raise
-            self._key = self._step_key()
-        self._seen = self._objects()
-        # the params list and its names aside, a group's values are settings (or the user's own)
-        in_place = any(_changes_in_place(value) for g, group in enumerate(self.param_groups)
-                       for key, value in group.items()
-                       if key not in ("params", "param_names") and not (key == "lr" and _lr.is_own_lr(self, g, value)))
-        self._seen_hyper = self._hyper() if in_place else None
+            lists.key = _step_cache.step_key(self)
+        lists.remember(self)
         return lists, fresh
 
     def step(self, closure: Callable[[], Any] | None = None):
@@ -562,7 +344,7 @@ class _FusedOptimizer(Optimizer):
                 or _global_pre_hooks or _global_post_hooks or _autograd_profiler._is_profiler_enabled):
             return self._hooked_step(closure)
         lists = self._lists
-        if (closure is None and lists is not None and self._unchanged()
+        if (closure is None and lists is not None and lists.unchanged(self)
                 and self._group_lrs._version == self._lrs_version  # no one wrote a scheduled lr (fusedlr/lr.py)
                 and not (lists.stateless and any(p.grad is not None for p in lists.stateless))):
             # the common step: nothing to build (_prepare), nothing to undo
@@ -632,11 +414,11 @@ class _FusedOptimizer(Optimizer):
         the lrs checked, at the next step (after the caller has put its own lrs back)."""
         fresh = self._first_gradients()
         with torch.no_grad():
-            for (p, _), state in zip(fresh, self._new_states(fresh)):
+            for (p, _), state in zip(fresh, _state.new_states(self._STATE_KEYS, self._has_state, fresh)):
                 self.state[p] = state
         self._lists = None
 
-    def _sharded_step(self, lists: _StepLists, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    def _sharded_step(self, lists: StepLists, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         """A step over local shards ([note: DTensor parameters]), its norm and inf flags reduced
         across ranks ([note: global norm]): one all-reduce, then the step with the clipping factor
         folded into the gradient scale and the skip decision in found_inf."""
@@ -671,7 +453,7 @@ class _FusedOptimizer(Optimizer):
             scale = grad_scale
         self._step_shards(lists, grads, scale, skip.double().reshape(1))
 
-    def _step_shards(self, lists: _StepLists, grads: list[Tensor | None] | None, grad_scale: Tensor | None,
+    def _step_shards(self, lists: StepLists, grads: list[Tensor | None] | None, grad_scale: Tensor | None,
                      found_inf: Tensor | None) -> None:
         if torch.compiler.is_compiling():
             grads = [p.grad for p in lists.params] if grads is None else grads
@@ -680,11 +462,11 @@ class _FusedOptimizer(Optimizer):
         else:
             lists.plan.step(grad_scale, found_inf, grads)
 
-    def _make_plan(self, lists: _StepLists):
+    def _make_plan(self, lists: StepLists):
         return self._DESCRIPTOR.plan(lists.params, [lists.states[key] for key in self._STATE_KEYS], lists.steps,
                                      lists.tensor_group)
 
-    def _run_op(self, lists: _StepLists, grads: list[Tensor | None], hyper: tuple[float, ...], programs: list[float],
+    def _run_op(self, lists: StepLists, grads: list[Tensor | None], hyper: tuple[float, ...], programs: list[float],
                 grad_scale: Tensor | None, found_inf: Tensor | None, max_grad_norm: float | None,
                 skip_nonfinite: bool, grad_norm: Tensor | None):
         _ops.step_(self._OPTIMIZER, lists.params, grads, [lists.states[key] for key in self._STATE_KEYS],
@@ -782,22 +564,7 @@ class _FusedOptimizer(Optimizer):
         max_lr, min_lr, the cycled momentum or beta1 of the next step), so that torch's optimizer and
         twin scheduler continue from a fusedlr checkpoint (fusedlr.schedules.torch_scheduler with
         last_epoch). A group without a schedule is saved as torch saves it."""
-        state_dict = super().state_dict()
-        values = self._schedule_values().tolist() if self.param_groups else []
-        group_steps = self._group_steps.tolist()
-        plateau_state = self._plateau_state.tolist()
-        for g, (group, saved, (next_lr, next_momentum, cycled)) in enumerate(
-                zip(self.param_groups, state_dict["param_groups"], values)):
-            schedule = saved.get("schedule")
-            saved["schedule"] = schedule.spec() if isinstance(schedule, Schedule) else schedule
-            if schedule is not None:
-                saved["initial_lr"] = float(group["initial_lr"])
-                saved["lr"] = next_lr
-                saved.update(_lr.twin_keys(schedule, saved, next_momentum if cycled else None))
-            # in the group, where torch.distributed.checkpoint keeps what a group holds
-            saved["schedule_step"] = group_steps[g]
-            saved["plateau_state"] = plateau_state[g]
-        return state_dict
+        return _checkpoint.to_state_dict(self, super().state_dict())
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a fusedlr or torch.optim state_dict of the same parameter layout.
@@ -811,144 +578,22 @@ class _FusedOptimizer(Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        groups = self.param_groups
-        saved_groups = state_dict["param_groups"]
-        if len(groups) != len(saved_groups):
-            raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, the optimizer {len(groups)}")
-        for g, (group, saved) in enumerate(zip(groups, saved_groups)):
-            if len(group["params"]) != len(saved["params"]):
-                raise ValueError(f"loaded state dict's group {g} has {len(saved['params'])} parameters, "
-                                 f"the optimizer's {len(group['params'])}")
-        id_map = {saved_id: p for group, saved in zip(groups, saved_groups)
-                  for saved_id, p in zip(saved["params"], group["params"])}
-
-        loaded: dict[Tensor, dict] = {}
-        for saved_id, saved_state in state_dict["state"].items():
-            param = id_map.get(saved_id)
-            if param is None:
-                raise ValueError(f"loaded state dict has state for parameter {saved_id!r}, which no group holds")
-            loaded[param] = self._load_param_state(param, saved_state, saved_id)
-
-        new_groups = []
-        for g, (group, saved) in enumerate(zip(groups, saved_groups)):
-            new_group = {k: v for k, v in saved.items() if k not in ("params", "schedule_step", "plateau_state")}
-            new_group["params"] = group["params"]
-            if "param_names" in group and "param_names" not in saved:
-                new_group["param_names"] = group["param_names"]
-            schedule = saved.get("schedule", group["schedule"])
-            new_group["schedule"] = from_spec(schedule) if isinstance(schedule, dict) else schedule
-            for key, value in group.items():
-                # the optimizer's own lr view, and its base lr: the checkpoint's lr or initial_lr instead
-                if not (key == "lr" and isinstance(value, Tensor)) and key != "initial_lr":
-                    new_group.setdefault(key, value)
-            if new_group["schedule"] is not None:  # the base lr: a torch scheduler's initial_lr, or fusedlr's own
-                new_group["lr"] = new_group.setdefault("initial_lr", new_group["lr"])
-            self._check_group(new_group)
-            if new_group["schedule"] is not None:
-                new_group["initial_lr"] = new_group["lr"]
-            new_groups.append(new_group)
-
-        schedule_state = state_dict.get("schedule_state")  # where earlier versions kept it
-        if saved_groups and all("schedule_step" in saved for saved in saved_groups):
-            schedule_state = self._saved_schedule_state(saved_groups)
-        if schedule_state is not None:
-            group_steps, plateau_state = schedule_state["group_steps"], schedule_state["plateau_state"]
-            if group_steps.shape != self._group_steps.shape or plateau_state.shape != self._plateau_state.shape:
-                raise ValueError("loaded schedule_state does not match the optimizer's number of groups")
-            if group_steps.is_floating_point() or group_steps.is_complex() or bool((group_steps < 0).any()):
-                raise ValueError(f"loaded schedule_state has invalid group_steps {group_steps.tolist()}")
-            counters = plateau_state[:, 2:].double()
-            if bool((counters < 0).any()) or not bool((counters == counters.round()).all()) or bool(
-                    (plateau_state[:, 0] < 0).any()):
-                raise ValueError(f"loaded schedule_state has invalid plateau_state {plateau_state.tolist()}")
-            group_steps = group_steps.to(device=self._device, dtype=torch.int64)
-            plateau_state = plateau_state.to(device=self._device, dtype=torch.float64)
-        else:
-            group_steps = torch.tensor(
-                [max((loaded[p]["step"] for p in group["params"] if p in loaded), default=0)
-                 for group in groups], dtype=torch.int64, device=self._device)
-            plateau_state = _ops.initial_plateau_state(len(groups), self._device)
-
-        new_state = self._packed_copy(loaded)
+        loaded = _checkpoint.from_state_dict(self, state_dict)  # checked: raises before anything changes
+        new_state = _state.packed_copy(self._STATE_KEYS, loaded.state)
         self.state.clear()
         self.state.update(new_state)
-        self.param_groups = new_groups
-        self._group_steps, self._plateau_state = group_steps.clone(), plateau_state.clone()
+        self.param_groups = loaded.param_groups
+        self._group_steps, self._plateau_state = loaded.group_steps.clone(), loaded.plateau_state.clone()
         self._attach_lrs()
         self._lists = None
-        self._key = self._seen = self._seen_hyper = None
         self._programs_key = []
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
-    @staticmethod
-    def _saved_schedule_state(saved_groups: list[dict]) -> dict[str, Tensor]:
-        """The schedule state that state_dict() keeps in each group, checked."""
-        steps, plateau = [], []
-        for g, saved in enumerate(saved_groups):
-            step, state = saved["schedule_step"], saved.get("plateau_state")
-            step = step.item() if isinstance(step, Tensor) and step.numel() == 1 else step
-            if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-                raise ValueError(f"loaded group {g} has an invalid schedule_step {saved['schedule_step']!r} "
-                                 "(an integer >= 0 is required)")
-            state = state.tolist() if isinstance(state, Tensor) else state
-            if (not isinstance(state, (list, tuple)) or len(state) != _ops.PLATEAU_SLOTS
-                    or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in state)):
-                raise ValueError(f"loaded group {g} has an invalid plateau_state {state!r} "
-                                 f"({_ops.PLATEAU_SLOTS} numbers are required)")
-            steps.append(int(step))
-            plateau.append([float(v) for v in state])
-        return {"group_steps": torch.tensor(steps, dtype=torch.int64),
-                "plateau_state": torch.tensor(plateau, dtype=torch.float64)}
-
     def _missing_step(self, saved: dict) -> int | None:
-        """The step count of loaded state that has none (torch's SGD keeps none), or None: required."""
+        """The step count of loaded state that has none (torch's SGD keeps none), or None: required
+        (fusedlr/_checkpoint.py)."""
         return None
-
-    def _load_param_state(self, param: Tensor, saved: dict, saved_id) -> dict:
-        """The saved state of one parameter, checked: its step count as an int, its tensors as saved."""
-        state: dict[str, Any] = {}
-        for key in self._REQUIRED_KEYS:
-            if not isinstance(saved.get(key), Tensor):
-                raise ValueError(f"loaded state of parameter {saved_id!r} has no {key!r}")
-        step = saved.get("step", self._missing_step(saved))
-        if step is None:
-            raise ValueError(f"loaded state of parameter {saved_id!r} has no 'step'")
-        step = step.item() if isinstance(step, Tensor) and step.numel() == 1 else step
-        if (isinstance(step, bool) or not isinstance(step, numbers.Real) or not math.isfinite(step) or step < 0
-                or step != int(step)):
-            raise ValueError(f"loaded state of parameter {saved_id!r} has an invalid step {saved['step']!r}")
-        state["step"] = int(step)
-        for key, value in saved.items():
-            if key == "step" or value is None:
-                continue
-            if key not in self._STATE_KEYS:
-                raise ValueError(f"loaded state of parameter {saved_id!r} has an unknown entry {key!r}")
-            if key == "master_weight" and not (self.master_weights and _is_low_precision(param)):
-                raise ValueError(f"loaded state of parameter {saved_id!r} has a master weight, but the optimizer "
-                                 f"keeps none for this {param.dtype} parameter (master_weights="
-                                 f"{self.master_weights}; only bfloat16 and float16 parameters have one)")
-            if not isinstance(value, Tensor) or value.shape != param.shape:
-                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                raise ValueError(f"loaded {key} of parameter {saved_id!r} has shape {shape}, the parameter "
-                                 f"{tuple(param.shape)}: a state_dict from a different parameter layout")
-            state[key] = value
-        return state
-
-    def _packed_copy(self, loaded: dict[Tensor, dict]) -> dict[Tensor, dict]:
-        """The optimizer's state from checked saved state ([note: packed state]): copies on the
-        parameters' device, in their layout."""
-        params = list(loaded)
-        device = params[0].device if params else self._device
-        steps = _packed_steps([loaded[p]["step"] for p in params], device)
-        state = {p: {"step": step} for p, step in zip(params, steps)}
-        for key in self._STATE_KEYS:
-            holders = [p for p in params if key in loaded[p]]
-            with torch.no_grad():
-                for p, tensor in zip(holders, _packed_state([local_of(p) for p in holders])):
-                    tensor.copy_(_dist.local_value(loaded[p][key], p))
-                    state[p][key] = _dist.like_parameter(tensor, p)
-        return state
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -968,10 +613,9 @@ class _FusedOptimizer(Optimizer):
         if hasattr(self, "_group_lrs"):
             self._lrs_version = self._group_lrs._version
         self._lists = None
-        self._key = self._seen = self._seen_hyper = None
         self._programs_key = []
         self._programs = []
-        self._placeholders = {}
+        self._placeholders = _state.Placeholders()
 
 
 _SCHEDULE_DOC = """

@@ -1,4 +1,4 @@
-"""Packed optimizer state (fusedlr/optim.py, [note: packed state]): the state the optimizer creates
+"""Packed optimizer state (fusedlr/_state.py, [note: packed state]): the state the optimizer creates
 for many parameters at once lies in one buffer per dtype, each tensor in its parameter's layout."""
 
 import pytest

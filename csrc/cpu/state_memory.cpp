@@ -1,4 +1,4 @@
-// Memory for packed optimizer state (fusedlr/optim.py, [note: packed state]).
+// Memory for packed optimizer state (fusedlr/_state.py, [note: packed state]).
 //
 // [note: huge pages]
 // A step streams every state buffer once, and on 4 KiB pages that means a TLB miss every 4 KiB of

@@ -1,6 +1,6 @@
 // fusedlr::sum_of_squares: the sum of the squares of every element of a list of tensors, as one
 // float64, for the global gradient norm of sharded parameters ([note: global norm] in
-// fusedlr/optim.py): each rank sums its local shards, one all-reduce adds the ranks' sums.
+// fusedlr/distributed.py): each rank sums its local shards, one all-reduce adds the ranks' sums.
 //
 // On the CPU all tensors split into chunks summed in ONE parallel region (torch's foreach norm
 // loops over the tensors, a region each, which costs about as much as the whole step on a model of
