@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim import optimizer as _torch_optimizer
 
-from . import _C, _ops, lr as _lr
+from . import _C, _ops, _storage, lr as _lr
 from . import distributed as _dist
 from .distributed import is_dtensor, local_of
 from .schedules import ReduceLROnPlateau, Schedule, compile_programs, from_spec
@@ -162,12 +162,12 @@ def _packed_like(likes: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
     return out
 
 
-def _packed_state(params: Sequence[Tensor]) -> list[Tensor]:
-    """Zero state tensors for `params` (float32 for low-precision ones), packed by state dtype."""
+def _packed_state(params: Sequence[Tensor], dtypes: Sequence[torch.dtype]) -> list[Tensor]:
+    """Zero state tensors for `params`, of `dtypes`, packed by dtype."""
     out: list[Tensor | None] = [None] * len(params)
     by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, p in enumerate(params):
-        by_dtype.setdefault(_state_dtype(p), []).append(i)
+    for i, dtype in enumerate(dtypes):
+        by_dtype.setdefault(dtype, []).append(i)
     for dtype, indices in by_dtype.items():
         for i, t in zip(indices, _packed_like([params[i] for i in indices], dtype)):
             out[i] = t
@@ -261,7 +261,8 @@ class _FusedOptimizer(Optimizer):
             cls._REQUIRED_KEYS = cls._DESCRIPTOR.required
 
     def __init__(self, params, defaults: dict, max_grad_norm: float | None, skip_nonfinite: bool,
-                 master_weights: bool, partition_group=None):
+                 master_weights: bool | str, partition_group=None, state_dtype: torch.dtype | None = None,
+                 stochastic_rounding: bool = False, rounding_seed: int | None = None):
         if partition_group is not None and not (
                 _dist.is_initialized() and isinstance(partition_group, dist.ProcessGroup)):
             raise ValueError(f"partition_group must be a torch.distributed ProcessGroup of an initialized process "
@@ -271,7 +272,7 @@ class _FusedOptimizer(Optimizer):
         self.partition_group = partition_group
         self.max_grad_norm: float | None = _check_max_grad_norm(max_grad_norm)
         self.skip_nonfinite: bool = _check_flag("skip_nonfinite", skip_nonfinite)
-        self.master_weights: bool = _check_flag("master_weights", master_weights)
+        self.master_weights: bool | str = _storage.check_master_weights(master_weights)
         self._device: torch.device | None = None
         self._grad_norm: Tensor | None = None      # float64 scalar: the last step's gradient norm
         self._group_steps: Tensor | None = None    # int64 [groups]: completed steps of each group
@@ -286,6 +287,8 @@ class _FusedOptimizer(Optimizer):
         self._programs_key: list[Schedule | None] = []
         self._programs: list[float] = []
         self._placeholders: dict[Tensor, Tensor] = {}
+        defaults = dict(defaults, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
+                        rounding_seed=_storage.default_seed() if rounding_seed is None else rounding_seed)
         super().__init__(params, defaults)
 
     # -- groups ----------------------------------------------------------------------------------
@@ -304,6 +307,7 @@ class _FusedOptimizer(Optimizer):
             if group["schedule"] is not None and "initial_lr" in group:
                 group["lr"] = group["initial_lr"]  # a group a torch scheduler has seen: its base lr
             self._check_group(group)
+            _storage.check_storage_settings(group)
             device = self._check_params(group["params"])
             # The counters live on the parameters' device; groups without parameters leave it open.
             if self._group_steps is None:
@@ -338,6 +342,9 @@ class _FusedOptimizer(Optimizer):
                 raise ValueError("complex parameters are not supported by fusedlr")
             if p.dtype not in _FLOAT_DTYPES:
                 raise ValueError(f"parameter dtype {p.dtype} is not supported (float32, float64, bfloat16, float16)")
+            if self.master_weights == _storage.REMAINDER and p.dtype == torch.float16:
+                raise ValueError("master_weights='remainder' completes bfloat16 parameters (a float32 master is a "
+                                 "bfloat16 and 16 more bits); float16 parameters need master_weights=True")
         return devices.pop() if devices else None
 
     # -- the step path ---------------------------------------------------------------------------
@@ -362,7 +369,7 @@ class _FusedOptimizer(Optimizer):
     def _state_layout(self, group: dict) -> tuple[bool, ...]:
         """The group's settings that decide which state its parameters have."""
         return tuple(self._has_state(key, group["params"][0], group) if group["params"] else False
-                     for key in self._STATE_KEYS if key != "master_weight")
+                     for key in self._STATE_KEYS if key != "master_weight") + (group.get("state_dtype"),)
 
     def _objects(self) -> tuple[list, list[int]]:
         """The objects _step_key() reads (the state dict, every value of every group: its params list
@@ -396,6 +403,8 @@ class _FusedOptimizer(Optimizer):
     def _group_hyper(self, group: dict) -> tuple[float, ...]:
         """The group's slots of the ops' `hyper` argument, in the descriptor's order."""
         values = self._hyper_values(group)
+        _storage.check_rounding(group)
+        values.update(stochastic_rounding=float(group["stochastic_rounding"]), rounding_seed=float(group["rounding_seed"]))
         slots = self._DESCRIPTOR.slots
         if len(values) != len(slots):
             raise RuntimeError(f"{type(self).__name__}: hyperparameters {sorted(values)} do not match the "
@@ -447,7 +456,11 @@ class _FusedOptimizer(Optimizer):
         optional state."""
         if key in self._REQUIRED_KEYS:
             return True
-        return key == "master_weight" and self.master_weights and _is_low_precision(param)
+        return key == "master_weight" and bool(self.master_weights) and _is_low_precision(param)
+
+    def _state_key(self, key: str) -> str:
+        """The state key of the op's list `key`: the master weights' depends on the mode."""
+        return _storage.master_key(self.master_weights) if key == "master_weight" else key
 
     def _new_states(self, fresh: Sequence[tuple[Tensor, dict]]) -> list[dict]:
         """The state of parameters with their first gradient, [note: packed state]: step 0, zero
@@ -458,21 +471,50 @@ class _FusedOptimizer(Optimizer):
         shards = [local_of(p) for p, _ in fresh]
         for key in self._STATE_KEYS:
             holders = [i for i, (p, group) in enumerate(fresh) if self._has_state(key, p, group)]
-            for i, tensor in zip(holders, _packed_state([shards[i] for i in holders])):
-                if key == "master_weight":
+            state_key = self._state_key(key)
+            dtypes = [_storage.state_dtype(state_key, fresh[i][0], fresh[i][1]) for i in holders]
+            for i, tensor in zip(holders, _packed_state([shards[i] for i in holders], dtypes)):
+                if state_key == "master_weight":  # a remainder starts at zero: the master is the parameter
                     tensor.copy_(shards[i].detach())
-                states[i][key] = _dist.like_parameter(tensor, fresh[i][0])
+                states[i][state_key] = _dist.like_parameter(tensor, fresh[i][0])
         return states
 
     def _ensure_state(self, param: Tensor, group: dict, state: dict) -> None:
-        """Adds state the settings now need (a momentum buffer, max_exp_avg_sq, a master weight)."""
+        """Adds state the settings now need (a momentum buffer, max_exp_avg_sq, a master weight),
+        converts the master weight of the other mode into this one's, and casts state into the
+        dtype the group's state_dtype now says."""
         for key in self._STATE_KEYS:
-            if state.get(key) is None and self._has_state(key, param, group):
+            state_key = self._state_key(key)
+            if state.get(state_key) is None and self._has_state(key, param, group):
+                other = next((k for k in _storage.MASTER_KEYS if k != state_key and state.get(k) is not None), None)
+                if key == "master_weight" and other is not None:
+                    state[state_key] = self._converted_master(param, other, state.pop(other))
+                    continue
                 shard = local_of(param)
-                tensor = torch.zeros_like(shard, dtype=_state_dtype(param))
-                if key == "master_weight":
+                tensor = torch.zeros_like(shard, dtype=_storage.state_dtype(state_key, param, group))
+                if state_key == "master_weight":
                     tensor.copy_(shard.detach())
-                state[key] = _dist.like_parameter(tensor, param)
+                state[state_key] = _dist.like_parameter(tensor, param)
+            value = state.get(state_key)
+            dtype = _storage.state_dtype(state_key, param, group)
+            if value is not None and value.dtype != dtype:
+                state[state_key] = _dist.like_parameter(local_of(value).to(dtype), param)
+
+    @staticmethod
+    def _converted_master(param: Tensor, saved_key: str, saved: Tensor) -> Tensor:
+        """The master weight of `param` kept as the other mode keeps it, from `saved` (state
+        `saved_key`). A float32 master becomes a remainder with the parameter set to the master's
+        bfloat16 rounding, which is what a step would write to it ([note: remainders])."""
+        shard = local_of(param)
+        value = local_of(saved)
+        with torch.no_grad():
+            if saved_key == "master_weight":  # to a remainder
+                rounded, remainder = _storage.split_master(value.to(shard.device))
+                shard.copy_(rounded)
+                out = torch.empty_like(shard, dtype=torch.int16).copy_(remainder)
+            else:
+                out = torch.empty_like(shard, dtype=torch.float32).copy_(_storage.join_master(shard, value.to(shard.device)))
+        return _dist.like_parameter(out, param)
 
     def _placeholder(self, param: Tensor) -> Tensor:
         """An empty tensor standing for optional state a parameter does not have."""
@@ -482,6 +524,8 @@ class _FusedOptimizer(Optimizer):
         return empty
 
     def _build_lists(self) -> _StepLists:
+        for group in self.param_groups:  # a setting changed since add_param_group checked it
+            _storage.check_storage_settings(group)
         lists = _StepLists()
         lists.states = {key: [] for key in self._STATE_KEYS}
         for g, group in enumerate(self.param_groups):
@@ -495,7 +539,7 @@ class _FusedOptimizer(Optimizer):
                 lists.tensor_group.append(g)
                 lists.steps.append(state["step"])
                 for key in self._STATE_KEYS:
-                    value = state.get(key)
+                    value = state.get(self._state_key(key))
                     lists.states[key].append(self._placeholder(p) if value is None else local_of(value))
         if any(is_dtensor(p) for p in lists.params):
             lists.owners = lists.params
@@ -844,6 +888,7 @@ class _FusedOptimizer(Optimizer):
             if new_group["schedule"] is not None:  # the base lr: a torch scheduler's initial_lr, or fusedlr's own
                 new_group["lr"] = new_group.setdefault("initial_lr", new_group["lr"])
             self._check_group(new_group)
+            _storage.check_storage_settings(new_group)
             if new_group["schedule"] is not None:
                 new_group["initial_lr"] = new_group["lr"]
             new_groups.append(new_group)
@@ -869,7 +914,7 @@ class _FusedOptimizer(Optimizer):
                  for group in groups], dtype=torch.int64, device=self._device)
             plateau_state = _ops.initial_plateau_state(len(groups), self._device)
 
-        new_state = self._packed_copy(loaded)
+        new_state = self._packed_copy(loaded, new_groups)
         self.state.clear()
         self.state.update(new_state)
         self.param_groups = new_groups
@@ -922,12 +967,16 @@ class _FusedOptimizer(Optimizer):
         for key, value in saved.items():
             if key == "step" or value is None:
                 continue
-            if key not in self._STATE_KEYS:
+            if key not in self._STATE_KEYS and key not in _storage.MASTER_KEYS:
                 raise ValueError(f"loaded state of parameter {saved_id!r} has an unknown entry {key!r}")
-            if key == "master_weight" and not (self.master_weights and _is_low_precision(param)):
+            if key in _storage.MASTER_KEYS and not (self.master_weights and _is_low_precision(param)):
                 raise ValueError(f"loaded state of parameter {saved_id!r} has a master weight, but the optimizer "
                                  f"keeps none for this {param.dtype} parameter (master_weights="
-                                 f"{self.master_weights}; only bfloat16 and float16 parameters have one)")
+                                 f"{self.master_weights!r}; only bfloat16 and float16 parameters have one)")
+            if key == "master_remainder" and (param.dtype != torch.bfloat16 or not isinstance(value, Tensor)
+                                              or value.dtype != torch.int16):
+                raise ValueError(f"loaded master_remainder of parameter {saved_id!r} must be an int16 tensor of a "
+                                 f"bfloat16 parameter")
             if not isinstance(value, Tensor) or value.shape != param.shape:
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"loaded {key} of parameter {saved_id!r} has shape {shape}, the parameter "
@@ -935,19 +984,27 @@ class _FusedOptimizer(Optimizer):
             state[key] = value
         return state
 
-    def _packed_copy(self, loaded: dict[Tensor, dict]) -> dict[Tensor, dict]:
+    def _packed_copy(self, loaded: dict[Tensor, dict], groups: list[dict]) -> dict[Tensor, dict]:
         """The optimizer's state from checked saved state ([note: packed state]): copies on the
         parameters' device, in their layout."""
         params = list(loaded)
         device = params[0].device if params else self._device
         steps = _packed_steps([loaded[p]["step"] for p in params], device)
         state = {p: {"step": step} for p, step in zip(params, steps)}
+        group_of = {p: group for group in groups for p in group["params"]}
         for key in self._STATE_KEYS:
-            holders = [p for p in params if key in loaded[p]]
+            state_key = self._state_key(key)
+            holders = [p for p in params if state_key in loaded[p]]
+            dtypes = [_storage.state_dtype(state_key, p, group_of[p]) for p in holders]
             with torch.no_grad():
-                for p, tensor in zip(holders, _packed_state([local_of(p) for p in holders])):
-                    tensor.copy_(_dist.local_value(loaded[p][key], p))
-                    state[p][key] = _dist.like_parameter(tensor, p)
+                for p, tensor in zip(holders, _packed_state([local_of(p) for p in holders], dtypes)):
+                    tensor.copy_(_dist.local_value(loaded[p][state_key], p))
+                    state[p][state_key] = _dist.like_parameter(tensor, p)
+        for p in params:  # a master weight kept as the other mode keeps it
+            for other in _storage.MASTER_KEYS:
+                if other != self._state_key("master_weight") and other in loaded[p]:
+                    saved = _dist.like_parameter(_dist.local_value(loaded[p][other], p), p)
+                    state[p][self._state_key("master_weight")] = self._converted_master(p, other, saved)
         return state
 
     def __getstate__(self) -> dict:
@@ -985,9 +1042,21 @@ _SCHEDULE_DOC = """
     skip_nonfinite (bool): skip a step whose gradient norm is inf or NaN on the device, as
         GradScaler skips an overflowed step: parameters, state, step counters and schedule stay as
         they were. Default: False.
-    master_weights (bool): keep a float32 master copy of every bfloat16 / float16 parameter
-        (state "master_weight"); the update runs on it and writes the rounded parameter in the
-        same pass. Other dtypes need none. Default: False.
+    master_weights (bool or "remainder"): True keeps a float32 master copy of every bfloat16 /
+        float16 parameter (state "master_weight"); the update runs on it and writes the rounded
+        parameter in the same pass (bfloat16: to nearest, ties away from zero). "remainder" keeps
+        the same float32 master of a bfloat16 parameter in 2 bytes instead of 4: the parameter is
+        its top half and the int16 state "master_remainder" its low half, bit for bit the run of
+        True (float16 parameters need True). Other dtypes need none. Default: False.
+    state_dtype (torch.dtype, optional): torch.bfloat16 stores the optimizer state (exp_avg,
+        exp_avg_sq, max_exp_avg_sq, momentum_buffer) in bfloat16, computed in float32 and rounded
+        when stored; None keeps it in float32 (float64 for float64 parameters). Per param group.
+    stochastic_rounding (bool): round stochastically (unbiased) where a value is stored in fewer
+        bits than it is computed in: bfloat16 / float16 parameters without master weights, and
+        bfloat16 state. Per param group. Default: False (to nearest).
+    rounding_seed (int, optional): the seed of the stochastic rounding, in [0, 2**53); with the
+        step count and each element's index it decides every rounding, so runs, thread counts,
+        devices and resumes agree. Per param group. Default: from torch.initial_seed().
     partition_group (torch.distributed.ProcessGroup, optional): for plain parameters partitioned
         across ranks (ZeroRedundancyOptimizer): the group whose ranks hold the other partitions.
         max_grad_norm and skip_nonfinite then act on the norm of the whole model, summed over it,
@@ -1018,12 +1087,14 @@ class SGD(_FusedOptimizer):
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
                  schedule: Schedule | None = None, max_grad_norm: float | None = None, skip_nonfinite: bool = False,
-                 master_weights: bool = False, partition_group=None):
+                 master_weights: bool | str = False, partition_group=None, state_dtype: torch.dtype | None = None,
+                 stochastic_rounding: bool = False, rounding_seed: int | None = None):
         _check_unsupported(foreach, fused, differentiable)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, schedule=schedule)
         self._check_group(defaults)
-        super().__init__(params, defaults, max_grad_norm, skip_nonfinite, master_weights, partition_group)
+        super().__init__(params, defaults, max_grad_norm, skip_nonfinite, master_weights, partition_group,
+                         state_dtype, stochastic_rounding, rounding_seed)
 
     def _check_group(self, group: dict) -> None:
         group["lr"] = _check_range("learning rate (lr)", group["lr"], 0.0)
@@ -1076,13 +1147,15 @@ class Adam(_FusedOptimizer):
                  foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None, decoupled_weight_decay: bool = False,
                  schedule: Schedule | None = None, max_grad_norm: float | None = None, skip_nonfinite: bool = False,
-                 master_weights: bool = False, partition_group=None):
+                 master_weights: bool | str = False, partition_group=None, state_dtype: torch.dtype | None = None,
+                 stochastic_rounding: bool = False, rounding_seed: int | None = None):
         _check_unsupported(foreach, fused, differentiable)
         _check_flag("capturable", capturable)  # the fused step is always capturable: counters live on the device
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, schedule=schedule)
         self._check_group(defaults)
-        super().__init__(params, defaults, max_grad_norm, skip_nonfinite, master_weights, partition_group)
+        super().__init__(params, defaults, max_grad_norm, skip_nonfinite, master_weights, partition_group,
+                         state_dtype, stochastic_rounding, rounding_seed)
 
     def _check_group(self, group: dict) -> None:
         group["lr"] = _check_range("learning rate (lr)", group["lr"], 0.0)
@@ -1117,12 +1190,14 @@ class AdamW(Adam):
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None, schedule: Schedule | None = None,
-                 max_grad_norm: float | None = None, skip_nonfinite: bool = False, master_weights: bool = False,
-                 partition_group=None):
+                 max_grad_norm: float | None = None, skip_nonfinite: bool = False, master_weights: bool | str = False,
+                 partition_group=None, state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False,
+                 rounding_seed: int | None = None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=True, schedule=schedule, max_grad_norm=max_grad_norm,
-                         skip_nonfinite=skip_nonfinite, master_weights=master_weights, partition_group=partition_group)
+                         skip_nonfinite=skip_nonfinite, master_weights=master_weights, partition_group=partition_group,
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, rounding_seed=rounding_seed)
 
 
 class Lion(_FusedOptimizer):
@@ -1151,12 +1226,14 @@ class Lion(_FusedOptimizer):
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False, foreach: bool | None = None,
                  differentiable: bool = False, fused: bool | None = None, schedule: Schedule | None = None,
-                 max_grad_norm: float | None = None, skip_nonfinite: bool = False, master_weights: bool = False,
-                 partition_group=None):
+                 max_grad_norm: float | None = None, skip_nonfinite: bool = False, master_weights: bool | str = False,
+                 partition_group=None, state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False,
+                 rounding_seed: int | None = None):
         _check_unsupported(foreach, fused, differentiable)
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, schedule=schedule)
         self._check_group(defaults)
-        super().__init__(params, defaults, max_grad_norm, skip_nonfinite, master_weights, partition_group)
+        super().__init__(params, defaults, max_grad_norm, skip_nonfinite, master_weights, partition_group,
+                         state_dtype, stochastic_rounding, rounding_seed)
 
     def _check_group(self, group: dict) -> None:
         group["lr"] = _check_range("learning rate (lr)", group["lr"], 0.0)
