@@ -469,3 +469,49 @@ def test_a_bad_group_setting_changes_nothing():
             assert torch.equal(opt.state[p][key], value)
     opt.param_groups[0]["rounding_seed"] = 1
     opt.step()
+
+
+# -- groups, paths -----------------------------------------------------------------------------
+
+def test_each_group_rounds_with_its_own_seed():
+    """Changing one group's rounding_seed changes the roundings of its tensors only; the op path
+    (one op call) and the prepared step agree bit for bit with stochastic rounding on."""
+    def run(seeds, path="plan"):
+        params, targets = bf16_problem(16, shapes=((50, 40), (300,), (30, 30), (64,)))
+        groups = [{"params": params[:2], "rounding_seed": seeds[0]}, {"params": params[2:], "rounding_seed": seeds[1]}]
+        opt = fusedlr.AdamW(groups, lr=0.01, stochastic_rounding=True, state_dtype=torch.bfloat16)
+        for step in range(6):
+            set_gradients(params, targets, step)
+            if path == "plan":
+                opt.step()
+            else:  # the op, as under torch.compile
+                lists, fresh = opt._prepare()
+                opt._run_op(lists, [p.grad for p in lists.params], lists.hyper, lists.programs, None, None, None,
+                            False, None)
+        return [p.detach().clone() for p in params], [opt.state[p]["exp_avg"].clone() for p in params]
+    base, base_state = run((5, 6))
+    op, op_state = run((5, 6), path="op")
+    changed, changed_state = run((5, 7))
+    for n in range(4):
+        assert_bits_equal(op[n], base[n], f"parameter {n}, the op path")
+        assert_bits_equal(op_state[n], base_state[n], f"exp_avg {n}, the op path")
+    for n in (0, 1):
+        assert_bits_equal(changed[n], base[n], f"parameter {n} of the group whose seed stayed")
+    for n in (2, 3):
+        assert not torch.equal(bits(changed_state[n]), bits(base_state[n])), f"exp_avg {n}: its group's new seed"
+
+
+def test_a_bfloat16_model_rounds_stochastically_only_when_asked():
+    """Round to nearest by default: bf16 parameters under tiny updates stagnate (torch's behaviour);
+    with stochastic_rounding they move by the updates on average."""
+    n = 1 << 14
+    moved = {}
+    for stochastic in (False, True):
+        p = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
+        opt = fusedlr.SGD([p], lr=1e-4, stochastic_rounding=stochastic, rounding_seed=2)
+        for _ in range(100):
+            p.grad = torch.full((n,), -1.0, dtype=torch.bfloat16)  # each step adds 1e-4, an ulp is 2^-7
+            opt.step()
+        moved[stochastic] = (p.detach().double() - 1).mean().item()
+    assert moved[False] == 0.0
+    assert abs(moved[True] - 0.01) < 6 * 2 ** -7 * math.sqrt(100 / n)  # 100 steps of 1e-4
