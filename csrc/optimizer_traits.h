@@ -24,10 +24,12 @@
 //     static bool needs_state(int state, const double* group_hyper, bool momentum_nonzero);
 //   };
 //
-// Every state list holds the parameter's state dtype (float32 for low-precision parameters); after
-// the optimizer's own lists every op takes the master weights (kMasterWeights), then the step
-// counters. An update is elementwise: each state element is read and written by the update of its
-// parameter's element only.
+// A parameter's state lists hold its math type (float32 for low-precision parameters) or bfloat16
+// (storage_math.h, [note: storage]); after the optimizer's own lists every op takes the master
+// weights (kMasterWeights: float32 masters or int16 remainders), then the step counters. After the
+// optimizer's own slots, every group's `hyper` holds the common slots (CommonSlot). An update is
+// elementwise: each state element is read and written by the update of its parameter's element
+// only.
 
 #include <algorithm>
 #include <cstdint>
@@ -44,8 +46,22 @@ struct StateSpec {
   const char* needed_when;  // for an optional one: when a parameter must have it (for messages)
 };
 
-// The master weights of bfloat16 / float16 parameters (ops.cpp, [note: norm and master weights]).
+// The master weights of bfloat16 / float16 parameters (ops.cpp, [note: norm and master weights]):
+// float32 copies, or the int16 remainders that complete bfloat16 parameters (storage_math.h).
 inline constexpr StateSpec kMasterWeights{"master_weight", "master_weights", true, "master_weights is on"};
+
+// The hyperparameter slots every optimizer has after its own: how its tensors round
+// (storage_math.h, [note: stochastic rounding]). The seed is an integer below 2^53.
+struct CommonSlot {
+  enum : int { kStochasticRounding, kRoundingSeed, kCount };
+};
+inline constexpr const char* kCommonSlotNames[CommonSlot::kCount] = {"stochastic_rounding", "rounding_seed"};
+
+// The slots of an optimizer's groups in `hyper`: its own, then the common ones at kCommonSlots<O>.
+template <typename Optimizer>
+inline constexpr int kCommonSlots = Optimizer::Slot::kCount;
+template <typename Optimizer>
+inline constexpr int kHyperSlots = Optimizer::Slot::kCount + CommonSlot::kCount;
 
 // The state lists of an optimizer's op: its own, then the master weights.
 template <typename Optimizer>
@@ -85,7 +101,7 @@ struct TypeTag {
 // The registry's type: for_each calls fn(TypeTag<Optimizer>{}) for each, in order.
 template <typename... Optimizers>
 struct OptimizerList {
-  static constexpr int kMaxSlots = std::max({0, static_cast<int>(Optimizers::Slot::kCount)...});
+  static constexpr int kMaxSlots = std::max({0, kHyperSlots<Optimizers>...});
   static constexpr int kMaxStates = std::max({0, static_cast<int>(Optimizers::State::kCount)...});
 
   template <typename Fn>

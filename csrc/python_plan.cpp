@@ -180,7 +180,7 @@ struct Plan {
     write_next_lrs();
   }
 
-  void write_next_lrs() const { settings.write_next_lrs(Optimizer::Slot::kCount, Optimizer::Slot::kLr); }
+  void write_next_lrs() const { settings.write_next_lrs(kHyperSlots<Optimizer>, Optimizer::Slot::kLr); }
 };
 
 // plan.configure(hyper, programs, group_steps, plateau_state, max_grad_norm, skip_nonfinite, grad_norm,
@@ -249,6 +249,7 @@ PYBIND11_MODULE(_C, m) {
     define_methods(plan);
     pybind11::list slots, states;
     for (const char* slot : Optimizer::kSlotNames) slots.append(slot);
+    for (const char* slot : kCommonSlotNames) slots.append(slot);
     for (int k = 0; k < kStateLists<Optimizer>; ++k) {
       const StateSpec& spec = state_spec<Optimizer>(k);
       states.append(pybind11::make_tuple(spec.key, spec.optional));

@@ -163,9 +163,9 @@ int64_t check_step_lists(const char* op, at::DeviceType device_type, size_t para
   return groups;
 }
 
-void check_param_tensors(const char* op, at::DeviceType device_type, const at::Device& device, const at::Tensor& param,
-                         const std::vector<StateList>& states, const at::Tensor& step, int64_t group, int64_t groups,
-                         size_t i) {
+TensorStorage check_param_tensors(const char* op, at::DeviceType device_type, const at::Device& device,
+                                  const at::Tensor& param, const std::vector<StateList>& states, const at::Tensor& step,
+                                  int64_t group, int64_t groups, size_t i) {
   TORCH_CHECK(group >= 0 && group < groups, op, ": tensor_group", " of parameter ", i, " is ", group, ", outside [0, ",
               groups, ")");
   check_on_device(op, param, device_type, device, "the tensor", i);
@@ -178,17 +178,34 @@ void check_param_tensors(const char* op, at::DeviceType device_type, const at::D
   TORCH_CHECK(fits_storage(param), op, ": parameter ", i, " lies outside its storage");
   TORCH_CHECK(is_supported_param_dtype(param.scalar_type()), op, ": parameter ", i, " has dtype ", param.scalar_type(),
               "; supported are float32, float64, bfloat16 and float16");
-  const at::ScalarType want_state = state_dtype(param.scalar_type());
+  // The optimizer's state: all in the math type, or all in bfloat16 where the math type is float32.
+  const at::ScalarType math_type = state_dtype(param.scalar_type());
+  std::optional<at::ScalarType> state_type;
+  TensorStorage storage;
   for (const StateList& state : states) {
     const at::Tensor& s = state.tensors[i];
     if (state.optional && s.numel() == 0) continue;  // absent (or nothing to hold)
     check_readable(op, s, state.name, i);
-    TORCH_CHECK(!state.low_precision_only || param.scalar_type() == at::kBFloat16 || param.scalar_type() == at::kHalf,
-                op, ": ", state.name, " of parameter ", i, " is given, but only bfloat16 and float16 parameters ",
-                "take one (the parameter is ", param.scalar_type(), ")");
+    const at::ScalarType dtype = param.scalar_type();
+    TORCH_CHECK(!state.master || dtype == at::kBFloat16 || dtype == at::kHalf, op, ": ", state.name, " of parameter ",
+                i, " is given, but only bfloat16 and float16 parameters take one (the parameter is ", dtype, ")");
     check_on_device(op, s, device_type, device, state.name, i);
-    TORCH_CHECK(s.scalar_type() == want_state, op, ": ", state.name, " of parameter ", i, " has dtype ",
-                s.scalar_type(), ", expected ", want_state);
+    if (state.master) {
+      const bool remainder = s.scalar_type() == at::kShort;
+      TORCH_CHECK(s.scalar_type() == at::kFloat || (remainder && dtype == at::kBFloat16), op, ": ", state.name,
+                  " of parameter ", i, " has dtype ", s.scalar_type(), ", expected float32",
+                  dtype == at::kBFloat16 ? " (a master weight) or int16 (a remainder)" : "");
+      storage.master = remainder ? MasterKind::kRemainder : MasterKind::kFloat;
+    } else {
+      TORCH_CHECK(s.scalar_type() == math_type || (s.scalar_type() == at::kBFloat16 && math_type == at::kFloat), op,
+                  ": ", state.name, " of parameter ", i, " has dtype ", s.scalar_type(), ", expected ", math_type,
+                  math_type == at::kFloat ? " or bfloat16" : "");
+      TORCH_CHECK(!state_type.has_value() || *state_type == s.scalar_type(), op, ": ", state.name, " of parameter ",
+                  i, " has dtype ", s.scalar_type(), " but its other state ", *state_type,
+                  "; a parameter's optimizer state has one dtype");
+      state_type = s.scalar_type();
+      storage.bfloat16_state = s.scalar_type() == at::kBFloat16;
+    }
     TORCH_CHECK(s.sizes() == param.sizes() && s.strides() == param.strides(), op, ": ", state.name, " of parameter ", i,
                 " has shape ", s.sizes(), " and strides ", s.strides(), " but the parameter has shape ", param.sizes(),
                 " and strides ", param.strides(), " (a state_dict from a different parameter layout?)");
@@ -199,6 +216,7 @@ void check_param_tensors(const char* op, at::DeviceType device_type, const at::D
   TORCH_CHECK(step.scalar_type() == at::kLong && step.numel() == 1, op, ": the step counter", " of parameter ", i,
               " must be a one-element int64 tensor, got ", step.scalar_type(), " of shape ", step.sizes());
   TORCH_CHECK(fits_storage(step), op, ": the step counter of parameter ", i, " lies outside its storage");
+  return storage;
 }
 
 const void* checked_grad_data(const char* op, at::DeviceType device_type, const at::Device& device,
@@ -234,7 +252,8 @@ ActiveTensors check_step_inputs(const char* op, at::DeviceType device_type, at::
   for (size_t i = 0; i < n; ++i) {
     const std::optional<at::Tensor> maybe_grad = grads[i];
     if (!maybe_grad.has_value() || !maybe_grad->defined()) continue;
-    check_param_tensors(op, device_type, device, params[i], states, steps[i], tensor_group[i], groups, i);
+    active.storage.push_back(
+        check_param_tensors(op, device_type, device, params[i], states, steps[i], tensor_group[i], groups, i));
     active.index.push_back(static_cast<int64_t>(i));
     active.grad_data.push_back(checked_grad_data(op, device_type, device, params[i], *maybe_grad, i, active.copies));
   }

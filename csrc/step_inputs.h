@@ -3,6 +3,9 @@
 
 #include <ATen/ATen.h>
 
+#include "optimizer_traits.h"
+#include "storage_math.h"
+
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -17,7 +20,13 @@ struct StateList {
   const char* name;
   at::TensorList tensors;
   bool optional;
-  bool low_precision_only = false;  // only bfloat16 and float16 parameters may have it (master weights)
+  bool master = false;  // the master weights: float32, or int16 remainders of bfloat16 parameters
+};
+
+// How a parameter's tensors are stored (storage_math.h, [note: storage]), as its checks found them.
+struct TensorStorage {
+  bool bfloat16_state = false;  // its optimizer state is bfloat16, not its math type
+  MasterKind master = MasterKind::kNone;
 };
 
 using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
@@ -27,6 +36,7 @@ struct ActiveTensors {
   std::vector<int64_t> index;          // into the op's lists
   std::vector<const void*> grad_data;  // each gradient in its parameter's layout...
   std::vector<at::Tensor> copies;      // ...copied into it, and kept alive here, where it was not
+  std::vector<TensorStorage> storage;
 };
 
 // Everything a step op checks before it touches anything. A failed check raises, and leaves every
@@ -43,9 +53,9 @@ int64_t check_step_lists(const char* op, at::DeviceType device_type, size_t para
                          const std::vector<StateList>& states, at::TensorList steps, at::IntArrayRef tensor_group,
                          c10::ArrayRef<double> hyper, int64_t hyper_slots, c10::ArrayRef<double> programs,
                          const at::Tensor& group_steps, const at::Tensor& plateau_state);
-void check_param_tensors(const char* op, at::DeviceType device_type, const at::Device& device, const at::Tensor& param,
-                         const std::vector<StateList>& states, const at::Tensor& step, int64_t group, int64_t groups,
-                         size_t i);
+TensorStorage check_param_tensors(const char* op, at::DeviceType device_type, const at::Device& device,
+                                  const at::Tensor& param, const std::vector<StateList>& states, const at::Tensor& step,
+                                  int64_t group, int64_t groups, size_t i);
 // The gradient's data in its parameter's layout: the gradient's own, or a copy kept in `copies`.
 const void* checked_grad_data(const char* op, at::DeviceType device_type, const at::Device& device,
                               const at::Tensor& param, const at::Tensor& grad, size_t i,
@@ -73,7 +83,8 @@ void check_schedule_inputs(const char* op, c10::ArrayRef<double> programs, int64
 void check_schedule_inputs(const char* op, c10::ArrayRef<double> programs, int64_t groups, const at::Tensor& steps,
                            const at::Tensor& plateau_state);
 
-// The dtype of optimizer state for a parameter dtype: float32 for the low-precision types.
+// The dtype of optimizer state for a parameter dtype: float32 for the low-precision types. State may
+// also be bfloat16 where this is float32 ([note: storage]).
 at::ScalarType state_dtype(at::ScalarType param_dtype);
 
 // Bumps the version counters of the parameters a step updates (ops.cpp, [note: no autograd]).
@@ -95,6 +106,59 @@ void dispatch_param_dtype(at::ScalarType dtype, Fn&& fn) {
     case at::kHalf: fn(TypePair<at::Half, float>{}); break;
     default: TORCH_CHECK(false, "fusedlr: unsupported parameter dtype ", dtype);
   }
+}
+
+// Calls fn(Storage<...>{}) (storage_math.h) for a parameter of `dtype` whose tensors check_param_tensors
+// found stored as `storage`, rounding stochastically where `stochastic` and something rounds: one
+// instance per storage that can occur.
+template <typename Fn>
+void dispatch_storage(at::ScalarType dtype, TensorStorage storage, bool stochastic, Fn&& fn) {
+  dispatch_param_dtype(dtype, [&](auto types) {
+    using Types = decltype(types);
+    using param_t = typename Types::param_t;
+    using math_t = typename Types::math_t;
+    auto with_state = [&](auto state_tag) {
+      using state_t = typename decltype(state_tag)::type;
+      auto with_master = [&](auto master_tag) {
+        constexpr MasterKind kMaster = decltype(master_tag)::value;
+        using Nearest = Storage<param_t, math_t, state_t, kMaster, false>;
+        using Stochastic = Storage<param_t, math_t, state_t, kMaster, true>;
+        if constexpr (Stochastic::kStochasticParam || Stochastic::kStochasticState) {
+          if (stochastic) {
+            fn(Stochastic{});
+            return;
+          }
+        }
+        fn(Nearest{});
+      };
+      using None = std::integral_constant<MasterKind, MasterKind::kNone>;
+      using Float = std::integral_constant<MasterKind, MasterKind::kFloat>;
+      using Remainder = std::integral_constant<MasterKind, MasterKind::kRemainder>;
+      if constexpr (std::is_same_v<param_t, c10::BFloat16>) {
+        switch (storage.master) {
+          case MasterKind::kNone: with_master(None{}); break;
+          case MasterKind::kFloat: with_master(Float{}); break;
+          case MasterKind::kRemainder: with_master(Remainder{}); break;
+        }
+      } else if constexpr (std::is_same_v<param_t, c10::Half>) {
+        TORCH_CHECK(storage.master != MasterKind::kRemainder, "fusedlr: remainders complete bfloat16 parameters only");
+        if (storage.master == MasterKind::kFloat) {
+          with_master(Float{});
+        } else {
+          with_master(None{});
+        }
+      } else {
+        with_master(None{});
+      }
+    };
+    if constexpr (std::is_same_v<math_t, float>) {
+      if (storage.bfloat16_state) {
+        with_state(TypeTag<c10::BFloat16>{});
+        return;
+      }
+    }
+    with_state(TypeTag<math_t>{});
+  });
 }
 
 // Calls fn(std::bool_constant<flag>{}): turns a runtime flag into a template argument.

@@ -86,7 +86,7 @@ std::vector<StateList> state_lists(const Lists& lists) {
 template <typename Optimizer, typename HasState>
 void check_needed_states(const char* op, c10::ArrayRef<double> hyper, int64_t group, bool momentum_nonzero,
                          size_t index, const HasState& has_state) {
-  const double* group_hyper = hyper.data() + group * Optimizer::Slot::kCount;
+  const double* group_hyper = hyper.data() + group * kHyperSlots<Optimizer>;
   for (int k = 0; k < Optimizer::State::kCount; ++k) {
     const StateSpec& spec = Optimizer::kStates[k];
     TORCH_CHECK(!spec.optional || has_state(k) || !Optimizer::needs_state(k, group_hyper, momentum_nonzero), op,

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _ops, lr as _lr
-from ._state import has_master_weight
+from . import _state
 from .schedules import Schedule, from_spec
 
 
@@ -85,6 +85,7 @@ def from_state_dict(opt, state_dict: dict) -> Loaded:
         if new_group["schedule"] is not None:  # the base lr: a torch scheduler's initial_lr, or fusedlr's own
             new_group["lr"] = new_group.setdefault("initial_lr", new_group["lr"])
         opt._check_group(new_group)
+        _state.check_storage_settings(new_group)
         if new_group["schedule"] is not None:
             new_group["initial_lr"] = new_group["lr"]
         new_groups.append(new_group)
@@ -149,12 +150,16 @@ def param_state(opt, param: Tensor, saved: dict, saved_id) -> dict:
     for key, value in saved.items():
         if key == "step" or value is None:
             continue
-        if key not in opt._STATE_KEYS:
+        if key not in opt._STATE_KEYS and key not in _state.MASTER_KEYS:
             raise ValueError(f"loaded state of parameter {saved_id!r} has an unknown entry {key!r}")
-        if key == "master_weight" and not has_master_weight(param, opt.master_weights):
+        if key in _state.MASTER_KEYS and not _state.has_master_weight(param, opt.master_weights):
             raise ValueError(f"loaded state of parameter {saved_id!r} has a master weight, but the optimizer "
                              f"keeps none for this {param.dtype} parameter (master_weights="
-                             f"{opt.master_weights}; only bfloat16 and float16 parameters have one)")
+                             f"{opt.master_weights!r}; only bfloat16 and float16 parameters have one)")
+        if key == "master_remainder" and (param.dtype != torch.bfloat16 or not isinstance(value, Tensor)
+                                          or value.dtype != torch.int16):
+            raise ValueError(f"loaded master_remainder of parameter {saved_id!r} must be an int16 tensor of a "
+                             f"bfloat16 parameter")
         if not isinstance(value, Tensor) or value.shape != param.shape:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(f"loaded {key} of parameter {saved_id!r} has shape {shape}, the parameter "

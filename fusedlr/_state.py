@@ -1,13 +1,19 @@
-"""The optimizers' per-parameter state: which state a parameter has and of which dtype, and how it
-is created (zero, or copied from a checkpoint) in packed buffers ([note: packed state]).
+"""The optimizers' per-parameter state: which state a parameter has and of which dtype, how it is
+created (zero, or copied from a checkpoint) in packed buffers ([note: packed state]), and how its
+storage is chosen: the group settings state_dtype, stochastic_rounding and rounding_seed, and the
+optimizer's master-weight modes, with the conversions between a float32 master weight and a
+bfloat16 parameter with its int16 remainder (csrc/storage_math.h, [note: storage], [note:
+remainders]; the same bit operations as the kernels').
 
 Which optional state a parameter has is the optimizer's hook (`_has_state(key, param, group)`),
-passed in here as `has_state`; `keys` are its state keys besides "step", in the op's order.
+passed in here as `has_state`; `keys` are the op's state lists besides "step", in the op's order
+(the master weights' list is "master_weight", kept in the state as `state_key` says).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import numbers
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -23,18 +29,114 @@ _is_compiling = torch.compiler.is_compiling
 
 # -- which state, of which dtype ------------------------------------------------------------------
 
-def state_dtype(param: Tensor) -> torch.dtype:
-    """Optimizer state is float32 for low-precision parameters (csrc/step_inputs.cpp, state_dtype)."""
+# master_weights: False, True (a float32 copy, state "master_weight") or "remainder" (state
+# "master_remainder": the int16 low halves of float32 masters whose top halves are the bfloat16
+# parameters).
+REMAINDER = "remainder"
+MASTER_KEYS = ("master_weight", "master_remainder")
+_SEED_LIMIT = 1 << 53  # the kernels read the seed from a double
+
+
+def math_dtype(param: Tensor) -> torch.dtype:
+    """The dtype an update computes in: float32 for low-precision parameters (csrc/step_inputs.cpp,
+    state_dtype)."""
     return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def state_dtype(key: str, param: Tensor, group: dict) -> torch.dtype:
+    """The dtype of state `key` of `param` in `group`: the math type, or bfloat16 as the group's
+    state_dtype says; float32 masters, int16 remainders."""
+    if key == "master_weight":
+        return torch.float32
+    if key == "master_remainder":
+        return torch.int16
+    if group.get("state_dtype") == torch.bfloat16:
+        return torch.bfloat16
+    return math_dtype(param)
 
 
 def is_low_precision(param: Tensor) -> bool:
     return param.dtype in (torch.bfloat16, torch.float16)
 
 
-def has_master_weight(param: Tensor, master_weights: bool) -> bool:
-    """Whether the parameter's state holds a "master_weight" under the master_weights option."""
-    return master_weights and is_low_precision(param)
+def has_master_weight(param: Tensor, master_weights: bool | str) -> bool:
+    """Whether the parameter's state holds a master weight under the master_weights option."""
+    return bool(master_weights) and is_low_precision(param)
+
+
+def state_key(key: str, master_weights: bool | str) -> str:
+    """The state key of the op's list `key`: the master weights' depends on the mode."""
+    if key == "master_weight" and master_weights == REMAINDER:
+        return "master_remainder"
+    return key
+
+
+def check_master_weights(value: Any) -> bool | str:
+    if value is True or value is False or value == REMAINDER:
+        return value
+    raise ValueError(f"Invalid master_weights: {value!r} (True keeps a float32 copy of each bfloat16 / float16 "
+                     f"parameter, 'remainder' the int16 low halves of float32 masters of bfloat16 parameters, "
+                     f"False none)")
+
+
+def check_rounding(group: dict) -> None:
+    """The group's stochastic_rounding and rounding_seed, checked where the step reads them."""
+    if not isinstance(group["stochastic_rounding"], bool):
+        raise ValueError(f"Invalid stochastic_rounding: {group['stochastic_rounding']!r} (must be True or False)")
+    seed = group["rounding_seed"]
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < _SEED_LIMIT:
+        raise ValueError(f"Invalid rounding_seed: {seed!r} (an integer in [0, 2**53) is required)")
+
+
+def check_storage_settings(group: dict) -> None:
+    """Raise ValueError, naming the setting, for a group's state_dtype, stochastic_rounding or
+    rounding_seed the kernels cannot take, or a state_dtype its parameters cannot have."""
+    dtype = group["state_dtype"]
+    if dtype is not None and dtype != torch.bfloat16:
+        raise ValueError(f"Invalid state_dtype: {dtype!r} (None keeps the state in float32, float64 for float64 "
+                         f"parameters; torch.bfloat16 in bfloat16)")
+    check_rounding(group)
+    if dtype == torch.bfloat16 and any(p.dtype == torch.float64 for p in group["params"]):
+        raise ValueError("state_dtype=torch.bfloat16 is for float32, bfloat16 and float16 parameters; this group "
+                         "holds a float64 one (its state is computed in float64)")
+
+
+def default_seed() -> int:
+    """A group's rounding_seed when none is given: from torch's seed, so that torch.manual_seed
+    makes the rounding reproducible too."""
+    return torch.initial_seed() % _SEED_LIMIT
+
+
+# -- master weights as remainders ([note: remainders]) --------------------------------------------
+
+def split_master(master: Tensor) -> tuple[Tensor, Tensor]:
+    """A float32 master as its bfloat16 top half rounded to nearest, ties away from zero, and the
+    int16 remainder: int32 arithmetic wraps as the kernels' uint32 does."""
+    bits = master.to(torch.float32).contiguous().view(torch.int32)
+    rounded = (bits + 0x8000) & -0x10000
+    return (rounded >> 16).to(torch.int16).view(torch.bfloat16), (bits - rounded).to(torch.int16)
+
+
+def join_master(param: Tensor, remainder: Tensor) -> Tensor:
+    """The float32 master of a bfloat16 parameter and its int16 remainder."""
+    high = param.contiguous().view(torch.int16).to(torch.int32) << 16
+    return (high + remainder.to(torch.int32)).view(torch.float32)
+
+
+def converted_master(param: Tensor, saved_key: str, saved: Tensor) -> Tensor:
+    """The master weight of `param` kept as the other mode keeps it, from `saved` (its state
+    `saved_key`, shaped like the parameter). A float32 master becomes a remainder with the parameter
+    set to the master's bfloat16 rounding, which is what a step would write to it."""
+    shard = local_of(param)
+    value = local_of(saved).to(shard.device)
+    with torch.no_grad():
+        if saved_key == "master_weight":  # to a remainder
+            rounded, remainder = split_master(value)
+            shard.copy_(rounded)
+            out = torch.empty_like(shard, dtype=torch.int16).copy_(remainder)
+        else:
+            out = torch.empty_like(shard, dtype=torch.float32).copy_(join_master(shard, value))
+    return _dist.like_parameter(out, param)
 
 
 # -- packed buffers -------------------------------------------------------------------------------
@@ -103,12 +205,12 @@ def _packed_like(likes: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
     return out
 
 
-def _packed_state(params: Sequence[Tensor]) -> list[Tensor]:
-    """Zero state tensors for `params` (float32 for low-precision ones), packed by state dtype."""
+def _packed_state(params: Sequence[Tensor], dtypes: Sequence[torch.dtype]) -> list[Tensor]:
+    """Zero state tensors for `params`, of `dtypes`, packed by dtype."""
     out: list[Tensor | None] = [None] * len(params)
     by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, p in enumerate(params):
-        by_dtype.setdefault(state_dtype(p), []).append(i)
+    for i, dtype in enumerate(dtypes):
+        by_dtype.setdefault(dtype, []).append(i)
     for dtype, indices in by_dtype.items():
         for i, t in zip(indices, _packed_like([params[i] for i in indices], dtype)):
             out[i] = t
@@ -128,46 +230,73 @@ def _packed_steps(counts: Sequence[int], device: torch.device | None) -> list[Te
 
 # -- the state of parameters ----------------------------------------------------------------------
 
-def new_states(keys: Sequence[str], has_state: HasState, fresh: Sequence[tuple[Tensor, dict]]) -> list[dict]:
+def new_states(keys: Sequence[str], has_state: HasState, fresh: Sequence[tuple[Tensor, dict]],
+               master_weights: bool | str) -> list[dict]:
     """The state of parameters with their first gradient (each with its group), [note: packed
-    state]: step 0, zero buffers, master weights copied from the parameters."""
+    state]: step 0, zero buffers, master weights copied from the parameters (a remainder is zero:
+    the master is the parameter)."""
     if not fresh:
         return []
     states = [{"step": step} for step in _packed_steps([0] * len(fresh), fresh[0][0].device)]
     shards = [local_of(p) for p, _ in fresh]
     for key in keys:
         holders = [i for i, (p, group) in enumerate(fresh) if has_state(key, p, group)]
-        for i, tensor in zip(holders, _packed_state([shards[i] for i in holders])):
-            if key == "master_weight":
+        stored = state_key(key, master_weights)
+        dtypes = [state_dtype(stored, fresh[i][0], fresh[i][1]) for i in holders]
+        for i, tensor in zip(holders, _packed_state([shards[i] for i in holders], dtypes)):
+            if stored == "master_weight":
                 tensor.copy_(shards[i].detach())
-            states[i][key] = _dist.like_parameter(tensor, fresh[i][0])
+            states[i][stored] = _dist.like_parameter(tensor, fresh[i][0])
     return states
 
 
-def ensure_state(keys: Sequence[str], has_state: HasState, param: Tensor, group: dict, state: dict) -> None:
-    """Adds state the settings now need (a momentum buffer, max_exp_avg_sq, a master weight)."""
+def ensure_state(keys: Sequence[str], has_state: HasState, param: Tensor, group: dict, state: dict,
+                 master_weights: bool | str) -> None:
+    """Adds state the settings now need (a momentum buffer, max_exp_avg_sq, a master weight),
+    converts a master weight of the other mode into this one's, and casts state into the dtype the
+    group's state_dtype now says."""
     for key in keys:
-        if state.get(key) is None and has_state(key, param, group):
+        stored = state_key(key, master_weights)
+        if state.get(stored) is None and has_state(key, param, group):
+            other = next((k for k in MASTER_KEYS if k != stored and state.get(k) is not None), None)
+            if key == "master_weight" and other is not None:
+                state[stored] = converted_master(param, other, state.pop(other))
+                continue
             shard = local_of(param)
-            tensor = torch.zeros_like(shard, dtype=state_dtype(param))
-            if key == "master_weight":
+            tensor = torch.zeros_like(shard, dtype=state_dtype(stored, param, group))
+            if stored == "master_weight":
                 tensor.copy_(shard.detach())
-            state[key] = _dist.like_parameter(tensor, param)
+            state[stored] = _dist.like_parameter(tensor, param)
+        value = state.get(stored)
+        dtype = state_dtype(stored, param, group)
+        if value is not None and value.dtype != dtype:
+            state[stored] = _dist.like_parameter(local_of(value).to(dtype), param)
 
 
-def packed_copy(keys: Sequence[str], loaded: dict[Tensor, dict]) -> dict[Tensor, dict]:
+def packed_copy(keys: Sequence[str], loaded: dict[Tensor, dict], groups: Sequence[dict],
+                master_weights: bool | str) -> dict[Tensor, dict]:
     """The optimizer's state from checked saved state ([note: packed state]): copies on the
-    parameters' device, in their layout."""
+    parameters' device, in their layout, of the dtypes the groups say; a master weight saved as
+    the other mode keeps it converted (which sets a parameter to its master's rounding)."""
     params = list(loaded)
     device = params[0].device if params else None
     steps = _packed_steps([loaded[p]["step"] for p in params], device)
     state = {p: {"step": step} for p, step in zip(params, steps)}
+    group_of = {p: group for group in groups for p in group["params"]}
     for key in keys:
-        holders = [p for p in params if key in loaded[p]]
+        stored = state_key(key, master_weights)
+        holders = [p for p in params if stored in loaded[p]]
+        dtypes = [state_dtype(stored, p, group_of[p]) for p in holders]
         with torch.no_grad():
-            for p, tensor in zip(holders, _packed_state([local_of(p) for p in holders])):
-                tensor.copy_(_dist.local_value(loaded[p][key], p))
-                state[p][key] = _dist.like_parameter(tensor, p)
+            for p, tensor in zip(holders, _packed_state([local_of(p) for p in holders], dtypes)):
+                tensor.copy_(_dist.local_value(loaded[p][stored], p))
+                state[p][stored] = _dist.like_parameter(tensor, p)
+    mine = state_key("master_weight", master_weights)
+    for p in params:
+        for other in MASTER_KEYS:
+            if other != mine and other in loaded[p]:
+                saved = _dist.like_parameter(_dist.local_value(loaded[p][other], p), p)
+                state[p][mine] = converted_master(p, other, saved)
     return state
 
 
@@ -181,5 +310,5 @@ class Placeholders:
     def of(self, param: Tensor) -> Tensor:
         empty = self._empty.get(param)
         if empty is None:
-            empty = self._empty[param] = local_of(param).new_empty(0, dtype=state_dtype(param))
+            empty = self._empty[param] = local_of(param).new_empty(0, dtype=math_dtype(param))
         return empty

@@ -58,9 +58,9 @@ def step_key(opt) -> list:
 
 
 def state_layout(opt, group: dict) -> tuple[bool, ...]:
-    """The group's settings that decide which state its parameters have."""
+    """The group's settings that decide which state its parameters have, and of which dtype."""
     return tuple(opt._has_state(key, group["params"][0], group) if group["params"] else False
-                 for key in opt._STATE_KEYS if key != "master_weight")
+                 for key in opt._STATE_KEYS if key != "master_weight") + (group.get("state_dtype"),)
 
 
 def objects(opt) -> tuple[list, list[int]]:

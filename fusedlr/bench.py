@@ -86,15 +86,38 @@ SCHEDULES: dict[str, Callable[[float], S.Schedule | None]] = {
 }
 
 
-def bytes_per_param(optimizer: str, dtype: torch.dtype, momentum: bool) -> int:
-    """What a step must move per parameter: read param and grad and the state, write param and state.
-    fp32 Adam/AdamW: 28 (p, g, m, v read; p, m, v written); SGD with momentum: 20 (p, g, buf read;
-    p, buf written); plain SGD: 12."""
+def bytes_per_param(optimizer: str, dtype: torch.dtype, momentum: bool, state_dtype: torch.dtype | None = None,
+                    master: bool | str = False) -> int:
+    """What a step must move per parameter: read the gradient, the parameter (or its float32 master)
+    and the state, write them back. fp32 Adam/AdamW: 28 (p, g, m, v read; p, m, v written); SGD
+    with momentum: 20; plain SGD: 12. A bfloat16 parameter with a float32 master reads the master
+    instead of the parameter (2 + 2 + 4 read, 2 + 4 written), with a remainder both (2 + 2 + 2 read,
+    2 + 2 written); bfloat16 state moves 2 bytes per value."""
     p = torch.empty((), dtype=dtype).element_size()
-    state = 8 if dtype == torch.float64 else 4
-    if optimizer == "sgd":
-        return 3 * p + (2 * state if momentum else 0)
-    return 3 * p + 4 * state
+    state = (torch.empty((), dtype=state_dtype).element_size() if state_dtype is not None
+             else 8 if dtype == torch.float64 else 4)
+    if master is True:
+        param = p + 4 + 4 + p  # the gradient and the master read, the master and the parameter written
+    elif master == "remainder":
+        param = p + 2 * (p + 2)  # the gradient read; the parameter and its remainder read and written
+    else:
+        param = 3 * p
+    states = (1 if momentum else 0) if optimizer == "sgd" else 2
+    return param + 2 * states * state
+
+
+def state_bytes(opt) -> int:
+    """The optimizer's memory: the bytes of its per-parameter state tensors (masters included, step
+    counters not), each storage counted once."""
+    seen, total = set(), 0
+    for state in opt.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and key != "step" and value.numel() > 0:
+                storage = value.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+    return total
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,6 +129,9 @@ class Contender:
     step: Callable[[], None]
     samples: list[float] = field(default_factory=list)
     compile_s: float | None = None  # the first steps, which compile, are timed apart
+    # where it moves other bytes than the preset's own step (another storage, a float32 model)
+    bytes_per_param: int | None = None
+    optimizer: object = None  # for its memory (state_bytes), after the timed rounds
 
 
 COMPILING_STEPS = 3  # torch.compile compiles at the first step and again at the second (dynamic step count)
@@ -170,6 +196,54 @@ def import_deepspeed_cpu_adam():
 
 def make_contenders(optimizer: str, schedule_name: str, params, device: torch.device,
                     max_grad_norm: float | None = None, compiled: bool = True) -> list[Contender]:
+    """See below; with bfloat16 parameters also each way fusedlr can store them (storage_contenders)."""
+    contenders = torch_and_fused_contenders(optimizer, schedule_name, params, device, max_grad_norm, compiled)
+    if params and params[0].dtype == torch.bfloat16 and optimizer != "sgd":
+        contenders += storage_contenders(optimizer, schedule_name, params, device)
+    return contenders
+
+
+def storage_contenders(optimizer: str, schedule_name: str, params, device: torch.device) -> list[Contender]:
+    """A bfloat16 model's ways to keep its optimizer state, each with the bytes its step moves:
+    float32 masters, int16 remainders (the same run in 2 bytes less), remainders with bfloat16
+    moments, and stochastic rounding with bfloat16 moments (no master at all); and torch's fused
+    step on a float32 copy of the model, torch's way to float32 masters."""
+    lr = 1e-3
+    kwargs = optimizer_kwargs(optimizer, lr)
+    schedule = SCHEDULES[schedule_name](lr)
+    fused_cls = {"adam": fusedlr.Adam, "adamw": fusedlr.AdamW}[optimizer]
+    torch_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer]
+    dtype = params[0].dtype
+    metric = torch.tensor(1.0, device=device)
+    out = []
+    for name, options in [("fusedlr, fp32 masters", dict(master_weights=True)),
+                          ("fusedlr, remainders", dict(master_weights="remainder")),
+                          ("fusedlr, remainders + bf16 state", dict(master_weights="remainder",
+                                                                    state_dtype=torch.bfloat16)),
+                          ("fusedlr, stochastic + bf16 state", dict(stochastic_rounding=True,
+                                                                    state_dtype=torch.bfloat16))]:
+        opt = fused_cls(params, **kwargs, schedule=schedule, **options)
+        step = (lambda o=opt: (o.step(), o.observe(metric))) if isinstance(schedule, S.ReduceLROnPlateau) else opt.step
+        out.append(Contender(name, step, optimizer=opt,
+                             bytes_per_param=bytes_per_param(optimizer, dtype, True, options.get("state_dtype"),
+                                                             options.get("master_weights", False))))
+    fp32 = [torch.nn.Parameter(p.detach().float()) for p in params]
+    for p, q in zip(fp32, params):
+        p.grad = q.grad.float()
+    opt = torch_cls(fp32, **kwargs, fused=True)
+    sched = S.torch_scheduler(schedule, opt) if schedule is not None else None
+
+    def fp32_step():
+        opt.step()
+        if sched is not None:
+            sched.step(1.0) if isinstance(schedule, S.ReduceLROnPlateau) else sched.step()
+    out.append(Contender("torch fused, fp32 model", fp32_step, optimizer=opt,
+                         bytes_per_param=bytes_per_param(optimizer, torch.float32, True)))
+    return out
+
+
+def torch_and_fused_contenders(optimizer: str, schedule_name: str, params, device: torch.device,
+                               max_grad_norm: float | None = None, compiled: bool = True) -> list[Contender]:
     """Each contender with its schedule as users run it; with max_grad_norm, torch's contenders call
     clip_grad_norm_ before their step and fusedlr clips in its step, and "fusedlr, no clipping" runs
     as well, so that the cost of clipping is measured in the same run.
@@ -200,7 +274,7 @@ def make_contenders(optimizer: str, schedule_name: str, params, device: torch.de
                 sched.step(1.0)
             else:
                 sched.step()
-        return Contender(name, step)
+        return Contender(name, step, optimizer=opt)
 
     contenders.append(torch_contender("torch for-loop", foreach=False))
     contenders.append(torch_contender("torch foreach", foreach=True))
@@ -259,8 +333,8 @@ def make_contenders(optimizer: str, schedule_name: str, params, device: torch.de
     def fused_contender(name, **options):
         opt = fused_cls(params, **kwargs, schedule=schedule, **options)
         if isinstance(schedule, S.ReduceLROnPlateau):
-            return Contender(name, lambda: (opt.step(), opt.observe(metric)))
-        return Contender(name, opt.step)
+            return Contender(name, lambda: (opt.step(), opt.observe(metric)), optimizer=opt)
+        return Contender(name, opt.step, optimizer=opt)
 
     if device.type == "cuda" and not plateau:
         graph_step = fused_contender("", max_grad_norm=max_grad_norm).step
@@ -367,9 +441,12 @@ def run_preset(preset: str, args, device: torch.device, bandwidths: dict[str, fl
     results = []
     for c in contenders:
         median = statistics.median(c.samples)
+        moved = n_params * (c.bytes_per_param or bytes_per_param(args.optimizer, dtype, momentum=True))
+        memory = state_bytes(c.optimizer) / n_params if c.optimizer is not None else None
         results.append(dict(contender=c.name, median_s=median, min_s=min(c.samples), max_s=max(c.samples),
-                            params_per_s=n_params / median, achieved_gb_s=step_bytes / median / 1e9,
-                            pct_of_floor=100 * floor / median, speedup_vs_torch_fused=fused / median,
+                            params_per_s=n_params / median, achieved_gb_s=moved / median / 1e9,
+                            bytes_per_param=moved / n_params, pct_of_floor=100 * moved / bandwidth / median,
+                            speedup_vs_torch_fused=fused / median, state_bytes_per_param=memory,
                             samples_s=c.samples, **({} if c.compile_s is None else dict(compile_s=c.compile_s))))
     del contenders, params
     report = dict(preset=preset, tensors=len(shapes), params=n_params, bytes_per_step=step_bytes,
@@ -386,14 +463,15 @@ def run_preset(preset: str, args, device: torch.device, bandwidths: dict[str, fl
 def format_table(report: dict) -> str:
     lines = [f"\n{report['preset']}: {report['params'] / 1e6:.2f}M parameters in {report['tensors']} tensors, "
              f"{report['bytes_per_step'] / 1e6:.1f} MB per step, floor {report['floor_s'] * 1e3:.3f} ms"]
-    header = f"{'contender':<34} {'median ms':>10} {'(min-max)':>19} {'Mparam/s':>10} {'GB/s':>7} " \
-             f"{'% floor':>8} {'vs fused':>9}"
+    header = f"{'contender':<34} {'median ms':>10} {'(min-max)':>19} {'Mparam/s':>10} {'B/param':>8} {'GB/s':>7} " \
+             f"{'% floor':>8} {'vs fused':>9} {'state B/param':>14}"
     lines += [header, "-" * len(header)]
     for r in report["results"]:
         spread = f"({r['min_s'] * 1e3:.3f}-{r['max_s'] * 1e3:.3f})"
+        memory = "" if r["state_bytes_per_param"] is None else f"{r['state_bytes_per_param']:.2f}"
         lines.append(f"{r['contender']:<34} {r['median_s'] * 1e3:>10.3f} {spread:>19} "
-                     f"{r['params_per_s'] / 1e6:>10.1f} {r['achieved_gb_s']:>7.2f} {r['pct_of_floor']:>7.1f}% "
-                     f"{r['speedup_vs_torch_fused']:>8.2f}x")
+                     f"{r['params_per_s'] / 1e6:>10.1f} {r['bytes_per_param']:>8.0f} {r['achieved_gb_s']:>7.2f} "
+                     f"{r['pct_of_floor']:>7.1f}% {r['speedup_vs_torch_fused']:>8.2f}x {memory:>14}")
     for r in report["results"]:
         if "compile_s" in r:
             lines.append(f"{r['contender']}: its first {COMPILING_STEPS} steps, which compile, took "

@@ -97,7 +97,7 @@ _global_post_hooks = _torch_optimizer._global_optimizer_post_hooks
 
 
 class _FusedOptimizer(Optimizer):
-    """What SGD, Adam and AdamW share: groups, device step counters, state_dict, the step path.
+    """What SGD, Adam, AdamW and Lion share: groups, device step counters, state_dict, the step path.
 
     Its parts of their own: the step cache (fusedlr/_step_cache.py), the state layout
     (fusedlr/_state.py) and checkpoint conversion (fusedlr/_checkpoint.py). A subclass's hooks
@@ -124,7 +124,8 @@ class _FusedOptimizer(Optimizer):
             cls._REQUIRED_KEYS = cls._DESCRIPTOR.required
 
     def __init__(self, params, defaults: dict, max_grad_norm: float | None, skip_nonfinite: bool,
-                 master_weights: bool, partition_group=None):
+                 master_weights: bool | str, partition_group=None, state_dtype: torch.dtype | None = None,
+                 stochastic_rounding: bool = False, rounding_seed: int | None = None):
         if partition_group is not None and not (
                 _dist.is_initialized() and isinstance(partition_group, dist.ProcessGroup)):
             raise ValueError(f"partition_group must be a torch.distributed ProcessGroup of an initialized process "
@@ -134,7 +135,7 @@ class _FusedOptimizer(Optimizer):
         self.partition_group = partition_group
         self.max_grad_norm: float | None = _check_max_grad_norm(max_grad_norm)
         self.skip_nonfinite: bool = _check_flag("skip_nonfinite", skip_nonfinite)
-        self.master_weights: bool = _check_flag("master_weights", master_weights)
+        self.master_weights: bool | str = _state.check_master_weights(master_weights)
         self._device: torch.device | None = None
         self._grad_norm: Tensor | None = None      # float64 scalar: the last step's gradient norm
         self._group_steps: Tensor | None = None    # int64 [groups]: completed steps of each group
@@ -146,6 +147,9 @@ class _FusedOptimizer(Optimizer):
         self._programs_key: list[Schedule | None] = []
         self._programs: list[float] = []
         self._placeholders = _state.Placeholders()
+        # how each group's state is stored (fusedlr/_state.py): group settings, as torch's are
+        defaults = dict(defaults, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
+                        rounding_seed=_state.default_seed() if rounding_seed is None else rounding_seed)
         super().__init__(params, defaults)
 
     # -- groups ----------------------------------------------------------------------------------
@@ -164,6 +168,7 @@ class _FusedOptimizer(Optimizer):
             if group["schedule"] is not None and "initial_lr" in group:
                 group["lr"] = group["initial_lr"]  # a group a torch scheduler has seen: its base lr
             self._check_group(group)
+            _state.check_storage_settings(group)
             device = self._check_params(group["params"])
             # The counters live on the parameters' device; groups without parameters leave it open.
             if self._group_steps is None:
@@ -198,6 +203,9 @@ class _FusedOptimizer(Optimizer):
                 raise ValueError("complex parameters are not supported by fusedlr")
             if p.dtype not in _FLOAT_DTYPES:
                 raise ValueError(f"parameter dtype {p.dtype} is not supported (float32, float64, bfloat16, float16)")
+            if self.master_weights == _state.REMAINDER and p.dtype == torch.float16:
+                raise ValueError("master_weights='remainder' completes bfloat16 parameters (a float32 master is a "
+                                 "bfloat16 and 16 more bits); float16 parameters need master_weights=True")
         return devices.pop() if devices else None
 
     # -- the step path ---------------------------------------------------------------------------
@@ -214,6 +222,8 @@ class _FusedOptimizer(Optimizer):
     def _group_hyper(self, group: dict) -> tuple[float, ...]:
         """The group's slots of the ops' `hyper` argument, in the descriptor's order."""
         values = self._hyper_values(group)
+        _state.check_rounding(group)  # the common slots (csrc/optimizer_traits.h, CommonSlot)
+        values.update(stochastic_rounding=float(group["stochastic_rounding"]), rounding_seed=float(group["rounding_seed"]))
         slots = self._DESCRIPTOR.slots
         if len(values) != len(slots):
             raise RuntimeError(f"{type(self).__name__}: hyperparameters {sorted(values)} do not match the "
@@ -269,6 +279,8 @@ class _FusedOptimizer(Optimizer):
         return key == "master_weight" and _state.has_master_weight(param, self.master_weights)
 
     def _build_lists(self) -> StepLists:
+        for group in self.param_groups:  # a setting changed since add_param_group checked it
+            _state.check_storage_settings(group)
         lists = StepLists()
         lists.states = {key: [] for key in self._STATE_KEYS}
         for g, group in enumerate(self.param_groups):
@@ -277,12 +289,12 @@ class _FusedOptimizer(Optimizer):
                 if not state:
                     lists.stateless.append(p)
                     continue
-                _state.ensure_state(self._STATE_KEYS, self._has_state, p, group, state)
+                _state.ensure_state(self._STATE_KEYS, self._has_state, p, group, state, self.master_weights)
                 lists.params.append(p)
                 lists.tensor_group.append(g)
                 lists.steps.append(state["step"])
                 for key in self._STATE_KEYS:
-                    value = state.get(key)
+                    value = state.get(_state.state_key(key, self.master_weights))
                     lists.states[key].append(self._placeholders.of(p) if value is None else local_of(value))
         if any(is_dtensor(p) for p in lists.params):
             lists.owners = lists.params
@@ -322,7 +334,7 @@ class _FusedOptimizer(Optimizer):
                     raise RuntimeError("fusedlr optimizers do not support complex gradients")
             try:
                 with torch.no_grad():
-                    new_states = _state.new_states(self._STATE_KEYS, self._has_state, first_grads)
+                    new_states = _state.new_states(self._STATE_KEYS, self._has_state, first_grads, self.master_weights)
                     for (p, _), state in zip(first_grads, new_states):
                         self.state[p] = state
                         fresh.append(p)
@@ -414,7 +426,7 @@ class _FusedOptimizer(Optimizer):
         the lrs checked, at the next step (after the caller has put its own lrs back)."""
         fresh = self._first_gradients()
         with torch.no_grad():
-            for (p, _), state in zip(fresh, _state.new_states(self._STATE_KEYS, self._has_state, fresh)):
+            for (p, _), state in zip(fresh, _state.new_states(self._STATE_KEYS, self._has_state, fresh, self.master_weights)):
                 self.state[p] = state
         self._lists = None
 
@@ -579,7 +591,7 @@ class _FusedOptimizer(Optimizer):
             if result is not None:
                 state_dict = result
         loaded = _checkpoint.from_state_dict(self, state_dict)  # checked: raises before anything changes
-        new_state = _state.packed_copy(self._STATE_KEYS, loaded.state)
+        new_state = _state.packed_copy(self._STATE_KEYS, loaded.state, loaded.param_groups, self.master_weights)
         self.state.clear()
         self.state.update(new_state)
         self.param_groups = loaded.param_groups
@@ -629,9 +641,21 @@ _SCHEDULE_DOC = """
     skip_nonfinite (bool): skip a step whose gradient norm is inf or NaN on the device, as
         GradScaler skips an overflowed step: parameters, state, step counters and schedule stay as
         they were. Default: False.
-    master_weights (bool): keep a float32 master copy of every bfloat16 / float16 parameter
-        (state "master_weight"); the update runs on it and writes the rounded parameter in the
-        same pass. Other dtypes need none. Default: False.
+    master_weights (bool or "remainder"): True keeps a float32 master copy of every bfloat16 /
+        float16 parameter (state "master_weight"); the update runs on it and writes the rounded
+        parameter in the same pass (bfloat16: to nearest, ties away from zero). "remainder" keeps
+        the same float32 master of a bfloat16 parameter in 2 bytes instead of 4: the parameter is
+        its top half and the int16 state "master_remainder" its low half, bit for bit the run of
+        True (float16 parameters need True). Other dtypes need none. Default: False.
+    state_dtype (torch.dtype, optional): torch.bfloat16 stores the optimizer state (exp_avg,
+        exp_avg_sq, max_exp_avg_sq, momentum_buffer) in bfloat16, computed in float32 and rounded
+        when stored; None keeps it in float32 (float64 for float64 parameters). Per param group.
+    stochastic_rounding (bool): round stochastically (unbiased) where a value is stored in fewer
+        bits than it is computed in: bfloat16 / float16 parameters without master weights, and
+        bfloat16 state. Per param group. Default: False (to nearest).
+    rounding_seed (int, optional): the seed of the stochastic rounding, in [0, 2**53); with the
+        step count and each element's index it decides every rounding, so runs, thread counts,
+        devices and resumes agree. Per param group. Default: from torch.initial_seed().
     partition_group (torch.distributed.ProcessGroup, optional): for plain parameters partitioned
         across ranks (ZeroRedundancyOptimizer): the group whose ranks hold the other partitions.
         max_grad_norm and skip_nonfinite then act on the norm of the whole model, summed over it,
@@ -662,12 +686,14 @@ class SGD(_FusedOptimizer):
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
                  schedule: Schedule | None = None, max_grad_norm: float | None = None, skip_nonfinite: bool = False,
-                 master_weights: bool = False, partition_group=None):
+                 master_weights: bool | str = False, partition_group=None, state_dtype: torch.dtype | None = None,
+                 stochastic_rounding: bool = False, rounding_seed: int | None = None):
         _check_unsupported(foreach, fused, differentiable)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, schedule=schedule)
         self._check_group(defaults)
-        super().__init__(params, defaults, max_grad_norm, skip_nonfinite, master_weights, partition_group)
+        super().__init__(params, defaults, max_grad_norm, skip_nonfinite, master_weights, partition_group,
+                         state_dtype, stochastic_rounding, rounding_seed)
 
     def _check_group(self, group: dict) -> None:
         group["lr"] = _check_range("learning rate (lr)", group["lr"], 0.0)
@@ -720,13 +746,15 @@ class Adam(_FusedOptimizer):
                  foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None, decoupled_weight_decay: bool = False,
                  schedule: Schedule | None = None, max_grad_norm: float | None = None, skip_nonfinite: bool = False,
-                 master_weights: bool = False, partition_group=None):
+                 master_weights: bool | str = False, partition_group=None, state_dtype: torch.dtype | None = None,
+                 stochastic_rounding: bool = False, rounding_seed: int | None = None):
         _check_unsupported(foreach, fused, differentiable)
         _check_flag("capturable", capturable)  # the fused step is always capturable: counters live on the device
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, schedule=schedule)
         self._check_group(defaults)
-        super().__init__(params, defaults, max_grad_norm, skip_nonfinite, master_weights, partition_group)
+        super().__init__(params, defaults, max_grad_norm, skip_nonfinite, master_weights, partition_group,
+                         state_dtype, stochastic_rounding, rounding_seed)
 
     def _check_group(self, group: dict) -> None:
         group["lr"] = _check_range("learning rate (lr)", group["lr"], 0.0)
@@ -761,12 +789,14 @@ class AdamW(Adam):
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None, schedule: Schedule | None = None,
-                 max_grad_norm: float | None = None, skip_nonfinite: bool = False, master_weights: bool = False,
-                 partition_group=None):
+                 max_grad_norm: float | None = None, skip_nonfinite: bool = False, master_weights: bool | str = False,
+                 partition_group=None, state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False,
+                 rounding_seed: int | None = None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=True, schedule=schedule, max_grad_norm=max_grad_norm,
-                         skip_nonfinite=skip_nonfinite, master_weights=master_weights, partition_group=partition_group)
+                         skip_nonfinite=skip_nonfinite, master_weights=master_weights, partition_group=partition_group,
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, rounding_seed=rounding_seed)
 
 
 class Lion(_FusedOptimizer):
@@ -795,12 +825,14 @@ class Lion(_FusedOptimizer):
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False, foreach: bool | None = None,
                  differentiable: bool = False, fused: bool | None = None, schedule: Schedule | None = None,
-                 max_grad_norm: float | None = None, skip_nonfinite: bool = False, master_weights: bool = False,
-                 partition_group=None):
+                 max_grad_norm: float | None = None, skip_nonfinite: bool = False, master_weights: bool | str = False,
+                 partition_group=None, state_dtype: torch.dtype | None = None, stochastic_rounding: bool = False,
+                 rounding_seed: int | None = None):
         _check_unsupported(foreach, fused, differentiable)
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, schedule=schedule)
         self._check_group(defaults)
-        super().__init__(params, defaults, max_grad_norm, skip_nonfinite, master_weights, partition_group)
+        super().__init__(params, defaults, max_grad_norm, skip_nonfinite, master_weights, partition_group,
+                         state_dtype, stochastic_rounding, rounding_seed)
 
     def _check_group(self, group: dict) -> None:
         group["lr"] = _check_range("learning rate (lr)", group["lr"], 0.0)

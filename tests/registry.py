@@ -75,6 +75,10 @@ def _lion_hyper(r: random.Random, schedule) -> tuple[dict, bool]:
     return values, False
 
 
+# The slots every optimizer's groups have after its own, at their defaults.
+ROUND_TO_NEAREST = dict(stochastic_rounding=0.0, rounding_seed=0.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
     fused: type
@@ -89,7 +93,9 @@ class Entry:
     sign_update: bool = False
 
     def hyper(self, values: dict) -> list[float]:
-        """A group's `hyper` slots from their values by name."""
+        """A group's `hyper` slots from their values by name; the common rounding slots default to
+        rounding to nearest (csrc/optimizer_traits.h, CommonSlot)."""
+        values = dict(ROUND_TO_NEAREST, **values)
         slots = _ops.OPTIMIZERS[self.op].slots
         assert set(values) == set(slots), (sorted(values), slots)
         return [float(values[name]) for name in slots]

@@ -45,7 +45,7 @@ SIZES = [0, 1, 3, 7, 17, 64, 255, 1000, 4097, 65536 + 3, 131073]
 STATE_DTYPE = {torch.float64: torch.float64, torch.float32: torch.float32, torch.bfloat16: torch.float32,
                torch.float16: torch.float32}
 BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
-        torch.float16: torch.int16, torch.int64: torch.int64}
+        torch.float16: torch.int16, torch.int64: torch.int64, torch.int16: torch.int16}
 
 
 @dataclasses.dataclass
@@ -64,6 +64,11 @@ class Case:
     grad_scale: torch.dtype | None = None  # GradScaler's inputs, in this dtype
     multiprocessors: int = 2
     seed: int = 0
+    # storage (csrc/storage_math.h): bfloat16 state where the math is float32, the master weights of
+    # bfloat16 parameters as int16 remainders, stochastic rounding in every group
+    bfloat16_state: bool = False
+    remainders: bool = False
+    stochastic: bool = False
 
 
 def placed(values: torch.Tensor, misaligned: bool) -> torch.Tensor:
@@ -91,6 +96,8 @@ def group_settings(case: Case, r: random.Random):
         schedule = r.choice(SCHEDULE_POOL)
         schedules.append(schedule)
         values, needs = entry.random_hyper(r, schedule)
+        if case.stochastic:
+            values.update(stochastic_rounding=1.0, rounding_seed=float(r.randrange(2 ** 53)))
         hyper += entry.hyper(values)
         needs_optional.append(needs)
     return hyper, S.compile_programs(schedules), needs_optional
@@ -108,11 +115,14 @@ def build(case: Case):
         group = r.randrange(case.groups)
         misaligned = r.random() < case.misaligned
         low_precision = dtype in (torch.bfloat16, torch.float16)
-        state_dtype = STATE_DTYPE[dtype]
+        state_dtype = torch.bfloat16 if case.bfloat16_state and dtype != torch.float64 else STATE_DTYPE[dtype]
         param = placed(torch.randn(numel, generator=rng, dtype=torch.float64).to(dtype), misaligned)
-        master = placed(param.to(state_dtype), misaligned) if low_precision and case.master_weights else None
-        if master is not None:
-            master.add_(torch.randn(numel, generator=rng, dtype=torch.float64).to(state_dtype) * 1e-3)
+        master = None
+        if low_precision and case.master_weights and case.remainders and dtype == torch.bfloat16:
+            master = placed(torch.randint(-2 ** 15, 2 ** 15, (numel,), generator=rng, dtype=torch.int16), misaligned)
+        elif low_precision and case.master_weights:
+            master = placed(param.to(torch.float32), misaligned)
+            master.add_(torch.randn(numel, generator=rng, dtype=torch.float64).to(torch.float32) * 1e-3)
         states = []
         descriptor = _ops.OPTIMIZERS[case.optimizer]
         for kind in descriptor.states[:-1]:  # the master weight is apart
@@ -123,7 +133,7 @@ def build(case: Case):
             values = values.abs() if kind.endswith("_sq") else values  # second moments
             states.append(placed(values.to(state_dtype), misaligned))
         if master is None:
-            master = torch.empty(0, dtype=state_dtype)
+            master = torch.empty(0, dtype=torch.float32)
         tensors.append(dict(param=param, states=states, master=master, group=group, misaligned=misaligned,
                             step=torch.tensor(r.randrange(0, 12), dtype=torch.int64)))
     if case.shared_counters:  # the j-th tensor of each dtype shares the counter of the j-th of the first
@@ -252,6 +262,18 @@ def test_more_tensors_than_one_launch_holds(optimizer):
     launched, _ = run_case(case)
     main, sums, norm, counters = 4, 4, 1, 4  # per step: two tables of each dtype
     assert launched == case.steps * (main + sums + norm + counters)
+
+
+@pytest.mark.parametrize("optimizer", list(OPS))
+@pytest.mark.parametrize("storage", ["bf16-state", "remainders", "stochastic", "bf16-state+stochastic+remainders"])
+def test_storage_matches_the_cpu(optimizer, storage):
+    """bfloat16 state, int16 remainders and stochastic rounding (csrc/storage_math.h): the same bits
+    as on the CPU, the random bits of every element included, over every dtype and grid."""
+    for seed in range(3):
+        run_case(Case(optimizer=optimizer, dtypes=DTYPE_SETS["mixed"], seed=40 + seed, groups=1 + seed,
+                      multiprocessors=[1, 3, 7][seed], bfloat16_state="bf16-state" in storage,
+                      remainders="remainders" in storage, stochastic="stochastic" in storage,
+                      clip=seed == 2))
 
 
 def test_a_skipped_step_changes_nothing_but_versions():

@@ -232,6 +232,7 @@ struct Job {
   int64_t group;
   int64_t* step;                 // the tensor's step counter
   c10::TensorImpl* param_impl;  // for its version counter (ops.cpp, [note: no autograd])
+  TensorStorage storage;        // how its tensors are stored (storage_math.h, [note: storage])
 };
 
 // Once every check has passed: each group and each updated tensor has completed one more step,
@@ -269,7 +270,8 @@ void bump_versions_of_skipped_step(const std::vector<JobT>& jobs) {
 }
 
 // A job's common part from the op's lists: parameter i with the gradient data the checks returned.
-Job job_of(size_t i, at::TensorList params, const void* grad, at::TensorList steps, at::IntArrayRef tensor_group) {
+Job job_of(size_t i, at::TensorList params, const void* grad, at::TensorList steps, at::IntArrayRef tensor_group,
+           TensorStorage storage) {
   const at::Tensor& param = params[i];
   return {i,
           param.mutable_data_ptr(),
@@ -278,25 +280,13 @@ Job job_of(size_t i, at::TensorList params, const void* grad, at::TensorList ste
           param.numel(),
           tensor_group[i],
           steps[i].mutable_data_ptr<int64_t>(),
-          param.unsafeGetTensorImpl()};
+          param.unsafeGetTensorImpl(),
+          storage};
 }
 
 template <typename T>
 T* data_or_null(const at::Tensor& t) {
   return t.numel() == 0 ? nullptr : static_cast<T*>(t.mutable_data_ptr());
-}
-
-// Calls fn(TypePair, std::bool_constant<master>): master weights exist for low-precision types only.
-template <typename Fn>
-void dispatch_param(at::ScalarType dtype, bool master, Fn&& fn) {
-  dispatch_param_dtype(dtype, [&](auto types) {
-    using Types = decltype(types);
-    if constexpr (std::is_same_v<typename Types::param_t, typename Types::math_t>) {
-      fn(types, std::false_type{});
-    } else {
-      dispatch_bool(master, [&](auto with_master) { fn(types, with_master); });
-    }
-  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -307,47 +297,60 @@ struct OptimizerJob : Job {
   std::array<void*, kStateLists<Optimizer>> state;  // null: none; the last, the master weight
   typename Optimizer::Scalars scalars;
   FlagValues<Optimizer::Flag::kCount> flags;
+  bool stochastic;                                    // rounds stochastically ([note: stochastic rounding])
+  RoundingKeys<Optimizer::State::kCount> keys;        // then with these keys
 };
 
 template <typename T, size_t>
 using StatePointer = T*;
 
-// The element loop: the parameter read from its float32 master copy where it has one, and both
-// written (ops.cpp, [note: norm and master weights]); the first states_used() state lists read
-// and written, each through a pointer of its own (restrict: the loop vectorizes).
-template <typename Optimizer, typename Flags, typename param_t, typename math_t, bool kMaster, size_t... I>
-FUSEDLR_LOOP_INLINE inline void update_elements(param_t* __restrict__ param, math_t* __restrict__ master,
-                                                const param_t* __restrict__ grad, int64_t begin, int64_t end,
-                                                const typename Optimizer::template Coefficients<math_t>& c,
-                                                StatePointer<math_t, I> __restrict__... state) {
+// The element loop: the parameter read from its master weight where it has one, the first
+// states_used() state lists read, each value converted to the math type, updated, and stored
+// back as the tensor's storage says (storage_math.h, [note: storage]); each list through a
+// pointer of its own (restrict: the loop vectorizes).
+template <typename Optimizer, typename Flags, typename S, size_t... I>
+FUSEDLR_LOOP_INLINE inline void update_elements(typename S::param_t* __restrict__ param,
+                                                typename S::master_t* __restrict__ master,
+                                                const typename S::param_t* __restrict__ grad, int64_t begin,
+                                                int64_t end,
+                                                const typename Optimizer::template Coefficients<typename S::math_t>& c,
+                                                const RoundingKeys<Optimizer::State::kCount>& keys,
+                                                StatePointer<typename S::state_t, I> __restrict__... state) {
+  using math_t = typename S::math_t;
+  using master_t = typename S::master_t;
   constexpr int kUsed = Optimizer::template states_used<Flags>();
+  constexpr bool kHasMaster = S::master != MasterKind::kNone;
   for (int64_t i = begin; i < end; ++i) {
-    math_t p = kMaster ? master[i] : static_cast<math_t>(param[i]);
-    math_t values[] = {(static_cast<int>(I) < kUsed ? state[i] : math_t(0))...};
+    master_t no_master{};
+    master_t& m = kHasMaster ? master[i] : no_master;
+    math_t p = S::param_value(param[i], m);
+    math_t values[] = {(static_cast<int>(I) < kUsed ? S::state_value(state[i]) : math_t(0))...};
     Optimizer::template update<math_t, Flags>(p, static_cast<math_t>(grad[i]), values[I]..., c);
-    param[i] = static_cast<param_t>(p);
-    if (kMaster) master[i] = p;
-    ((static_cast<int>(I) < kUsed ? static_cast<void>(state[i] = values[I]) : static_cast<void>(0)), ...);
+    S::set_param(param[i], m, p, S::kStochasticParam ? random_bits(keys.key[0], i) : 0u);
+    ((static_cast<int>(I) < kUsed
+          ? S::set_state(state[i], values[I], S::kStochasticState ? random_bits(keys.key[I + 1], i) : 0u)
+          : static_cast<void>(0)),
+     ...);
   }
 }
 
-template <typename Optimizer, typename Flags, typename param_t, typename math_t, bool kMaster, size_t... I>
+template <typename Optimizer, typename Flags, typename S, size_t... I>
 FUSEDLR_LOOP_INLINE inline void update_range(const OptimizerJob<Optimizer>& job, int64_t begin, int64_t end,
                                              std::index_sequence<I...>) {
-  const typename Optimizer::template Coefficients<math_t> c(job.scalars);
-  update_elements<Optimizer, Flags, param_t, math_t, kMaster, I...>(
-      static_cast<param_t*>(job.param), static_cast<math_t*>(job.state[Optimizer::State::kCount]),
-      static_cast<const param_t*>(job.grad), begin, end, c, static_cast<math_t*>(job.state[I])...);
+  const typename Optimizer::template Coefficients<typename S::math_t> c(job.scalars);
+  update_elements<Optimizer, Flags, S, I...>(
+      static_cast<typename S::param_t*>(job.param),
+      static_cast<typename S::master_t*>(job.state[Optimizer::State::kCount]),
+      static_cast<const typename S::param_t*>(job.grad), begin, end, c, job.keys,
+      static_cast<typename S::state_t*>(job.state[I])...);
 }
 
 template <typename Optimizer>
 void update_chunk(const OptimizerJob<Optimizer>& job, int64_t begin, int64_t end) {
-  const bool master = job.state[Optimizer::State::kCount] != nullptr;
-  dispatch_param(job.dtype, master, [&](auto types, auto with_master) {
-    using Types = decltype(types);
+  dispatch_storage(job.dtype, job.storage, job.stochastic, [&](auto storage) {
     dispatch_flags(job.flags, [&](auto flags) {
       run_for_cpu_isa([&]() FUSEDLR_LOOP_INLINE {
-        update_range<Optimizer, decltype(flags), typename Types::param_t, typename Types::math_t, with_master()>(
+        update_range<Optimizer, decltype(flags), decltype(storage)>(
             job, begin, end, std::make_index_sequence<Optimizer::State::kCount>{});
       });
     });
@@ -359,7 +362,7 @@ template <typename Optimizer>
 void run_step(const char* op, std::vector<OptimizerJob<Optimizer>>& jobs, c10::ArrayRef<double> hyper,
               c10::ArrayRef<double> programs, const at::Tensor& group_steps, const at::Tensor& plateau_state,
               const GradOptions& options, StepScratch& scratch) {
-  constexpr int kSlots = Optimizer::Slot::kCount;
+  constexpr int kSlots = kHyperSlots<Optimizer>;
   const std::vector<ScheduleValue>& schedule = scratch.schedule;
   evaluate_groups(hyper, kSlots, Optimizer::Slot::kLr, programs, group_steps, plateau_state, scratch.schedule);
   for (const OptimizerJob<Optimizer>& job : jobs) {
@@ -387,6 +390,12 @@ void run_step(const char* op, std::vector<OptimizerJob<Optimizer>>& jobs, c10::A
     }
     job.scalars = last_scalars;
     job.flags = Optimizer::flags(job.scalars);
+    const double* common = hyper.data() + job.group * kSlots + kCommonSlots<Optimizer>;
+    job.stochastic = common[CommonSlot::kStochasticRounding] != 0;
+    if (job.stochastic) {
+      job.keys = RoundingKeys<Optimizer::State::kCount>::of(
+          static_cast<uint64_t>(common[CommonSlot::kRoundingSeed]), static_cast<int64_t>(job.index), step);
+    }
   }
   advance_group_counters(group_steps, jobs);
   run_chunks(scratch.plan, [&](size_t, const Chunk& c) {
@@ -400,13 +409,14 @@ void cpu_step(const StepCall<Optimizer>& call) {
   const char* op = step_op_label<Optimizer>();
   const ActiveTensors active =
       check_step_inputs(op, at::kCPU, call.params, call.grads, state_lists<Optimizer>(call.states), call.steps,
-                        call.tensor_group, call.hyper, Optimizer::Slot::kCount, call.programs, call.group_steps,
+                        call.tensor_group, call.hyper, kHyperSlots<Optimizer>, call.programs, call.group_steps,
                         call.plateau_state);
   check_grad_options(op, call.group_steps.device(), call.options);
   std::vector<OptimizerJob<Optimizer>> jobs(active.index.size());
   for (size_t j = 0; j < jobs.size(); ++j) {
     const size_t i = static_cast<size_t>(active.index[j]);
-    static_cast<Job&>(jobs[j]) = job_of(i, call.params, active.grad_data[j], call.steps, call.tensor_group);
+    static_cast<Job&>(jobs[j]) =
+        job_of(i, call.params, active.grad_data[j], call.steps, call.tensor_group, active.storage[j]);
     for (int k = 0; k < kStateLists<Optimizer>; ++k) jobs[j].state[k] = data_or_null<void>(call.states[k][i]);
   }
   StepScratch scratch;
@@ -520,8 +530,8 @@ bool PreparedCpuStep::still_checked(size_t i) const {
 void PreparedCpuStep::check(size_t i) {
   Param& p = params_[i];
   p.checked = false;
-  check_param_tensors(op_, at::kCPU, at::Device(at::kCPU), p.param, state_lists_, p.step_tensor, p.group, groups_,
-                      i);
+  p.storage = check_param_tensors(op_, at::kCPU, at::Device(at::kCPU), p.param, state_lists_, p.step_tensor, p.group,
+                                  groups_, i);
   p.dtype = p.param.scalar_type();
   p.sizes.assign(p.param.sizes().begin(), p.param.sizes().end());
   p.strides.assign(p.param.strides().begin(), p.param.strides().end());
@@ -575,7 +585,7 @@ void PreparedCpuStep::gather(std::vector<JobT>& slots, const Make& make, const s
         const Param& p = params_[i];
         const void* grad_data = checked_grad_data(op, at::kCPU, cpu, p.param, grad, i, range_copies);
         slots[i] = make(p, Job{i, p.param.mutable_data_ptr(), grad_data, p.dtype, p.param.numel(), p.group, p.step,
-                               p.param.unsafeGetTensorImpl()});
+                               p.param.unsafeGetTensorImpl(), p.storage});
         active[i] = 1;
       } catch (...) {
         const std::lock_guard<std::mutex> lock(mutex);
@@ -614,7 +624,7 @@ class PreparedStepOf final : public PreparedCpuStep {
   static_assert(kStateLists<Optimizer> <= kMaxStateLists, "kMaxStateLists counts every optimizer's lists");
 
   explicit PreparedStepOf(PreparedStepInputs inputs)
-      : PreparedCpuStep(step_op_label<Optimizer>(), Optimizer::Slot::kCount, kStateLists<Optimizer>,
+      : PreparedCpuStep(step_op_label<Optimizer>(), kHyperSlots<Optimizer>, kStateLists<Optimizer>,
                         std::move(inputs), &state_lists<Optimizer, std::vector<std::vector<at::Tensor>>>) {}
 
   void step(const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,

@@ -88,6 +88,7 @@ class PreparedCpuStep {
     std::array<KeptStorage, kMaxStateLists> state_storage;
     int64_t* step = nullptr;
     KeptStorage step_storage;
+    TensorStorage storage;  // how its tensors are stored, as the check found them
   };
 
   static constexpr size_t kParallelGatherFrom = 512;  // parameters

@@ -108,14 +108,17 @@ inline void* data_or_null(const at::Tensor& t) {
   return t.numel() == 0 ? nullptr : t.mutable_data_ptr();
 }
 
+// A launch updates tensors of one dtype and storage ([note: storage]) with one kernel instance.
 template <typename Args>
 struct Launch {
   at::ScalarType dtype;
+  TensorStorage storage;
+  bool stochastic;
   Args args;
 };
 
-// What a step launches: the active tensors by dtype, each dtype in tables of at most the table's
-// capacity, and the norm's per-chunk sums where the step computes the norm. Planned in full
+// What a step launches: the active tensors by dtype and storage, each kind in tables of at most the
+// table's capacity, and the norm's per-chunk sums where the step computes the norm. Planned in full
 // before any kernel runs, so that nothing fails once one has.
 template <typename Args>
 struct StepPlan {
@@ -128,38 +131,60 @@ struct StepPlan {
   }
 };
 
+// The kind of launch a tensor joins: its dtype, its storage and whether its group rounds
+// stochastically, as one number (kinds in ascending order give the launches' order).
+inline int launch_kind(at::ScalarType dtype, TensorStorage storage, bool stochastic) {
+  int d = 0;
+  switch (dtype) {
+    case at::kFloat: d = 0; break;
+    case at::kBFloat16: d = 1; break;
+    case at::kHalf: d = 2; break;
+    default: d = 3; break;
+  }
+  return ((d * 2 + storage.bfloat16_state) * 3 + static_cast<int>(storage.master)) * 2 + stochastic;
+}
+
 template <typename Args, size_t kStates>
 StepPlan<Args> plan_step(const ActiveTensors& active, at::TensorList params,
                          const std::array<at::TensorList, kStates>& states, at::TensorList steps,
-                         at::IntArrayRef tensor_group, const GroupTable& groups, const at::Tensor& group_steps) {
+                         at::IntArrayRef tensor_group, const GroupTable& groups, const at::Tensor& group_steps,
+                         const std::vector<char>& group_stochastic) {
   constexpr int kCapacity = decltype(Args::tensors)::capacity;
   StepPlan<Args> plan;
   auto& launches = plan.launches;
   launches.reserve(active.index.size() / kCapacity + 4);
-  for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble}) {
-    Launch<Args>* launch = nullptr;
-    for (size_t j = 0; j < active.index.size(); ++j) {
-      const int64_t i = active.index[j];
-      const at::Tensor& param = params[i];
-      if (param.scalar_type() != dtype) continue;
-      if (launch == nullptr || launch->args.tensors.count == kCapacity) {
-        launches.emplace_back();
-        launch = &launches.back();
-        launch->dtype = dtype;
-        launch->args.groups = groups;
-        launch->args.tensors.count = 0;
-      }
-      auto& t = launch->args.tensors;
-      const int n = t.count++;
-      t.param[n] = data_or_null(param);
-      t.grad[n] = active.grad_data[j];
-      for (size_t k = 0; k < kStates; ++k) t.state[k][n] = data_or_null(states[k][i]);
-      t.step[n] = steps[i].mutable_data_ptr<int64_t>();
-      t.numel[n] = param.numel();
-      t.group[n] = static_cast<uint8_t>(tensor_group[i]);
-      const int32_t chunks = static_cast<int32_t>((param.numel() + kChunkSize - 1) / kChunkSize);
-      t.chunk_end[n] = (n == 0 ? 0 : t.chunk_end[n - 1]) + chunks;
+  std::vector<std::pair<int, size_t>> order(active.index.size());  // (kind, j), tensors of a kind in order
+  for (size_t j = 0; j < active.index.size(); ++j) {
+    const int64_t i = active.index[j];
+    order[j] = {launch_kind(params[i].scalar_type(), active.storage[j], group_stochastic[tensor_group[i]] != 0), j};
+  }
+  std::stable_sort(order.begin(), order.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  Launch<Args>* launch = nullptr;
+  int launch_kind_of = -1;
+  for (const auto& [kind, j] : order) {
+    const int64_t i = active.index[j];
+    const at::Tensor& param = params[i];
+    if (launch == nullptr || kind != launch_kind_of || launch->args.tensors.count == kCapacity) {
+      launches.emplace_back();
+      launch = &launches.back();
+      launch_kind_of = kind;
+      launch->dtype = param.scalar_type();
+      launch->storage = active.storage[j];
+      launch->stochastic = group_stochastic[tensor_group[i]] != 0;
+      launch->args.groups = groups;
+      launch->args.tensors.count = 0;
     }
+    auto& t = launch->args.tensors;
+    const int n = t.count++;
+    t.index[n] = static_cast<int32_t>(i);
+    t.param[n] = data_or_null(param);
+    t.grad[n] = active.grad_data[j];
+    for (size_t k = 0; k < kStates; ++k) t.state[k][n] = data_or_null(states[k][i]);
+    t.step[n] = steps[i].mutable_data_ptr<int64_t>();
+    t.numel[n] = param.numel();
+    t.group[n] = static_cast<uint8_t>(tensor_group[i]);
+    const int32_t chunks = static_cast<int32_t>((param.numel() + kChunkSize - 1) / kChunkSize);
+    t.chunk_end[n] = (n == 0 ? 0 : t.chunk_end[n - 1]) + chunks;
   }
   if (groups.grad_norm != nullptr) {
     int64_t total_chunks = 0;
@@ -194,7 +219,7 @@ void run_step(const Launcher& launcher, const StepPlan<Args>& plan, const at::Te
   for (const auto& launch : launches) {
     const int32_t chunks = StepPlan<Args>::chunks_of(launch);
     if (chunks > 0) {
-      launcher(main_kernel_of(launch.dtype), std::min(chunks, multiprocessors * kBlocksPerSm), kThreads, launch.args);
+      launcher(main_kernel_of(launch), std::min(chunks, multiprocessors * kBlocksPerSm), kThreads, launch.args);
     }
   }
   auto advance_counters = [&](const Launch<Args>* launch, bool last) {
@@ -225,12 +250,10 @@ auto grad_sum_kernel_of(at::ScalarType dtype) {
 }
 
 template <typename Optimizer>
-auto step_kernel_of(at::ScalarType dtype) {
+auto step_kernel_of(const Launch<ArgsOf<Optimizer>>& launch) {
   void (*kernel)(const ArgsOf<Optimizer>) = nullptr;
-  dispatch_param_dtype(dtype, [&](auto types) {
-    using Types = decltype(types);
-    kernel = step_kernel<Optimizer, typename Types::param_t, typename Types::math_t>;
-  });
+  dispatch_storage(launch.dtype, launch.storage, launch.stochastic,
+                   [&](auto storage) { kernel = step_kernel<Optimizer, decltype(storage)>; });
   return kernel;
 }
 
@@ -242,7 +265,7 @@ template <typename Optimizer, typename Launcher>
 void step(const StepCall<Optimizer>& call) {
   using Args = ArgsOf<Optimizer>;
   static_assert(sizeof(Args) <= kMaxArgBytes, "kernel arguments too large");
-  constexpr int kSlots = Optimizer::Slot::kCount;
+  constexpr int kSlots = kHyperSlots<Optimizer>;
   const char* op = step_op_label<Optimizer>();
   const ActiveTensors active =
       check_step_inputs(op, Launcher::kDeviceType, call.params, call.grads, state_lists<Optimizer>(call.states),
@@ -266,9 +289,14 @@ void step(const StepCall<Optimizer>& call) {
   check_grad_options(op, call.group_steps.device(), call.options);
   const Launcher launcher(call.group_steps.device());
   const DeviceGradOptions device_options(call.options);
+  std::vector<char> group_stochastic(groups);
+  for (int64_t g = 0; g < groups; ++g) {
+    group_stochastic[g] = call.hyper[g * kSlots + kCommonSlots<Optimizer> + CommonSlot::kStochasticRounding] != 0;
+  }
   const auto plan = plan_step<Args, kStateLists<Optimizer>>(
       active, call.params, call.states, call.steps, call.tensor_group,
-      group_table(call.hyper, call.programs, call.group_steps, call.plateau_state, device_options), call.group_steps);
+      group_table(call.hyper, call.programs, call.group_steps, call.plateau_state, device_options), call.group_steps,
+      group_stochastic);
   bump_versions(active, call.params);
   run_step(launcher, plan, call.group_steps, device_options, grad_sum_kernel_of<Args>, step_kernel_of<Optimizer>);
 }

@@ -31,6 +31,7 @@
 
 #include "../optimizers.h"
 #include "../schedule_math.h"
+#include "../storage_math.h"
 #include "../update_math.h"
 
 namespace fusedlr {
@@ -75,6 +76,7 @@ struct TensorTable {
   int64_t* step[kCapacity];
   int64_t numel[kCapacity];
   int32_t chunk_end[kCapacity];
+  int32_t index[kCapacity];  // the tensor's index in the op's lists (its random bits' key)
   uint8_t group[kCapacity];
   int32_t count;
 };
@@ -89,7 +91,7 @@ struct StepArgs {
 // rounded down to a multiple of 32, and one counter thread each.
 template <int kStates>
 constexpr int launch_capacity() {
-  constexpr size_t kPerTensor = sizeof(void*) * (kStates + 3) + sizeof(int64_t) + sizeof(int32_t) + sizeof(uint8_t);
+  constexpr size_t kPerTensor = sizeof(void*) * (kStates + 3) + sizeof(int64_t) + 2 * sizeof(int32_t) + sizeof(uint8_t);
   constexpr size_t kFits = (kMaxArgBytes - sizeof(GroupTable) - 2 * sizeof(int64_t)) / kPerTensor;
   return std::min<int>(static_cast<int>(kFits / 32 * 32), kCounterThreads);
 }
@@ -132,74 +134,78 @@ __device__ __forceinline__ bool is_aligned(const T* p) {
 constexpr int kMaxStates = Optimizers::kMaxStates;  // the update's states; the master weight is apart
 
 // update(param, grad, states) on elements [begin, end) of one tensor, each thread a strided share.
-// The first kStates of `state` are read and written. With kMaster the parameter is read from its
-// master copy, and both are written (ops.cpp, [note: norm and master weights]). 16-byte accesses of
-// the math type (and kVec elements of the parameter type) when every pointer allows them, else one
-// element at a time.
-template <typename param_t, typename math_t, int kStates, bool kMaster, typename Update>
-__device__ __forceinline__ void update_range(param_t* __restrict__ param, const param_t* __restrict__ grad,
-                                             math_t* const* state, math_t* __restrict__ master, int64_t begin,
-                                             int64_t end, const Update& update) {
+// The first kStates of `state` are read and written, the parameter read from its master weight
+// where it has one, each value converted as the tensor's storage S says (storage_math.h, [note:
+// storage]). kVec elements at a time (16 bytes of the math type) when every pointer allows it, else
+// one element at a time; the random bits of stochastic rounding are those of each element's index.
+template <typename S, int kStates, typename Update>
+__device__ __forceinline__ void update_range(typename S::param_t* __restrict__ param,
+                                             const typename S::param_t* __restrict__ grad,
+                                             typename S::state_t* const* state, typename S::master_t* __restrict__ master,
+                                             int64_t begin, int64_t end, const uint64_t* keys, const Update& update) {
+  using param_t = typename S::param_t;
+  using math_t = typename S::math_t;
+  using state_t = typename S::state_t;
+  using master_t = typename S::master_t;
+  constexpr bool kMaster = S::master != MasterKind::kNone;
   constexpr int kVec = 16 / sizeof(math_t);
   using ParamVec = Vec<param_t, kVec>;
-  using StateVec = Vec<math_t, kVec>;
+  using StateVec = Vec<state_t, kVec>;
+  using MasterVec = Vec<master_t, kVec>;
+  auto element = [&](param_t& p, master_t& m, param_t g, math_t* lane_state, state_t* stored, int64_t e) {
+    math_t value = S::param_value(p, m);
+#pragma unroll
+    for (int k = 0; k < kStates; ++k) lane_state[k] = S::state_value(stored[k]);
+    update(value, static_cast<math_t>(g), lane_state);
+    S::set_param(p, m, value, S::kStochasticParam ? random_bits(keys[0], e) : 0u);
+#pragma unroll
+    for (int k = 0; k < kStates; ++k) {
+      S::set_state(stored[k], lane_state[k], S::kStochasticState ? random_bits(keys[k + 1], e) : 0u);
+    }
+  };
   bool aligned = is_aligned<ParamVec>(param) && is_aligned<ParamVec>(grad);
 #pragma unroll
   for (int s = 0; s < kStates; ++s) aligned = aligned && is_aligned<StateVec>(state[s]);
-  if (kMaster) aligned = aligned && is_aligned<StateVec>(master);
+  if (kMaster) aligned = aligned && is_aligned<MasterVec>(master);
   int64_t scalar_begin = begin;
   if (aligned) {
     const int64_t vectors = (end - begin) / kVec;
     for (int64_t v = threadIdx.x; v < vectors; v += blockDim.x) {
       const int64_t at = begin + v * kVec;
-      ParamVec p;
-      StateVec m;
-      if (kMaster) m = *reinterpret_cast<const StateVec*>(master + at);
-      else p = *reinterpret_cast<const ParamVec*>(param + at);
+      ParamVec p = *reinterpret_cast<const ParamVec*>(param + at);
+      MasterVec m{};
+      if (kMaster) m = *reinterpret_cast<const MasterVec*>(master + at);
       const ParamVec g = *reinterpret_cast<const ParamVec*>(grad + at);
       StateVec s[kMaxStates];
 #pragma unroll
       for (int k = 0; k < kStates; ++k) s[k] = *reinterpret_cast<const StateVec*>(state[k] + at);
 #pragma unroll
       for (int lane = 0; lane < kVec; ++lane) {
-        math_t value = kMaster ? m.v[lane] : static_cast<math_t>(p.v[lane]);
         math_t lane_state[kMaxStates];
+        state_t stored[kMaxStates];
 #pragma unroll
-        for (int k = 0; k < kStates; ++k) lane_state[k] = s[k].v[lane];
-        update(value, static_cast<math_t>(g.v[lane]), lane_state);
-        p.v[lane] = static_cast<param_t>(value);
-        if (kMaster) m.v[lane] = value;
+        for (int k = 0; k < kStates; ++k) stored[k] = s[k].v[lane];
+        element(p.v[lane], m.v[lane], g.v[lane], lane_state, stored, at + lane);
 #pragma unroll
-        for (int k = 0; k < kStates; ++k) s[k].v[lane] = lane_state[k];
+        for (int k = 0; k < kStates; ++k) s[k].v[lane] = stored[k];
       }
       *reinterpret_cast<ParamVec*>(param + at) = p;
-      if (kMaster) *reinterpret_cast<StateVec*>(master + at) = m;
+      if (kMaster) *reinterpret_cast<MasterVec*>(master + at) = m;
 #pragma unroll
       for (int k = 0; k < kStates; ++k) *reinterpret_cast<StateVec*>(state[k] + at) = s[k];
     }
     scalar_begin = begin + vectors * kVec;
   }
   for (int64_t e = scalar_begin + threadIdx.x; e < end; e += blockDim.x) {
-    math_t value = kMaster ? master[e] : static_cast<math_t>(param[e]);
+    master_t no_master{};
+    master_t& m = kMaster ? master[e] : no_master;
     math_t lane_state[kMaxStates];
+    state_t stored[kMaxStates];
 #pragma unroll
-    for (int k = 0; k < kStates; ++k) lane_state[k] = state[k][e];
-    update(value, static_cast<math_t>(grad[e]), lane_state);
-    param[e] = static_cast<param_t>(value);
-    if (kMaster) master[e] = value;
+    for (int k = 0; k < kStates; ++k) stored[k] = state[k][e];
+    element(param[e], m, grad[e], lane_state, stored, e);
 #pragma unroll
-    for (int k = 0; k < kStates; ++k) state[k][e] = lane_state[k];
-  }
-}
-
-// Calls fn(std::bool_constant<master>): master weights exist for low-precision parameters only.
-template <typename param_t, typename math_t, typename Fn>
-__device__ __forceinline__ void dispatch_master(const void* master, const Fn& fn) {
-  if constexpr (std::is_same_v<param_t, math_t>) {
-    fn(std::false_type{});
-  } else {
-    if (master != nullptr) fn(std::true_type{});
-    else fn(std::false_type{});
+    for (int k = 0; k < kStates; ++k) state[k][e] = stored[k];
   }
 }
 
@@ -313,9 +319,12 @@ __device__ __forceinline__ void apply_update(math_t& param, math_t grad, math_t*
 // when its group or step count differs from the previous chunk's: consecutive tensors of a group
 // usually share their step count, so a model of many small tensors pays for them about once per
 // block and group. The flags of the update are decided with the scalars (optimizer_traits.h).
-template <typename Optimizer, typename param_t, typename math_t>
+template <typename Optimizer, typename S>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) step_kernel(const __grid_constant__ ArgsOf<Optimizer> args) {
-  constexpr int kSlots = Optimizer::Slot::kCount;
+  using param_t = typename S::param_t;
+  using math_t = typename S::math_t;
+  using state_t = typename S::state_t;
+  constexpr int kSlots = kHyperSlots<Optimizer>;
   constexpr int kStates = Optimizer::State::kCount;
   using Coefficients = typename Optimizer::template Coefficients<math_t>;
   const StepControl control = step_control(args.groups);
@@ -325,6 +334,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) step_kernel(const __gr
   int64_t scalars_step = -1;
   Coefficients c{typename Optimizer::Scalars{}};
   FlagValues<Optimizer::Flag::kCount> flags{};
+  RoundingKeys<kStates> keys{};
   for_each_chunk(t, [&](int i, int64_t begin, int64_t end) {
     const int g = t.group[i];
     const int64_t step = *t.step[i];
@@ -334,22 +344,24 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) step_kernel(const __gr
           Optimizer::scalars(args.groups.hyper + g * kSlots, schedule, step, control.adjust);
       c = Coefficients(s);
       flags = Optimizer::flags(s);
+      if constexpr (S::kStochasticParam || S::kStochasticState) {
+        const double seed = args.groups.hyper[g * kSlots + kCommonSlots<Optimizer> + CommonSlot::kRoundingSeed];
+        keys = RoundingKeys<kStates>::of(static_cast<uint64_t>(seed), t.index[i], step);
+      }
       scalars_group = g;
       scalars_step = step;
     }
-    math_t* state[kMaxStates];
+    state_t* state[kMaxStates];
 #pragma unroll
-    for (int k = 0; k < kStates; ++k) state[k] = static_cast<math_t*>(t.state[k][i]);
-    math_t* const master = static_cast<math_t*>(t.state[kStates][i]);
-    dispatch_master<param_t, math_t>(master, [&](auto with_master) {
-      dispatch_flags(flags, [&](auto flag_set) {
-        using Flags = decltype(flag_set);
-        update_range<param_t, math_t, Optimizer::template states_used<Flags>(), decltype(with_master)::value>(
-            static_cast<param_t*>(t.param[i]), static_cast<const param_t*>(t.grad[i]), state, master, begin, end,
-            [&](math_t& p, math_t grad, math_t* st) {
-              apply_update<Optimizer, Flags>(p, grad, st, c, std::make_index_sequence<kStates>{});
-            });
-      });
+    for (int k = 0; k < kStates; ++k) state[k] = static_cast<state_t*>(t.state[k][i]);
+    auto* const master = static_cast<typename S::master_t*>(t.state[kStates][i]);
+    dispatch_flags(flags, [&](auto flag_set) {
+      using Flags = decltype(flag_set);
+      update_range<S, Optimizer::template states_used<Flags>()>(
+          static_cast<param_t*>(t.param[i]), static_cast<const param_t*>(t.grad[i]), state, master, begin, end,
+          keys.key, [&](math_t& p, math_t grad, math_t* st) {
+            apply_update<Optimizer, Flags>(p, grad, st, c, std::make_index_sequence<kStates>{});
+          });
     });
   });
 }

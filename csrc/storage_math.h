@@ -1,0 +1,238 @@
+#pragma once
+// How a parameter and its optimizer state are kept in memory, shared by the CPU and CUDA kernels:
+// the conversions between the stored types and the math type, stochastic rounding and its random
+// bits, and float32 master weights kept as remainders. The update math (update_math.h,
+// optimizers/) sees the math type only.
+//
+// [note: storage]
+// A tensor's update reads its parameter (from the master weight where it has one) and its state
+// into the math type (float32 for low-precision parameters, float64 for float64 ones), updates
+// them in registers and stores them back. What "stores back" means is the tensor's storage:
+//  - the state: in the math type, or in bfloat16 (state_dtype=torch.bfloat16: 2 bytes instead of
+//    4 per value), rounded to nearest or, with stochastic rounding, stochastically;
+//  - a bfloat16 or float16 parameter without a master weight: rounded to nearest or stochastically;
+//  - a parameter with a float32 master weight: the master holds the value, the parameter its
+//    rounding (for bfloat16, to nearest with ties away from zero, see [note: remainders]);
+//  - a bfloat16 parameter with a remainder: the parameter and the int16 remainder together are
+//    the float32 master, bit for bit.
+//
+// [note: remainders]
+// A float32 number is its top 16 bits (a bfloat16) and its low 16 bits. Rounded to nearest with
+// ties away from zero, the top half becomes the bfloat16 parameter and the float32 difference to
+// it, as a signed count of low-half units, lies in [-2^15, 2^15): it is the int16 remainder, and
+// the parameter and remainder give back the float32 exactly. Ties to even cannot be kept this way:
+// 2^16 + 1 float32 values round to each even bfloat16 (the tie below it and the one above it both
+// do), one more than 16 bits tell apart. So the bfloat16 parameter of a float32 master is rounded
+// with ties away from zero both with master_weights=True and with remainders, and the two runs are
+// the same, bit for bit. (The two roundings differ on exact ties only, one float32 in 2^16.)
+//
+// [note: stochastic rounding]
+// Rounding x stochastically to a type of fewer bits gives the representable neighbour above |x|
+// with probability (|x| - below) / (above - below), else the one below: the expected value is x,
+// so many small updates add up where round-to-nearest drops each one. The random bits of element
+// e of a tensor come from a counter-based generator, a hash of (key, e), where the key hashes the
+// group's rounding seed, the tensor's index in the step's lists, its step count and which value is
+// rounded (the parameter or state list k). The bits depend on nothing else: not the thread count,
+// the chunking, the device or the order in which elements are visited, so a run is reproducible,
+// the same on the CPU and CUDA, and resumes from a checkpoint (the seed is a group setting and the
+// step count is state) as it would have gone on. NaN stays NaN, infinities stay infinite, and a
+// finite value beyond the largest finite one of the type rounds as to nearest.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "macros.h"
+
+namespace fusedlr {
+
+FUSEDLR_HD uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+#endif
+}
+
+FUSEDLR_HD float float_of_bits(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Random bits ([note: stochastic rounding])
+
+// Bijective mixes of 32 and 64 bits (multiply-xorshift finalizers): every input bit affects every
+// output bit about half the time.
+FUSEDLR_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85ebca6bu;
+  x ^= x >> 13;
+  x *= 0xc2b2ae35u;
+  x ^= x >> 16;
+  return x;
+}
+
+FUSEDLR_HD uint64_t mix64(uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ull;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebull;
+  x ^= x >> 31;
+  return x;
+}
+
+// The key of the random bits of one value list of one tensor at one step: stream 0 rounds the
+// parameter, stream 1 + k state list k.
+FUSEDLR_HD uint64_t rounding_key(uint64_t seed, int64_t tensor, int64_t step, int stream) {
+  uint64_t key = mix64(seed + 0x9e3779b97f4a7c15ull);
+  key = mix64(key ^ static_cast<uint64_t>(tensor));
+  key = mix64(key ^ static_cast<uint64_t>(step));
+  return mix64(key ^ static_cast<uint64_t>(stream));
+}
+
+// 32 random bits for element `element` under `key`. Two rounds of 32-bit mixing (vectorizable on
+// the CPU, cheap on a GPU), each keyed by a half of the key; elements past 2^32 fold their high bits
+// into the second round.
+FUSEDLR_HD uint32_t random_bits(uint64_t key, int64_t element) {
+  const uint64_t e = static_cast<uint64_t>(element);
+  const uint32_t x = mix32(static_cast<uint32_t>(e) ^ static_cast<uint32_t>(key));
+  return mix32(x ^ static_cast<uint32_t>(key >> 32) ^ (static_cast<uint32_t>(e >> 32) * 0x9e3779b9u));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rounding float32 to bfloat16 and float16
+
+// The bfloat16 of x rounded stochastically with 16 random bits (the low half of `bits`): adding
+// them to x's low half carries into the top half with probability low / 2^16.
+FUSEDLR_HD c10::BFloat16 bfloat16_stochastic(float x, uint32_t bits) {
+  const uint32_t b = float_bits(x);
+  if ((b & 0x7fffffffu) > 0x7f800000u) return c10::BFloat16(x);  // NaN
+  if ((b & 0x7fffffffu) >= 0x7f7f0000u) return c10::BFloat16(x);  // beyond the largest finite: as nearest
+  return c10::BFloat16(static_cast<uint16_t>((b + (bits & 0xffffu)) >> 16), c10::BFloat16::from_bits());
+}
+
+// The float16 of x rounded stochastically: in float16's normal range by the float32 bits it drops
+// (13), in its subnormal range (steps of 2^-24) by the fraction of a step, from 23 random bits.
+FUSEDLR_HD c10::Half half_stochastic(float x, uint32_t bits) {
+  const float magnitude = x < 0 ? -x : x;
+  if (!(magnitude < 65504.0f)) return c10::Half(x);  // NaN, infinite, at or beyond the largest finite
+  if (magnitude >= 6.103515625e-05f) {              // 2^-14, the smallest normal float16
+    const uint32_t b = (float_bits(x) + (bits & 0x1fffu)) & ~0x1fffu;
+    return c10::Half(float_of_bits(b));  // exact: 10 bits of mantissa in float16's normal range
+  }
+  const float steps = x * 16777216.0f;  // x / 2^-24, exact
+  const float below = floorf(steps);
+  const float u = static_cast<float>(bits >> 9) * (1.0f / 8388608.0f);  // in [0, 1), 23 bits
+  return c10::Half((below + (u < steps - below ? 1.0f : 0.0f)) * 5.9604644775390625e-08f);  // exact
+}
+
+// [note: remainders] A float32 as its bfloat16 top half rounded to nearest, ties away from zero,
+// and the int16 remainder.
+struct MasterHalves {
+  uint16_t param;
+  int16_t remainder;
+};
+
+FUSEDLR_HD MasterHalves split_master(float master) {
+  const uint32_t b = float_bits(master);
+  const uint32_t rounded = (b + 0x8000u) & 0xffff0000u;  // the magnitude's half carried: ties away
+  return {static_cast<uint16_t>(rounded >> 16), static_cast<int16_t>(static_cast<uint16_t>(b - rounded))};
+}
+
+FUSEDLR_HD float join_master(uint16_t param, int16_t remainder) {
+  return float_of_bits((static_cast<uint32_t>(param) << 16) + static_cast<uint32_t>(static_cast<int32_t>(remainder)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// A tensor's storage ([note: storage]), a template argument of the element loops
+
+enum class MasterKind : uint8_t { kNone, kFloat, kRemainder };
+
+template <typename T>
+inline constexpr bool kIsLowPrecision = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+
+template <typename Param, typename Math, typename State, MasterKind kMaster, bool kStochastic>
+struct Storage {
+  using param_t = Param;
+  using math_t = Math;
+  using state_t = State;
+  using master_t = std::conditional_t<kMaster == MasterKind::kRemainder, int16_t, Math>;
+  static constexpr MasterKind master = kMaster;
+  static constexpr bool kStochasticParam = kStochastic && kMaster == MasterKind::kNone && kIsLowPrecision<Param>;
+  static constexpr bool kStochasticState = kStochastic && kIsLowPrecision<State>;
+  static_assert(kMaster == MasterKind::kNone || kIsLowPrecision<Param>, "master weights are for low-precision parameters");
+  static_assert(kMaster != MasterKind::kRemainder || std::is_same_v<Param, c10::BFloat16>,
+                "remainders complete bfloat16 parameters only");
+  static_assert(std::is_same_v<State, Math> || std::is_same_v<Math, float>, "bfloat16 state is computed in float32");
+
+  // The value an update starts from; `master` is read only where there is one.
+  FUSEDLR_HD static Math param_value(const Param& param, const master_t& master) {
+    if constexpr (kMaster == MasterKind::kNone) {
+      return static_cast<Math>(param);
+    } else if constexpr (kMaster == MasterKind::kFloat) {
+      return master;
+    } else {
+      return join_master(param.x, master);
+    }
+  }
+
+  // Stores an updated value; `bits` are used only when the parameter rounds stochastically.
+  FUSEDLR_HD static void set_param(Param& param, master_t& master, Math value, uint32_t bits) {
+    if constexpr (kMaster == MasterKind::kRemainder) {
+      const MasterHalves halves = split_master(value);
+      param = Param(halves.param, Param::from_bits());
+      master = halves.remainder;
+    } else if constexpr (kMaster == MasterKind::kFloat) {
+      master = value;
+      if constexpr (std::is_same_v<Param, c10::BFloat16>) {
+        param = Param(split_master(value).param, Param::from_bits());  // [note: remainders]
+      } else {
+        param = static_cast<Param>(value);
+      }
+    } else if constexpr (kStochasticParam) {
+      if constexpr (std::is_same_v<Param, c10::BFloat16>) {
+        param = bfloat16_stochastic(value, bits);
+      } else {
+        param = half_stochastic(value, bits);
+      }
+    } else {
+      param = static_cast<Param>(value);
+    }
+  }
+
+  FUSEDLR_HD static Math state_value(const State& state) { return static_cast<Math>(state); }
+
+  FUSEDLR_HD static void set_state(State& state, Math value, uint32_t bits) {
+    if constexpr (kStochasticState) {
+      state = bfloat16_stochastic(value, bits);
+    } else {
+      state = static_cast<State>(value);
+    }
+  }
+};
+
+// The keys of a tensor's random bits at one step: the parameter's, then each state list's.
+template <int kStates>
+struct RoundingKeys {
+  uint64_t key[kStates + 1];
+
+  FUSEDLR_HD static RoundingKeys of(uint64_t seed, int64_t tensor, int64_t step) {
+    RoundingKeys keys;
+    for (int s = 0; s <= kStates; ++s) keys.key[s] = rounding_key(seed, tensor, step, s);
+    return keys;
+  }
+};
+
+}  // namespace fusedlr
