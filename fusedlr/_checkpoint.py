@@ -145,7 +145,7 @@ def param_state(opt, param: Tensor, saved: dict, saved_id) -> dict:
     step = step.item() if isinstance(step, Tensor) and step.numel() == 1 else step
     if (isinstance(step, bool) or not isinstance(step, numbers.Real) or not math.isfinite(step) or step < 0
             or step != int(step)):
-        raise ValueError(f"loaded state of parameter {saved_id!r} has an invalid step {saved['step']!r}")
+        raise ValueError(f"loaded state of parameter {saved_id!r} has an invalid step {step!r}")
     state["step"] = int(step)
     for key, value in saved.items():
         if key == "step" or value is None:

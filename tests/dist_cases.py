@@ -222,7 +222,8 @@ def case_skip_agrees():
 
 def case_dcp():
     """dcp.save / dcp.load through get_/set_optimizer_state_dict resume bitwise equal to an
-    uninterrupted run, under FSDP2 and DDP, for several schedules including ReduceLROnPlateau."""
+    uninterrupted run, under FSDP2 and DDP, for several schedules including ReduceLROnPlateau, and
+    with bfloat16 state rounded stochastically (its dtype and seed survive DCP's flattening)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
@@ -231,11 +232,13 @@ def case_dcp():
     schedules = [S.OneCycleLR(max_lr=0.02, total_steps=STEPS), S.ReduceLROnPlateau(patience=0, factor=0.5),
                  S.SequentialLR([S.LinearLR(start_factor=0.1, total_iters=3), S.CosineAnnealingLR(T_max=9)],
                                 milestones=[3])]
+    settings = [(schedule, {}) for schedule in schedules] + [
+        (schedules[0], dict(state_dtype=torch.bfloat16, stochastic_rounding=True, rounding_seed=5))]
     for wrap_name, wrap in (("fsdp2", fsdp), ("ddp", DDP)):
-        for k, schedule in enumerate(schedules):
-            def make():
+        for k, (schedule, storage) in enumerate(settings):
+            def make(storage=storage):
                 m = wrap(model())
-                return m, fusedlr.AdamW(m.parameters(), lr=0.01, schedule=schedule, max_grad_norm=0.5)
+                return m, fusedlr.AdamW(m.parameters(), lr=0.01, schedule=schedule, max_grad_norm=0.5, **storage)
 
             def run(m, opt, steps):
                 for step in steps:
@@ -253,7 +256,7 @@ def case_dcp():
             path = os.path.join(folder, f"{wrap_name}-{k}")
             dcp.save({"model": get_model_state_dict(first), "optim": get_optimizer_state_dict(first, first_opt)},
                      checkpoint_id=path)
-            resumed, resumed_opt = make()
+            resumed, resumed_opt = make({})  # its storage settings come with the checkpoint's groups
             before = [local(p.detach()).clone() for p in resumed.parameters()]
             # set_optimizer_state_dict first steps the new optimizer with zero gradients and lr 0
             state = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, resumed_opt)}
@@ -264,6 +267,9 @@ def case_dcp():
             set_optimizer_state_dict(resumed, resumed_opt, state["optim"])
             assert int(resumed_opt.schedule_steps()[0]) == STEPS // 2
             torch.testing.assert_close(resumed_opt.last_lr(), first_opt.last_lr(), rtol=0, atol=0)
+            if storage:
+                assert all(state["exp_avg"].dtype == torch.bfloat16 for state in resumed_opt.state.values())
+                assert resumed_opt.param_groups[0]["rounding_seed"] == 5
             run(resumed, resumed_opt, range(STEPS // 2, STEPS))
             for p, q in zip(whole.parameters(), resumed.parameters()):
                 assert torch.equal(local(p.detach()), local(q.detach())), (wrap_name, k)
