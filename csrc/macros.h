@@ -5,5 +5,7 @@
 #if defined(__CUDACC__)
 #define FUSEDLR_HD __host__ __device__ __forceinline__
 #else
-#define FUSEDLR_HD inline
+// always_inline: the element loops of the CPU kernels vectorize only where every function of an
+// element's update is inlined into them, which a big unit's inlining budget does not promise
+#define FUSEDLR_HD inline __attribute__((always_inline))
 #endif

@@ -151,6 +151,17 @@ int64_t check_step_lists(const char* op, at::DeviceType device_type, size_t para
   TORCH_CHECK(hyper.size() % hyper_slots == 0, op, ": hyper holds ", hyper.size(), " values, not a multiple of ",
               hyper_slots, " per group");
   const int64_t groups = static_cast<int64_t>(hyper.size()) / hyper_slots;
+  // the common slots, last in each group's (optimizer_traits.h): the kernels convert the seed to
+  // an integer, which a double outside [0, 2^53) or with a fraction does not survive
+  for (int64_t g = 0; g < groups; ++g) {
+    const double* common = hyper.data() + (g + 1) * hyper_slots - CommonSlot::kCount;
+    const double stochastic = common[CommonSlot::kStochasticRounding];
+    const double seed = common[CommonSlot::kRoundingSeed];
+    TORCH_CHECK(stochastic == 0 || stochastic == 1, op, ": group ", g, "'s stochastic_rounding slot is ", stochastic,
+                ", not 0 or 1");
+    TORCH_CHECK(seed >= 0 && seed < 9007199254740992.0 && seed == std::floor(seed), op, ": group ", g,
+                "'s rounding seed is ", seed, ", not an integer in [0, 2^53)");
+  }
   check_schedule_inputs(op, programs, groups, group_steps, plateau_state);
   TORCH_CHECK(group_steps.device().type() == device_type, op, ": group_steps is on ", group_steps.device());
   auto check_length = [&](const char* name, size_t length) {

@@ -102,40 +102,120 @@ FUSEDLR_HD uint64_t rounding_key(uint64_t seed, int64_t tensor, int64_t step, in
   return mix64(key ^ static_cast<uint64_t>(stream));
 }
 
-// 32 random bits for element `element` under `key`. Two rounds of 32-bit mixing (vectorizable on
-// the CPU, cheap on a GPU), each keyed by a half of the key; elements past 2^32 fold their high bits
-// into the second round.
+// 32 random bits for element `element` under `key`: two rounds of 32-bit mixing (vectorizable on
+// the CPU, cheap on a GPU), the first keyed by the key's low half, the second by its high half with
+// the element index's high half folded in. A RandomStream is that pair for the elements that share
+// an index's high half (the CPU loops take it once per chunk: a chunk never spans two).
+struct RandomStream {
+  uint32_t low, high;
+};
+
+FUSEDLR_HD RandomStream random_stream(uint64_t key, int64_t element) {
+  const uint32_t element_high = static_cast<uint32_t>(static_cast<uint64_t>(element) >> 32);
+  return {static_cast<uint32_t>(key), static_cast<uint32_t>(key >> 32) ^ (element_high * 0x9e3779b9u)};
+}
+
+FUSEDLR_HD uint32_t random_bits(RandomStream stream, uint32_t element_low) {
+  return mix32(mix32(element_low ^ stream.low) ^ stream.high);
+}
+
 FUSEDLR_HD uint32_t random_bits(uint64_t key, int64_t element) {
-  const uint64_t e = static_cast<uint64_t>(element);
-  const uint32_t x = mix32(static_cast<uint32_t>(e) ^ static_cast<uint32_t>(key));
-  return mix32(x ^ static_cast<uint32_t>(key >> 32) ^ (static_cast<uint32_t>(e >> 32) * 0x9e3779b9u));
+  return random_bits(random_stream(key, element), static_cast<uint32_t>(element));
 }
 
 // ---------------------------------------------------------------------------------------------
 // Rounding float32 to bfloat16 and float16
 
+// Every conversion below is branch-free: its choices are masks in arithmetic, where a comparison
+// or an early return would leave a branch in the CPU loops that use them and stop their
+// vectorization.
+
+// All ones where a >= b, else zero, for a and b below 2^31 (float magnitudes as bits).
+FUSEDLR_HD uint32_t mask_at_least(uint32_t a, uint32_t b) {
+  return ~static_cast<uint32_t>(static_cast<int32_t>(a - b) >> 31);
+}
+
+// All ones where the float32 of bits `b` is a NaN, else zero.
+FUSEDLR_HD uint32_t nan_mask(uint32_t b) { return mask_at_least(b & 0x7fffffffu, 0x7f800001u); }
+
+FUSEDLR_HD uint32_t select_bits(uint32_t mask, uint32_t if_set, uint32_t if_clear) {
+  return (if_set & mask) | (if_clear & ~mask);
+}
+
+// bfloat16 and float32, as c10::BFloat16 converts them (round to nearest even; every NaN becomes
+// 0x7fc0), spelled in bit operations the compilers vectorize.
+FUSEDLR_HD float float_of_bfloat16(c10::BFloat16 x) { return float_of_bits(static_cast<uint32_t>(x.x) << 16); }
+
+FUSEDLR_HD uint32_t bfloat16_bits_nearest(uint32_t b) { return (b + 0x7fffu + ((b >> 16) & 1u)) >> 16; }
+
+FUSEDLR_HD c10::BFloat16 bfloat16_nearest(float x) {
+  const uint32_t b = float_bits(x);
+  const uint32_t bits = select_bits(nan_mask(b), 0x7fc0u, bfloat16_bits_nearest(b));
+  return c10::BFloat16(static_cast<uint16_t>(bits), c10::BFloat16::from_bits());
+}
+
 // The bfloat16 of x rounded stochastically with 16 random bits (the low half of `bits`): adding
-// them to x's low half carries into the top half with probability low / 2^16.
+// them to x's low half carries into the top half with probability low / 2^16. Beyond the largest
+// finite bfloat16 (and for infinities) as to nearest; NaN as c10 makes it.
 FUSEDLR_HD c10::BFloat16 bfloat16_stochastic(float x, uint32_t bits) {
   const uint32_t b = float_bits(x);
-  if ((b & 0x7fffffffu) > 0x7f800000u) return c10::BFloat16(x);  // NaN
-  if ((b & 0x7fffffffu) >= 0x7f7f0000u) return c10::BFloat16(x);  // beyond the largest finite: as nearest
-  return c10::BFloat16(static_cast<uint16_t>((b + (bits & 0xffffu)) >> 16), c10::BFloat16::from_bits());
+  const uint32_t beyond = mask_at_least(b & 0x7fffffffu, 0x7f7f0000u);
+  uint32_t out = select_bits(beyond, bfloat16_bits_nearest(b), (b + (bits & 0xffffu)) >> 16);
+  out = select_bits(nan_mask(b), 0x7fc0u, out);
+  return c10::BFloat16(static_cast<uint16_t>(out), c10::BFloat16::from_bits());
+}
+
+// float16 to nearest as c10::Half converts on the CPU, every NaN 0x7e00 with its sign (a GPU's
+// conversion makes another NaN).
+FUSEDLR_HD c10::Half half_nearest(float x) {
+  const uint32_t b = float_bits(x);
+  const c10::Half nearest(x);
+  const uint32_t nan = 0x7e00u | ((b >> 16) & 0x8000u);
+  return c10::Half(static_cast<uint16_t>(select_bits(nan_mask(b), nan, nearest.x)), c10::Half::from_bits());
 }
 
 // The float16 of x rounded stochastically: in float16's normal range by the float32 bits it drops
-// (13), in its subnormal range (steps of 2^-24) by the fraction of a step, from 23 random bits.
+// (13), in its subnormal range (steps of 2^-24) by the fraction of a step its magnitude is past
+// the step below, against 23 random bits (so P(up) is that fraction rounded up to a multiple of
+// 2^-23: a bias below 2^-47 in absolute value, for magnitudes under 2^-14 only); at or beyond the
+// largest finite float16, and for NaN, as to nearest. Each candidate is exact in float16, so the
+// final conversion does not round again; the sign is kept (a negative value may round to -0).
 FUSEDLR_HD c10::Half half_stochastic(float x, uint32_t bits) {
-  const float magnitude = x < 0 ? -x : x;
-  if (!(magnitude < 65504.0f)) return c10::Half(x);  // NaN, infinite, at or beyond the largest finite
-  if (magnitude >= 6.103515625e-05f) {              // 2^-14, the smallest normal float16
-    const uint32_t b = (float_bits(x) + (bits & 0x1fffu)) & ~0x1fffu;
-    return c10::Half(float_of_bits(b));  // exact: 10 bits of mantissa in float16's normal range
-  }
-  const float steps = x * 16777216.0f;  // x / 2^-24, exact
+  const uint32_t b = float_bits(x);
+  const uint32_t magnitude_bits = b & 0x7fffffffu;
+  const uint32_t normal = (b + (bits & 0x1fffu)) & ~0x1fffu;
+  const float steps = float_of_bits(magnitude_bits) * 16777216.0f;  // the magnitude / 2^-24, exact
   const float below = floorf(steps);
   const float u = static_cast<float>(bits >> 9) * (1.0f / 8388608.0f);  // in [0, 1), 23 bits
-  return c10::Half((below + (u < steps - below ? 1.0f : 0.0f)) * 5.9604644775390625e-08f);  // exact
+  const float up = float_of_bits(mask_at_least(float_bits(steps - below), float_bits(u) + 1u) & float_bits(1.0f));
+  const uint32_t subnormal = float_bits((below + up) * 5.9604644775390625e-08f) | (b & 0x80000000u);
+  // normal from 2^-14 (bits 0x38800000); the largest finite float16, 65504, is 0x477fe000
+  const uint32_t out = select_bits(mask_at_least(magnitude_bits, 0x38800000u), normal, subnormal);
+  const uint32_t in_range = ~mask_at_least(magnitude_bits, 0x477fe000u);
+  const c10::Half nearest = half_nearest(x);
+  return c10::Half(static_cast<uint16_t>(select_bits(in_range, c10::Half(float_of_bits(out)).x, nearest.x)),
+                   c10::Half::from_bits());
+}
+
+// A value of a stored type in the math type, and back to nearest.
+template <typename Math, typename T>
+FUSEDLR_HD Math math_of(T value) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return float_of_bfloat16(value);
+  } else {
+    return static_cast<Math>(value);
+  }
+}
+
+template <typename T, typename Math>
+FUSEDLR_HD T nearest_of(Math value) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return bfloat16_nearest(value);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return half_nearest(value);
+  } else {
+    return static_cast<T>(value);
+  }
 }
 
 // [note: remainders] A float32 as its bfloat16 top half rounded to nearest, ties away from zero,
@@ -147,8 +227,12 @@ struct MasterHalves {
 
 FUSEDLR_HD MasterHalves split_master(float master) {
   const uint32_t b = float_bits(master);
-  const uint32_t rounded = (b + 0x8000u) & 0xffff0000u;  // the magnitude's half carried: ties away
-  return {static_cast<uint16_t>(rounded >> 16), static_cast<int16_t>(static_cast<uint16_t>(b - rounded))};
+  const uint32_t nan = nan_mask(b);
+  // the magnitude's half carried: ties away. A NaN, whose carry could reach its exponent or sign,
+  // keeps its sign and top half, made quiet, and a zero remainder: it joins to a NaN again.
+  const uint32_t rounded = select_bits(nan, (b & 0xffff0000u) | 0x00400000u, (b + 0x8000u) & 0xffff0000u);
+  const uint32_t remainder = ~nan & (b - rounded);
+  return {static_cast<uint16_t>(rounded >> 16), static_cast<int16_t>(static_cast<uint16_t>(remainder))};
 }
 
 FUSEDLR_HD float join_master(uint16_t param, int16_t remainder) {
@@ -180,7 +264,7 @@ struct Storage {
   // The value an update starts from; `master` is read only where there is one.
   FUSEDLR_HD static Math param_value(const Param& param, const master_t& master) {
     if constexpr (kMaster == MasterKind::kNone) {
-      return static_cast<Math>(param);
+      return math_of<Math>(param);
     } else if constexpr (kMaster == MasterKind::kFloat) {
       return master;
     } else {
@@ -199,7 +283,7 @@ struct Storage {
       if constexpr (std::is_same_v<Param, c10::BFloat16>) {
         param = Param(split_master(value).param, Param::from_bits());  // [note: remainders]
       } else {
-        param = static_cast<Param>(value);
+        param = nearest_of<Param>(value);
       }
     } else if constexpr (kStochasticParam) {
       if constexpr (std::is_same_v<Param, c10::BFloat16>) {
@@ -208,17 +292,17 @@ struct Storage {
         param = half_stochastic(value, bits);
       }
     } else {
-      param = static_cast<Param>(value);
+      param = nearest_of<Param>(value);
     }
   }
 
-  FUSEDLR_HD static Math state_value(const State& state) { return static_cast<Math>(state); }
+  FUSEDLR_HD static Math state_value(const State& state) { return math_of<Math>(state); }
 
   FUSEDLR_HD static void set_state(State& state, Math value, uint32_t bits) {
     if constexpr (kStochasticState) {
       state = bfloat16_stochastic(value, bits);
     } else {
-      state = static_cast<State>(value);
+      state = nearest_of<State>(value);
     }
   }
 };

@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "macros.h"
 #include "schedule_math.h"
@@ -23,9 +24,33 @@ FUSEDLR_HD double sqrt_of(double x) { return sqrt(x); }
 // torch's lerp: exact at both ends, whichever side of 1/2 the weight is. `small_weight` is
 // |weight| < 1/2, decided once per tensor: a loop-invariant flag lets the compiler split the loop
 // in two vectorized ones, where a per-element test made it blend both forms.
+// x where `mask` is all ones, y where it is zero, bit for bit: a select that is arithmetic, so a
+// loop over it has no branch to vectorize around.
+FUSEDLR_HD float select_by_mask(uint32_t mask, float x, float y) {
+  uint32_t a, b;
+  memcpy(&a, &x, sizeof a);
+  memcpy(&b, &y, sizeof b);
+  const uint32_t r = (a & mask) | (b & ~mask);
+  float out;
+  memcpy(&out, &r, sizeof out);
+  return out;
+}
+
+FUSEDLR_HD double select_by_mask(uint32_t mask, double x, double y) {
+  uint64_t a, b;
+  memcpy(&a, &x, sizeof a);
+  memcpy(&b, &y, sizeof b);
+  const uint64_t wide = static_cast<uint64_t>(static_cast<int64_t>(static_cast<int32_t>(mask)));
+  const uint64_t r = (a & wide) | (b & ~wide);
+  double out;
+  memcpy(&out, &r, sizeof out);
+  return out;
+}
+
 template <typename T>
 FUSEDLR_HD T lerp(T start, T end, T weight, bool small_weight) {
-  return small_weight ? start + weight * (end - start) : end - (end - start) * (T(1) - weight);
+  const T difference = end - start;
+  return select_by_mask(small_weight ? ~0u : 0u, start + weight * difference, end - difference * (T(1) - weight));
 }
 
 // ---------------------------------------------------------------------------------------------

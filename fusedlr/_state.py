@@ -101,10 +101,7 @@ def check_storage_settings(group: dict) -> None:
                          "holds a float64 one (its state is computed in float64)")
 
 
-def default_seed() -> int:
-    """A group's rounding_seed when none is given: from torch's seed, so that torch.manual_seed
-    makes the rounding reproducible too."""
-    return torch.initial_seed() % _SEED_LIMIT
+DEFAULT_SEED = 0  # the same on every rank: replicas (DDP, replicated DTensors) round alike
 
 
 # -- master weights as remainders ([note: remainders]) --------------------------------------------
@@ -112,9 +109,12 @@ def default_seed() -> int:
 def split_master(master: Tensor) -> tuple[Tensor, Tensor]:
     """A float32 master as its bfloat16 top half rounded to nearest, ties away from zero, and the
     int16 remainder: int32 arithmetic wraps as the kernels' uint32 does."""
-    bits = master.to(torch.float32).contiguous().view(torch.int32)
-    rounded = (bits + 0x8000) & -0x10000
-    return (rounded >> 16).to(torch.int16).view(torch.bfloat16), (bits - rounded).to(torch.int16)
+    master = master.to(torch.float32).contiguous()
+    bits = master.view(torch.int32)
+    nan = torch.isnan(master)  # a quiet NaN of its sign and top half, a zero remainder
+    rounded = torch.where(nan, (bits & -0x10000) | 0x400000, (bits + 0x8000) & -0x10000)
+    remainder = torch.where(nan, torch.zeros_like(bits), bits - rounded)
+    return (rounded >> 16).to(torch.int16).view(torch.bfloat16), remainder.to(torch.int16)
 
 
 def join_master(param: Tensor, remainder: Tensor) -> Tensor:
@@ -129,6 +129,8 @@ def converted_master(param: Tensor, saved_key: str, saved: Tensor) -> Tensor:
     set to the master's bfloat16 rounding, which is what a step would write to it."""
     shard = local_of(param)
     value = local_of(saved).to(shard.device)
+    if param.dtype != torch.bfloat16:
+        raise ValueError(f"master_weights='remainder' completes bfloat16 parameters; this one is {param.dtype}")
     with torch.no_grad():
         if saved_key == "master_weight":  # to a remainder
             rounded, remainder = split_master(value)
@@ -257,6 +259,10 @@ def ensure_state(keys: Sequence[str], has_state: HasState, param: Tensor, group:
     group's state_dtype now says."""
     for key in keys:
         stored = state_key(key, master_weights)
+        if key == "master_weight" and not has_state(key, param, group):
+            for other in MASTER_KEYS:  # master weights turned off: the parameter is the value again
+                state.pop(other, None)
+            continue
         if state.get(stored) is None and has_state(key, param, group):
             other = next((k for k in MASTER_KEYS if k != stored and state.get(k) is not None), None)
             if key == "master_weight" and other is not None:

@@ -259,6 +259,9 @@ def torch_and_fused_contenders(optimizer: str, schedule_name: str, params, devic
     schedule = SCHEDULES[schedule_name](lr)
     metric = torch.tensor(1.0, device=device)
     contenders = []
+    # torch keeps the state in the parameters' dtype, bfloat16 and float16 too
+    dtype = params[0].dtype if params else torch.float32
+    torch_bytes = bytes_per_param(optimizer, dtype, True, state_dtype=dtype if dtype != torch.float64 else None)
 
     def torch_contender(name, **impl):
         opt = torch_cls(params, **kwargs, **impl)
@@ -274,7 +277,7 @@ def torch_and_fused_contenders(optimizer: str, schedule_name: str, params, devic
                 sched.step(1.0)
             else:
                 sched.step()
-        return Contender(name, step, optimizer=opt)
+        return Contender(name, step, optimizer=opt, bytes_per_param=torch_bytes)
 
     contenders.append(torch_contender("torch for-loop", foreach=False))
     contenders.append(torch_contender("torch foreach", foreach=True))
@@ -297,11 +300,13 @@ def torch_and_fused_contenders(optimizer: str, schedule_name: str, params, devic
         opt, sched = tensor_lr_optimizer(fused=True, capturable=True)
         capturable_step = clipped_step(opt)
         contenders.append(Contender("torch fused capturable, tensor lr",
-                                    lambda: (capturable_step(), sched.step() if sched else None)))
+                                    lambda: (capturable_step(), sched.step() if sched else None),
+                                    bytes_per_param=torch_bytes))
         graph_opt, graph_sched = tensor_lr_optimizer(fused=True, capturable=True)
         replay = captured(clipped_step(graph_opt))
         contenders.append(Contender("torch fused capturable, CUDA graph",
-                                    lambda: (replay(), graph_sched.step() if graph_sched else None)))
+                                    lambda: (replay(), graph_sched.step() if graph_sched else None),
+                                    bytes_per_param=torch_bytes))
     if compiled and not plateau:
         # a tensor lr takes Adam's for-loop step, or its foreach one where it is capturable (CUDA)
         impl = dict(foreach=False) if optimizer != "sgd" and device.type == "cpu" else dict(foreach=True)
@@ -317,7 +322,7 @@ def torch_and_fused_contenders(optimizer: str, schedule_name: str, params, devic
             if compiled_sched is not None:
                 compiled_sched.step()
 
-        contenders.append(Contender("torch compiled, tensor lr", compiled_step,
+        contenders.append(Contender("torch compiled, tensor lr", compiled_step, bytes_per_param=torch_bytes,
                                     compile_s=compiling_steps_timed(compiled_step, device)))
     if device.type == "cpu" and optimizer != "sgd":
         try:

@@ -149,7 +149,7 @@ class _FusedOptimizer(Optimizer):
         self._placeholders = _state.Placeholders()
         # how each group's state is stored (fusedlr/_state.py): group settings, as torch's are
         defaults = dict(defaults, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
-                        rounding_seed=_state.default_seed() if rounding_seed is None else rounding_seed)
+                        rounding_seed=_state.DEFAULT_SEED if rounding_seed is None else rounding_seed)
         super().__init__(params, defaults)
 
     # -- groups ----------------------------------------------------------------------------------
@@ -279,8 +279,11 @@ class _FusedOptimizer(Optimizer):
         return key == "master_weight" and _state.has_master_weight(param, self.master_weights)
 
     def _build_lists(self) -> StepLists:
-        for group in self.param_groups:  # a setting changed since add_param_group checked it
+        # settings changed since __init__ and add_param_group checked them, checked before state changes
+        _state.check_master_weights(self.master_weights)
+        for group in self.param_groups:
             _state.check_storage_settings(group)
+            self._check_params(group["params"])
         lists = StepLists()
         lists.states = {key: [] for key in self._STATE_KEYS}
         for g, group in enumerate(self.param_groups):
@@ -655,7 +658,7 @@ _SCHEDULE_DOC = """
         bfloat16 state. Per param group. Default: False (to nearest).
     rounding_seed (int, optional): the seed of the stochastic rounding, in [0, 2**53); with the
         step count and each element's index it decides every rounding, so runs, thread counts,
-        devices and resumes agree. Per param group. Default: from torch.initial_seed().
+        devices and resumes agree. Per param group. Default: 0, on every rank alike.
     partition_group (torch.distributed.ProcessGroup, optional): for plain parameters partitioned
         across ranks (ZeroRedundancyOptimizer): the group whose ranks hold the other partitions.
         max_grad_norm and skip_nonfinite then act on the norm of the whole model, summed over it,

@@ -69,6 +69,7 @@ class Case:
     bfloat16_state: bool = False
     remainders: bool = False
     stochastic: bool = False
+    equal_steps: bool = False  # every tensor at one step count (a block then meets many with one group's scalars)
 
 
 def placed(values: torch.Tensor, misaligned: bool) -> torch.Tensor:
@@ -135,7 +136,7 @@ def build(case: Case):
         if master is None:
             master = torch.empty(0, dtype=torch.float32)
         tensors.append(dict(param=param, states=states, master=master, group=group, misaligned=misaligned,
-                            step=torch.tensor(r.randrange(0, 12), dtype=torch.int64)))
+                            step=torch.tensor(5 if case.equal_steps else r.randrange(0, 12), dtype=torch.int64)))
     if case.shared_counters:  # the j-th tensor of each dtype shares the counter of the j-th of the first
         by_dtype = {}
         for t in tensors:
@@ -274,6 +275,15 @@ def test_storage_matches_the_cpu(optimizer, storage):
                       multiprocessors=[1, 3, 7][seed], bfloat16_state="bf16-state" in storage,
                       remainders="remainders" in storage, stochastic="stochastic" in storage,
                       clip=seed == 2))
+
+
+@pytest.mark.parametrize("optimizer", list(OPS))
+def test_each_tensor_rounds_with_its_own_keys(optimizer):
+    """Many tensors of one group and step count in one launch of few blocks: each block meets
+    several tensors with the same scalars, and each must still round with its own random bits."""
+    run_case(Case(optimizer=optimizer, dtypes=(torch.bfloat16,), tensors=24, sizes=(1, 7, 300, 70000), groups=1,
+                  multiprocessors=1, stochastic=True, bfloat16_state=True, master_weights=False, equal_steps=True,
+                  seed=50))
 
 
 def test_a_skipped_step_changes_nothing_but_versions():

@@ -32,6 +32,7 @@ namespace {
 
 
 constexpr int64_t kChunkSize = int64_t{1} << 16;
+static_assert((int64_t{1} << 32) % kChunkSize == 0, "a chunk never spans two 2^32 blocks of indices (RandomStream)");
 constexpr int64_t kSerialBelow = int64_t{1} << 15;
 
 struct Chunk {
@@ -320,15 +321,19 @@ FUSEDLR_LOOP_INLINE inline void update_elements(typename S::param_t* __restrict_
   using master_t = typename S::master_t;
   constexpr int kUsed = Optimizer::template states_used<Flags>();
   constexpr bool kHasMaster = S::master != MasterKind::kNone;
+  // the random bits of elements [begin, end), which share their index's high half (a chunk)
+  const RandomStream param_stream = random_stream(keys.key[0], begin);
+  const RandomStream state_stream[] = {random_stream(keys.key[I + 1], begin)...};
   for (int64_t i = begin; i < end; ++i) {
+    const uint32_t element = static_cast<uint32_t>(i);
     master_t no_master{};
     master_t& m = kHasMaster ? master[i] : no_master;
     math_t p = S::param_value(param[i], m);
     math_t values[] = {(static_cast<int>(I) < kUsed ? S::state_value(state[i]) : math_t(0))...};
     Optimizer::template update<math_t, Flags>(p, static_cast<math_t>(grad[i]), values[I]..., c);
-    S::set_param(param[i], m, p, S::kStochasticParam ? random_bits(keys.key[0], i) : 0u);
+    S::set_param(param[i], m, p, S::kStochasticParam ? random_bits(param_stream, element) : 0u);
     ((static_cast<int>(I) < kUsed
-          ? S::set_state(state[i], values[I], S::kStochasticState ? random_bits(keys.key[I + 1], i) : 0u)
+          ? S::set_state(state[i], values[I], S::kStochasticState ? random_bits(state_stream[I], element) : 0u)
           : static_cast<void>(0)),
      ...);
   }

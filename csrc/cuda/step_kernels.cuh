@@ -335,6 +335,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) step_kernel(const __gr
   Coefficients c{typename Optimizer::Scalars{}};
   FlagValues<Optimizer::Flag::kCount> flags{};
   RoundingKeys<kStates> keys{};
+  int keys_tensor = -1;
+  int64_t keys_step = -1;
   for_each_chunk(t, [&](int i, int64_t begin, int64_t end) {
     const int g = t.group[i];
     const int64_t step = *t.step[i];
@@ -344,12 +346,17 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) step_kernel(const __gr
           Optimizer::scalars(args.groups.hyper + g * kSlots, schedule, step, control.adjust);
       c = Coefficients(s);
       flags = Optimizer::flags(s);
-      if constexpr (S::kStochasticParam || S::kStochasticState) {
-        const double seed = args.groups.hyper[g * kSlots + kCommonSlots<Optimizer> + CommonSlot::kRoundingSeed];
-        keys = RoundingKeys<kStates>::of(static_cast<uint64_t>(seed), t.index[i], step);
-      }
       scalars_group = g;
       scalars_step = step;
+    }
+    // the rounding keys are the tensor's own, where the scalars are the group's
+    if constexpr (S::kStochasticParam || S::kStochasticState) {
+      if (i != keys_tensor || step != keys_step) {
+        const double seed = args.groups.hyper[g * kSlots + kCommonSlots<Optimizer> + CommonSlot::kRoundingSeed];
+        keys = RoundingKeys<kStates>::of(static_cast<uint64_t>(seed), t.index[i], step);
+        keys_tensor = i;
+        keys_step = step;
+      }
     }
     state_t* state[kMaxStates];
 #pragma unroll
