@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fusedlr
+from fusedlr import _state
 from fusedlr import schedules as S
 from registry import OPTIMIZERS as REGISTRY
 from test_optimizers import F64_TOL, OPTIMIZERS, VARIANTS, float32_flips, make_params, run_parity
@@ -174,7 +175,11 @@ def test_master_weights_follow_the_float32_run(optimizer):
         master_weight = master_opt.state[master]["master_weight"]
         assert master_weight.dtype == torch.float32
         assert torch.equal(master_weight, ref.detach())
-        assert torch.equal(master.detach(), master_weight.bfloat16())
+        # rounded to nearest, ties away from zero (fusedlr/_state.py, [note: remainders]): torch's
+        # round-to-nearest-even differs on exact ties only
+        assert torch.equal(master.detach(), _state.split_master(master_weight)[0])
+        ties = (master_weight.view(torch.int32) & 0xFFFF) == 0x8000
+        assert torch.equal(master.detach()[~ties], master_weight.bfloat16()[~ties])
         for name, value in ref_opt.state[ref].items():
             assert torch.equal(master_opt.state[master][name], value), name
         master_error.append((master.detach().float() - ref.detach()).abs())

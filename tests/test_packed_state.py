@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fusedlr
+from fusedlr import _state
 from registry import OPTIMIZERS
 
 
@@ -65,7 +66,9 @@ def test_first_step_packs_state_by_dtype(optimizer):
     check_packed_state(opt, params)
     for p in params:
         if p.dtype in (torch.bfloat16, torch.float16):
-            assert torch.equal(opt.state[p]["master_weight"].to(p.dtype), p.detach())
+            master = opt.state[p]["master_weight"]
+            rounded = _state.split_master(master)[0] if p.dtype == torch.bfloat16 else master.to(p.dtype)
+            assert torch.equal(rounded, p.detach())
         assert int(opt.state[p]["step"]) == 1
 
 

@@ -165,9 +165,13 @@ def regression_losses(state_dtype, stochastic: bool, steps: int = 1000) -> list[
     b = torch.nn.Parameter(torch.zeros(1))
     opt = fusedlr.AdamW([w, b], lr=0.05, weight_decay=0.0, schedule=S.CosineAnnealingLR(T_max=steps),
                         state_dtype=state_dtype, stochastic_rounding=stochastic, rounding_seed=11)
+    return trained_losses(opt, lambda: ((x @ w + b - y) ** 2).mean(), steps)
+
+
+def trained_losses(opt, loss_of, steps: int) -> list[float]:
     losses = []
     for _ in range(steps):
-        loss = ((x @ w + b - y) ** 2).mean()
+        loss = loss_of()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -180,9 +184,9 @@ def test_bfloat16_moments_train_a_regression_as_float32_moments_do():
     of each moment, a relative error of at most 2^-9 per store; Adam's step m / sqrt(v) then errs
     by about 2^-9 relative, which moves the iterate by far less than the optimization does, so the
     loss curves agree within 10% (plus 2e-3, a fifth of the noise floor) while the loss falls by
-    three orders of magnitude, and all end at the noise floor. (To nearest, v cannot fall by the factor beta2 = 0.999 per step, a change
-    below half a bfloat16 ulp: it stagnates and the steps come out smaller; stochastic rounding
-    keeps it unbiased. Both still converge here.)"""
+    three orders of magnitude, and all end at the noise floor. (To nearest, v cannot fall by the
+    factor beta2 = 0.999 per step, a change below half a bfloat16 ulp: it stagnates and the steps
+    come out smaller; stochastic rounding keeps it unbiased. Both still converge here.)"""
     reference = regression_losses(None, False)
     for stochastic in (False, True):
         losses = regression_losses(torch.bfloat16, stochastic)
@@ -201,14 +205,7 @@ def tiny_model_losses(state_dtype, stochastic: bool, steps: int = 1000) -> list[
     opt = fusedlr.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01,
                         schedule=S.Warmup(S.Decay(steps, "cosine"), 50), state_dtype=state_dtype,
                         stochastic_rounding=stochastic, rounding_seed=12)
-    losses = []
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(model(x), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return trained_losses(opt, lambda: torch.nn.functional.cross_entropy(model(x), labels), steps)
 
 
 def test_bfloat16_moments_train_a_tiny_model_as_float32_moments_do():
