@@ -12,6 +12,7 @@ import numbers
 import operator
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from . import lr as _lr
@@ -39,7 +40,7 @@ def changes_in_place(value: Any) -> bool:
     place, a list): then the groups' settings are read by value at every step."""
     if isinstance(value, tuple):
         return any(changes_in_place(v) for v in value)
-    return not isinstance(value, (numbers.Number, Schedule, type(None)))
+    return not isinstance(value, (numbers.Number, Schedule, torch.dtype, type(None)))
 
 
 def step_key(opt) -> list:

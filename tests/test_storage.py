@@ -589,3 +589,14 @@ def test_a_nan_master_makes_a_nan_parameter(mode):
         opt.state[p]["master_remainder"].copy_(low.to(torch.int16))
     opt.step()
     assert bool(torch.isnan(p.detach()).all()), p.detach().view(torch.int16)
+
+
+def test_a_bfloat16_state_group_takes_the_common_step():
+    """state_dtype is a torch.dtype, which cannot change in place: the common step does not read
+    the groups' settings by value for it (fusedlr/_step_cache.py, changes_in_place)."""
+    p = torch.nn.Parameter(torch.zeros(8))
+    opt = fusedlr.AdamW([p], lr=0.01, state_dtype=torch.bfloat16)
+    p.grad = torch.ones(8)
+    opt.step()
+    opt.step()
+    assert opt._lists.seen_hyper is None
