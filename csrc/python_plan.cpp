@@ -25,12 +25,47 @@
 #include "optimizers.h"
 #include "schedule_math.h"
 #include "step_op.h"
+#include "storage_math.h"
 
 #include <optional>
 #include <vector>
 
 namespace fusedlr {
 namespace {
+
+// [note: remainders] for checkpoints and mode changes (fusedlr/_state.py): a float32 master as its
+// bfloat16 parameter and int16 remainder, and back, by the kernels' own functions (storage_math.h).
+std::pair<at::Tensor, at::Tensor> split_master_cpu(const at::Tensor& master) {
+  TORCH_CHECK(master.scalar_type() == at::kFloat && master.device().is_cpu(),
+              "fusedlr.split_master: a float32 CPU tensor is required, got ", master.scalar_type(), " on ",
+              master.device());
+  const at::Tensor m = master.contiguous();
+  at::Tensor param = at::empty(m.sizes(), m.options().dtype(at::kBFloat16));
+  at::Tensor remainder = at::empty(m.sizes(), m.options().dtype(at::kShort));
+  const float* in = m.const_data_ptr<float>();
+  auto* p = param.mutable_data_ptr<at::BFloat16>();
+  auto* r = remainder.mutable_data_ptr<int16_t>();
+  for (int64_t i = 0; i < m.numel(); ++i) {
+    const MasterHalves halves = split_master(in[i]);
+    p[i] = at::BFloat16(halves.param, at::BFloat16::from_bits());
+    r[i] = halves.remainder;
+  }
+  return {param, remainder};
+}
+
+at::Tensor join_master_cpu(const at::Tensor& param, const at::Tensor& remainder) {
+  TORCH_CHECK(param.scalar_type() == at::kBFloat16 && remainder.scalar_type() == at::kShort &&
+                  param.device().is_cpu() && remainder.device().is_cpu() && param.sizes() == remainder.sizes(),
+              "fusedlr.join_master: a bfloat16 and an int16 CPU tensor of one shape are required, got ",
+              param.scalar_type(), " ", param.sizes(), " and ", remainder.scalar_type(), " ", remainder.sizes());
+  const at::Tensor p = param.contiguous(), r = remainder.contiguous();
+  at::Tensor master = at::empty(p.sizes(), p.options().dtype(at::kFloat));
+  const auto* pp = p.const_data_ptr<at::BFloat16>();
+  const auto* rr = r.const_data_ptr<int16_t>();
+  float* out = master.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < p.numel(); ++i) out[i] = join_master(pp[i].x, rr[i]);
+  return master;
+}
 
 // The gradients of a step: `given` (one per parameter, undefined for none) where the optimizer
 // passes them (the local shards of DTensor gradients, fusedlr/distributed.py), else each
@@ -233,6 +268,10 @@ PYBIND11_MODULE(_C, m) {
         return kinds;
       },
       "The schedule node kinds of csrc/schedule_math.h ([note: schedule kinds]) by name: id and arg layout.");
+  m.def("split_master", &split_master_cpu, pybind11::arg("master"),
+        "A float32 CPU tensor as its bfloat16 rounding (to nearest, ties away) and the int16 remainder.");
+  m.def("join_master", &join_master_cpu, pybind11::arg("param"), pybind11::arg("remainder"),
+        "The float32 master of a bfloat16 CPU tensor and its int16 remainder.");
   m.def("packed_state_buffer", &packed_state_buffer, pybind11::arg("numel"), pybind11::arg("dtype"),
         "A zero CPU tensor for packed optimizer state, on huge pages where the kernel gives them on request.");
   // Each optimizer's plan class and its descriptor (optimizer_traits.h): the names of its

@@ -50,25 +50,17 @@
 
 namespace fusedlr {
 
-FUSEDLR_HD uint32_t float_bits(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
-#else
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  return bits;
-#endif
+// The bits of a value as another type of its size (memcpy: what nvcc and gcc compile to a move).
+template <typename To, typename From>
+FUSEDLR_HD To bit_cast(From value) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of one size");
+  To out;
+  std::memcpy(&out, &value, sizeof out);
+  return out;
 }
 
-FUSEDLR_HD float float_of_bits(uint32_t bits) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(bits);
-#else
-  float x;
-  std::memcpy(&x, &bits, sizeof x);
-  return x;
-#endif
-}
+FUSEDLR_HD uint32_t float_bits(float x) { return bit_cast<uint32_t>(x); }
+FUSEDLR_HD float float_of_bits(uint32_t bits) { return bit_cast<float>(bits); }
 
 // ---------------------------------------------------------------------------------------------
 // Random bits ([note: stochastic rounding])
@@ -140,6 +132,17 @@ FUSEDLR_HD uint32_t nan_mask(uint32_t b) { return mask_at_least(b & 0x7fffffffu,
 
 FUSEDLR_HD uint32_t select_bits(uint32_t mask, uint32_t if_set, uint32_t if_clear) {
   return (if_set & mask) | (if_clear & ~mask);
+}
+
+// x where `mask` is all ones, y where it is zero, bit for bit: a select in arithmetic, so a loop
+// over it has no branch to vectorize around (update_math.h, lerp).
+FUSEDLR_HD float select_by_mask(uint32_t mask, float x, float y) {
+  return float_of_bits(select_bits(mask, float_bits(x), float_bits(y)));
+}
+
+FUSEDLR_HD double select_by_mask(uint32_t mask, double x, double y) {
+  const uint64_t wide = static_cast<uint64_t>(static_cast<int64_t>(static_cast<int32_t>(mask)));
+  return bit_cast<double>((bit_cast<uint64_t>(x) & wide) | (bit_cast<uint64_t>(y) & ~wide));
 }
 
 // bfloat16 and float32, as c10::BFloat16 converts them (round to nearest even; every NaN becomes

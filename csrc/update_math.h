@@ -10,10 +10,10 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
 #include "macros.h"
 #include "schedule_math.h"
+#include "storage_math.h"
 
 namespace fusedlr {
 
@@ -22,31 +22,9 @@ FUSEDLR_HD float sqrt_of(float x) { return sqrtf(x); }
 FUSEDLR_HD double sqrt_of(double x) { return sqrt(x); }
 
 // torch's lerp: exact at both ends, whichever side of 1/2 the weight is. `small_weight` is
-// |weight| < 1/2, decided once per tensor: a loop-invariant flag lets the compiler split the loop
-// in two vectorized ones, where a per-element test made it blend both forms.
-// x where `mask` is all ones, y where it is zero, bit for bit: a select that is arithmetic, so a
-// loop over it has no branch to vectorize around.
-FUSEDLR_HD float select_by_mask(uint32_t mask, float x, float y) {
-  uint32_t a, b;
-  memcpy(&a, &x, sizeof a);
-  memcpy(&b, &y, sizeof b);
-  const uint32_t r = (a & mask) | (b & ~mask);
-  float out;
-  memcpy(&out, &r, sizeof out);
-  return out;
-}
-
-FUSEDLR_HD double select_by_mask(uint32_t mask, double x, double y) {
-  uint64_t a, b;
-  memcpy(&a, &x, sizeof a);
-  memcpy(&b, &y, sizeof b);
-  const uint64_t wide = static_cast<uint64_t>(static_cast<int64_t>(static_cast<int32_t>(mask)));
-  const uint64_t r = (a & wide) | (b & ~wide);
-  double out;
-  memcpy(&out, &r, sizeof out);
-  return out;
-}
-
+// |weight| < 1/2, decided once per tensor. Both forms are computed and one is kept by a mask
+// (storage_math.h, select_by_mask): a branch, even a loop-invariant one, stops the element loops
+// from vectorizing once they are too large for the compiler to split them in two.
 template <typename T>
 FUSEDLR_HD T lerp(T start, T end, T weight, bool small_weight) {
   const T difference = end - start;

@@ -108,19 +108,15 @@ DEFAULT_SEED = 0  # the same on every rank: replicas (DDP, replicated DTensors) 
 
 def split_master(master: Tensor) -> tuple[Tensor, Tensor]:
     """A float32 master as its bfloat16 top half rounded to nearest, ties away from zero, and the
-    int16 remainder: int32 arithmetic wraps as the kernels' uint32 does."""
-    master = master.to(torch.float32).contiguous()
-    bits = master.view(torch.int32)
-    nan = torch.isnan(master)  # a quiet NaN of its sign and top half, a zero remainder
-    rounded = torch.where(nan, (bits & -0x10000) | 0x400000, (bits + 0x8000) & -0x10000)
-    remainder = torch.where(nan, torch.zeros_like(bits), bits - rounded)
-    return (rounded >> 16).to(torch.int16).view(torch.bfloat16), remainder.to(torch.int16)
+    int16 remainder: the kernels' own split (csrc/storage_math.h), on the CPU (checkpoints and mode
+    changes only)."""
+    param, remainder = _C.split_master(master.detach().to("cpu", torch.float32))
+    return param.to(master.device), remainder.to(master.device)
 
 
 def join_master(param: Tensor, remainder: Tensor) -> Tensor:
-    """The float32 master of a bfloat16 parameter and its int16 remainder."""
-    high = param.contiguous().view(torch.int16).to(torch.int32) << 16
-    return (high + remainder.to(torch.int32)).view(torch.float32)
+    """The float32 master of a bfloat16 parameter and its int16 remainder (csrc/storage_math.h)."""
+    return _C.join_master(param.detach().cpu(), remainder.detach().cpu()).to(param.device)
 
 
 def converted_master(param: Tensor, saved_key: str, saved: Tensor) -> Tensor:

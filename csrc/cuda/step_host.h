@@ -132,7 +132,10 @@ struct StepPlan {
 };
 
 // The kind of launch a tensor joins: its dtype, its storage and whether its group rounds
-// stochastically, as one number (kinds in ascending order give the launches' order).
+// stochastically, as one number below kLaunchKinds (kinds in ascending order give the launches'
+// order).
+constexpr int kLaunchKinds = 4 * 2 * 3 * 2;
+
 inline int launch_kind(at::ScalarType dtype, TensorStorage storage, bool stochastic) {
   int d = 0;
   switch (dtype) {
@@ -153,38 +156,45 @@ StepPlan<Args> plan_step(const ActiveTensors& active, at::TensorList params,
   StepPlan<Args> plan;
   auto& launches = plan.launches;
   launches.reserve(active.index.size() / kCapacity + 4);
-  std::vector<std::pair<int, size_t>> order(active.index.size());  // (kind, j), tensors of a kind in order
+  // each kind's tensors in order, one pass over the tensors per kind present (usually one or two)
+  std::vector<int8_t> kinds(active.index.size());
+  std::array<bool, kLaunchKinds> present{};
   for (size_t j = 0; j < active.index.size(); ++j) {
     const int64_t i = active.index[j];
-    order[j] = {launch_kind(params[i].scalar_type(), active.storage[j], group_stochastic[tensor_group[i]] != 0), j};
+    kinds[j] = static_cast<int8_t>(
+        launch_kind(params[i].scalar_type(), active.storage[j], group_stochastic[tensor_group[i]] != 0));
+    present[kinds[j]] = true;
   }
-  std::stable_sort(order.begin(), order.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
   Launch<Args>* launch = nullptr;
   int launch_kind_of = -1;
-  for (const auto& [kind, j] : order) {
-    const int64_t i = active.index[j];
-    const at::Tensor& param = params[i];
-    if (launch == nullptr || kind != launch_kind_of || launch->args.tensors.count == kCapacity) {
-      launches.emplace_back();
-      launch = &launches.back();
-      launch_kind_of = kind;
-      launch->dtype = param.scalar_type();
-      launch->storage = active.storage[j];
-      launch->stochastic = group_stochastic[tensor_group[i]] != 0;
-      launch->args.groups = groups;
-      launch->args.tensors.count = 0;
+  for (int kind = 0; kind < kLaunchKinds; ++kind) {
+    if (!present[kind]) continue;
+    for (size_t j = 0; j < active.index.size(); ++j) {
+      if (kinds[j] != kind) continue;
+      const int64_t i = active.index[j];
+      const at::Tensor& param = params[i];
+      if (launch == nullptr || kind != launch_kind_of || launch->args.tensors.count == kCapacity) {
+        launches.emplace_back();
+        launch = &launches.back();
+        launch_kind_of = kind;
+        launch->dtype = param.scalar_type();
+        launch->storage = active.storage[j];
+        launch->stochastic = group_stochastic[tensor_group[i]] != 0;
+        launch->args.groups = groups;
+        launch->args.tensors.count = 0;
+      }
+      auto& t = launch->args.tensors;
+      const int n = t.count++;
+      t.index[n] = static_cast<int32_t>(i);
+      t.param[n] = data_or_null(param);
+      t.grad[n] = active.grad_data[j];
+      for (size_t k = 0; k < kStates; ++k) t.state[k][n] = data_or_null(states[k][i]);
+      t.step[n] = steps[i].mutable_data_ptr<int64_t>();
+      t.numel[n] = param.numel();
+      t.group[n] = static_cast<uint8_t>(tensor_group[i]);
+      const int32_t chunks = static_cast<int32_t>((param.numel() + kChunkSize - 1) / kChunkSize);
+      t.chunk_end[n] = (n == 0 ? 0 : t.chunk_end[n - 1]) + chunks;
     }
-    auto& t = launch->args.tensors;
-    const int n = t.count++;
-    t.index[n] = static_cast<int32_t>(i);
-    t.param[n] = data_or_null(param);
-    t.grad[n] = active.grad_data[j];
-    for (size_t k = 0; k < kStates; ++k) t.state[k][n] = data_or_null(states[k][i]);
-    t.step[n] = steps[i].mutable_data_ptr<int64_t>();
-    t.numel[n] = param.numel();
-    t.group[n] = static_cast<uint8_t>(tensor_group[i]);
-    const int32_t chunks = static_cast<int32_t>((param.numel() + kChunkSize - 1) / kChunkSize);
-    t.chunk_end[n] = (n == 0 ? 0 : t.chunk_end[n - 1]) + chunks;
   }
   if (groups.grad_norm != nullptr) {
     int64_t total_chunks = 0;
