@@ -27,7 +27,9 @@
 #include "step_op.h"
 #include "storage_math.h"
 
+#include <iterator>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace fusedlr {
@@ -137,7 +139,7 @@ struct StepSettings {
       const double* plateau = plateau_state.const_data_ptr<double>();
       for (int64_t g = 0; g < groups; ++g) {
         lr[g] = evaluate_schedule(programs.data(), static_cast<int>(g), step[g], hyper[g * slots + lr_slot],
-                                  plateau + g * plateau_slot::kCount)
+                                  plateau + g * plateau_state.size(1))
                     .lr;
       }
       return;
@@ -268,6 +270,40 @@ PYBIND11_MODULE(_C, m) {
         return kinds;
       },
       "The schedule node kinds of csrc/schedule_math.h ([note: schedule kinds]) by name: id and arg layout.");
+  m.def(
+      "schedule_state_slots",
+      [] {
+        pybind11::dict slots;
+        slots["ReduceLROnPlateau"] = std::vector<std::string>(std::begin(kPlateauSlotNames), std::end(kPlateauSlotNames));
+        slots["GreedyLR"] = std::vector<std::string>(std::begin(kGreedySlotNames), std::end(kGreedySlotNames));
+        return slots;
+      },
+      "The slots of each metric-driven schedule's row of state by name ([note: schedule state]); GreedyLR's "
+      "window_values is the first of its window.");
+  m.def(
+      "schedule_state_widths",
+      [](std::vector<double> programs, int64_t groups) {
+        check_programs("fusedlr.schedule_state_widths", programs, groups);
+        std::vector<int64_t> widths(groups);
+        for (int64_t g = 0; g < groups; ++g) widths[g] = group_state_width(programs, g);
+        return widths;
+      },
+      pybind11::arg("programs"), pybind11::arg("groups"),
+      "The row of schedule state each group's schedule needs ([note: schedule state]).");
+  m.def(
+      "schedule_kind_name",
+      [](std::vector<double> programs, int64_t group) {
+        check_programs("fusedlr.schedule_kind_name", programs, group + 1);
+        return std::string(kScheduleKinds[static_cast<int>(programs[as_int(programs[group])])].name);
+      },
+      pybind11::arg("programs"), pybind11::arg("group"), "The kind of group `group`'s root schedule node.");
+  m.def(
+      "schedule_state_problem",
+      [](std::vector<double> programs, int64_t groups, const at::Tensor& state) {
+        return schedule_state_problem(programs, groups, state.contiguous());
+      },
+      pybind11::arg("programs"), pybind11::arg("groups"), pybind11::arg("state"),
+      "What is wrong with a row of schedule state (a loaded one), or an empty string.");
   m.def("split_master", &split_master_cpu, pybind11::arg("master"),
         "A float32 CPU tensor as its bfloat16 rounding (to nearest, ties away) and the int16 remainder.");
   m.def("join_master", &join_master_cpu, pybind11::arg("param"), pybind11::arg("remainder"),

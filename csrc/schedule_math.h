@@ -48,6 +48,13 @@ enum class CyclicScale : int { kTriangular = 0, kTriangular2 = 1, kExpRange = 2 
 namespace plateau_arg {
 enum : int { kModeMax, kFactor, kPatience, kThreshold, kThresholdAbs, kCooldown, kMinLr, kEps };
 }
+// HF transformers' GreedyLR; kSmooth: average each metric over the last kWindow observed.
+namespace greedy_arg {
+enum : int {
+  kModeMax, kFactor, kPatience, kThreshold, kThresholdAbs, kCooldown, kWarmup, kMinLr, kMaxLr, kEps, kSmooth,
+  kWindow, kResetStart
+};
+}
 // SequentialLR: count, then count-1 milestones, then count child offsets.
 namespace sequential_arg { enum : int { kCount, kFirstMilestone }; }
 // Warmup: a ramp over the first kSteps steps, then its child (seeing t - kSteps when kPrefix, else t).
@@ -108,6 +115,7 @@ constexpr uint32_t args_mask(int first, Rest... rest) {
     args_mask(one_cycle_arg::kTotalSteps, one_cycle_arg::kPhaseCount), one_cycle_arg::kCycleMomentum)               \
   X(CyclicLR, 10, kNoArg, 0, args_mask(), cyclic_arg::kCycleMomentum)                                              \
   X(ReduceLROnPlateau, 8, kNoArg, 0, args_mask(), kNoArg)                                                          \
+  X(GreedyLR, 13, kNoArg, 0, args_mask(greedy_arg::kWindow), kNoArg)                                               \
   X(SequentialLR, 0, sequential_arg::kCount, 2, args_mask(sequential_arg::kCount), kNoArg)                         \
   X(Warmup, 9, kNoArg, 0, args_mask(warmup_arg::kSteps, warmup_arg::kSpan), kNoArg)                                \
   X(Decay, 7, kNoArg, 0, args_mask(decay_arg::kSpan), kNoArg)                                                      \
@@ -139,9 +147,32 @@ FUSEDLR_HD int64_t node_arg_count(const ScheduleKindInfo& info, const double* a)
   return info.fixed_args + info.args_per_item * items;
 }
 
-// Per-group ReduceLROnPlateau state, a float64 row on the device. NaN in kLr means "not reduced
-// yet: use the group's lr"; NaN in kBest means "no metric seen yet".
+// [note: schedule state]
+// A metric-driven schedule (ReduceLROnPlateau, GreedyLR: only ever a group's root) keeps its state
+// in its group's row of `plateau_state`, a float64 [groups, width] tensor on the device, width the
+// widest row a group's schedule needs (schedule_state_width; at least plateau_slot::kCount). NaN in
+// kLr means "not changed yet: use the group's lr"; NaN in kBest "no metric seen yet". The slots'
+// names (kStateSlotNames) are how Python and checkpoints address them.
 namespace plateau_slot { enum : int { kLr, kBest, kNumBad, kCooldownCounter, kCount }; }
+// GreedyLR: kAtMinReductions counts the reductions seen with every GreedyLR group at its min_lr
+// (HF's reset_start counts them down); the smoothing window is a ring of kWindow values from
+// kFirstValue on, its oldest at kWindowHead.
+namespace greedy_slot {
+enum : int {
+  kLr, kBest, kNumBad, kNumGood, kCooldownCounter, kWarmupCounter, kAtMinReductions, kWindowCount, kWindowSum,
+  kWindowHead, kFirstValue
+};
+}
+static_assert(static_cast<int>(greedy_slot::kLr) == plateau_slot::kLr &&
+                  static_cast<int>(greedy_slot::kBest) == plateau_slot::kBest,
+              "the step reads the lr of either from one slot");
+constexpr const char* kPlateauSlotNames[] = {"lr", "best", "num_bad", "cooldown_counter"};
+constexpr const char* kGreedySlotNames[] = {"lr",         "best",       "num_bad",     "num_good",
+                                            "cooldown_counter", "warmup_counter", "at_min_reductions",
+                                            "window_count", "window_sum", "window_head", "window_values"};
+static_assert(sizeof(kPlateauSlotNames) / sizeof(char*) == plateau_slot::kCount &&
+                  sizeof(kGreedySlotNames) / sizeof(char*) == greedy_slot::kFirstValue + 1,
+              "a name per slot (window_values: the first of the window)");
 
 struct ScheduleValue {
   double lr;
@@ -388,7 +419,8 @@ FUSEDLR_HD NodeStep step_node(ScheduleKind kind, const double* a, int64_t t, dou
       return leaf(one_cycle_value(a, t));
     case ScheduleKind::kCyclicLR:
       return leaf(cyclic_value(a, t));
-    case ScheduleKind::kReduceLROnPlateau: {
+    case ScheduleKind::kReduceLROnPlateau:
+    case ScheduleKind::kGreedyLR: {
       const double lr = plateau[plateau_slot::kLr];
       return leaf(is_nan(lr) ? base_lr : lr);
     }
@@ -487,6 +519,7 @@ inline NodeChildren node_children(ScheduleKind kind, const double* a) {
     case ScheduleKind::kOneCycleLR:
     case ScheduleKind::kCyclicLR:
     case ScheduleKind::kReduceLROnPlateau:
+    case ScheduleKind::kGreedyLR:
     case ScheduleKind::kDecay:
     case ScheduleKind::kCycles:
       break;
@@ -529,6 +562,139 @@ FUSEDLR_HD void plateau_observe(const double* a, double metric, double base_lr, 
   }
   state[plateau_slot::kNumBad] = num_bad;
   state[plateau_slot::kCooldownCounter] = cooldown_counter;
+}
+
+// The row of schedule state that group g's root schedule node `a` of `kind` needs ([note:
+// schedule state]); every row is at least plateau_slot::kCount wide.
+FUSEDLR_HD int64_t schedule_state_width(ScheduleKind kind, const double* a) {
+  if (kind == ScheduleKind::kGreedyLR) {
+    using namespace greedy_arg;
+    return greedy_slot::kFirstValue + (a[kSmooth] != 0 ? as_int(a[kWindow]) : 0);
+  }
+  return plateau_slot::kCount;
+}
+
+// GreedyLR's smoothing (HF's StreamingAverage): the mean of the last kWindow metrics, this one
+// included, summed as HF sums them (the new value added, then the one leaving subtracted).
+FUSEDLR_HD double greedy_smoothed(const double* a, double metric, double* s) {
+  using namespace greedy_slot;
+  const int64_t window = as_int(a[greedy_arg::kWindow]);
+  int64_t count = as_int(s[kWindowCount]);
+  int64_t head = as_int(s[kWindowHead]);
+  if (!(count >= 0 && count <= window && head >= 0 && head < window)) {  // not a reachable row: start afresh
+    count = 0;
+    head = 0;
+    s[kWindowSum] = 0.0;
+  }
+  double* values = s + kFirstValue;
+  double sum = s[kWindowSum] + metric;
+  if (count < window) {
+    values[(head + count) % window] = metric;
+    ++count;
+  } else {
+    sum -= values[head];
+    values[head] = metric;
+    head = (head + 1) % window;
+  }
+  s[kWindowSum] = sum;
+  s[kWindowCount] = static_cast<double>(count);
+  s[kWindowHead] = static_cast<double>(head);
+  return sum / static_cast<double>(count);
+}
+
+// What one observation did to a GreedyLR group's lr.
+enum class GreedyChange : int { kNone, kIncreased, kReduced };
+
+// GreedyLR: one metric observed by a group whose root node is `a`, up to the reset, which needs
+// every GreedyLR group's lr (observe_metric).
+FUSEDLR_HD GreedyChange greedy_observe(const double* a, double metric, double base_lr, double* s) {
+  using namespace greedy_arg;
+  const double current = a[kSmooth] != 0 ? greedy_smoothed(a, metric, s) : metric;
+  if (s[greedy_slot::kCooldownCounter] > 0 || s[greedy_slot::kWarmupCounter] > 0) {
+    // observations pass unjudged after a change: the cooldown's after a reduction, then the warmup's
+    s[s[greedy_slot::kCooldownCounter] > 0 ? greedy_slot::kCooldownCounter : greedy_slot::kWarmupCounter] -= 1;
+    s[greedy_slot::kNumBad] = 0;
+    s[greedy_slot::kNumGood] = 0;
+    return GreedyChange::kNone;
+  }
+  const bool mode_max = a[kModeMax] != 0;
+  const double best = is_nan(s[greedy_slot::kBest]) ? (mode_max ? -HUGE_VAL : HUGE_VAL) : s[greedy_slot::kBest];
+  bool better;
+  if (a[kThresholdAbs] != 0) {
+    better = mode_max ? current > best + a[kThreshold] : current < best - a[kThreshold];
+  } else {
+    better = mode_max ? current > best * (1.0 + a[kThreshold]) : current < best * (1.0 - a[kThreshold]);
+  }
+  if (better) {
+    s[greedy_slot::kBest] = current;
+    s[greedy_slot::kNumBad] = 0;
+    s[greedy_slot::kNumGood] += 1;
+  } else {
+    s[greedy_slot::kNumBad] += 1;
+    s[greedy_slot::kNumGood] = 0;
+  }
+  const double old_lr = is_nan(s[greedy_slot::kLr]) ? base_lr : s[greedy_slot::kLr];
+  if (s[greedy_slot::kNumGood] > a[kPatience]) {
+    const double raised = old_lr / a[kFactor];
+    const double new_lr = a[kMaxLr] < raised ? a[kMaxLr] : raised;
+    if (new_lr - old_lr > a[kEps]) s[greedy_slot::kLr] = new_lr;
+    s[greedy_slot::kWarmupCounter] = a[kWarmup];
+    s[greedy_slot::kNumGood] = 0;
+    s[greedy_slot::kAtMinReductions] = 0;
+    return GreedyChange::kIncreased;
+  }
+  if (s[greedy_slot::kNumBad] > a[kPatience]) {
+    const double reduced = old_lr * a[kFactor];
+    const double new_lr = a[kMinLr] > reduced ? a[kMinLr] : reduced;
+    if (old_lr - new_lr > a[kEps]) s[greedy_slot::kLr] = new_lr;
+    s[greedy_slot::kCooldownCounter] = a[kCooldown];
+    s[greedy_slot::kNumBad] = 0;
+    return GreedyChange::kReduced;
+  }
+  return GreedyChange::kNone;
+}
+
+// GreedyLR's reset, as HF's step leaves it: the base lr, nothing seen, the cooldown just set kept.
+FUSEDLR_HD void greedy_reset(double* s, int64_t width) {
+  s[greedy_slot::kLr] = NAN;
+  s[greedy_slot::kBest] = NAN;
+  for (int64_t k = greedy_slot::kNumBad; k < width; ++k) {
+    if (k != greedy_slot::kCooldownCounter) s[k] = 0.0;
+  }
+}
+
+// One metric observed by every group with a metric-driven root schedule: the one loop of the CPU
+// op and the CUDA kernel (a single thread: a few groups, and GreedyLR's reset looks at them all,
+// as one HF GreedyLR drives all of its optimizer's groups). `state` holds rows of `stride`;
+// `reduced` is the caller's scratch, a flag per group.
+FUSEDLR_HD void observe_metric(const double* programs, int64_t groups, const double* base_lrs, double metric,
+                               double* state, int64_t stride, uint8_t* reduced) {
+  bool any_reduced = false;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t node = as_int(programs[g]);
+    const auto kind = static_cast<ScheduleKind>(static_cast<int>(programs[node]));
+    const double* a = programs + node + kNodeHeader;
+    double* s = state + g * stride;
+    if (kind == ScheduleKind::kReduceLROnPlateau) plateau_observe(a, metric, base_lrs[g], s);
+    reduced[g] = kind == ScheduleKind::kGreedyLR && greedy_observe(a, metric, base_lrs[g], s) == GreedyChange::kReduced;
+    any_reduced = any_reduced || reduced[g];
+  }
+  if (!any_reduced) return;
+  bool all_at_min = true;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t node = as_int(programs[g]);
+    if (static_cast<ScheduleKind>(static_cast<int>(programs[node])) != ScheduleKind::kGreedyLR) continue;
+    const double lr = state[g * stride + greedy_slot::kLr];
+    all_at_min = all_at_min && (is_nan(lr) ? base_lrs[g] : lr) <= programs[node + kNodeHeader + greedy_arg::kMinLr];
+  }
+  if (!all_at_min) return;
+  for (int64_t g = 0; g < groups; ++g) {
+    if (!reduced[g]) continue;
+    const double* a = programs + as_int(programs[g]) + kNodeHeader;
+    double* s = state + g * stride;
+    s[greedy_slot::kAtMinReductions] += 1;
+    if (s[greedy_slot::kAtMinReductions] >= a[greedy_arg::kResetStart]) greedy_reset(s, stride);
+  }
 }
 
 }  // namespace fusedlr

@@ -69,8 +69,7 @@ int64_t node_args(const char* op, ScheduleKind kind, const double* a, const doub
 
 }  // namespace
 
-void check_schedule_inputs(const char* op, c10::ArrayRef<double> programs, int64_t groups,
-                           const at::Tensor& plateau_state) {
+void check_programs(const char* op, c10::ArrayRef<double> programs, int64_t groups) {
   TORCH_CHECK(static_cast<int64_t>(programs.size()) >= groups, op, ": programs holds ", programs.size(),
               " values, fewer than the ", groups, " group offsets it must start with");
   // Every node reachable from a root: known kind, steps_per_epoch >= 1, args inside the array, children
@@ -106,11 +105,65 @@ void check_schedule_inputs(const char* op, c10::ArrayRef<double> programs, int64
       pending.emplace_back(as_int(child), depth + 1);
     }
   }
+}
+
+void check_schedule_inputs(const char* op, c10::ArrayRef<double> programs, int64_t groups,
+                           const at::Tensor& plateau_state) {
+  check_programs(op, programs, groups);
+  const int64_t width = schedule_state_width(programs, groups);
   TORCH_CHECK(plateau_state.scalar_type() == at::kDouble && plateau_state.dim() == 2 &&
-                  plateau_state.size(0) == groups && plateau_state.size(1) == plateau_slot::kCount &&
-                  plateau_state.is_contiguous(),
-              op, ": plateau_state must be a contiguous float64 tensor of shape [", groups, ", ", plateau_slot::kCount,
-              "], got ", plateau_state.scalar_type(), " of shape ", plateau_state.sizes());
+                  plateau_state.size(0) == groups && plateau_state.size(1) >= width && plateau_state.is_contiguous(),
+              op, ": plateau_state must be a contiguous float64 tensor of ", groups, " rows of at least ", width,
+              " (the schedules' state), got ", plateau_state.scalar_type(), " of shape ", plateau_state.sizes());
+}
+
+int64_t schedule_state_width(c10::ArrayRef<double> programs, int64_t groups) {
+  int64_t width = plateau_slot::kCount;
+  for (int64_t g = 0; g < groups; ++g) width = std::max(width, group_state_width(programs, g));
+  return width;
+}
+
+int64_t group_state_width(c10::ArrayRef<double> programs, int64_t group) {
+  const int64_t node = as_int(programs[group]);
+  return schedule_state_width(static_cast<ScheduleKind>(static_cast<int>(programs[node])),
+                              programs.data() + node + kNodeHeader);
+}
+
+std::string schedule_state_problem(c10::ArrayRef<double> programs, int64_t groups, const at::Tensor& state) {
+  check_schedule_inputs("fusedlr.schedule_state_problem", programs, groups, state);
+  const double* rows = state.const_data_ptr<double>();
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t node = as_int(programs[g]);
+    const auto kind = static_cast<ScheduleKind>(static_cast<int>(programs[node]));
+    const double* a = programs.data() + node + kNodeHeader;
+    const double* s = rows + g * state.size(1);
+    auto problem = [&](const char* slot, double value, const char* rule) {
+      return c10::str("group ", g, "'s ", kScheduleKinds[static_cast<int>(kind)].name, " state has ", slot, " = ",
+                      value, ", which is not ", rule);
+    };
+    auto count = [](double v) { return v >= 0 && v == std::floor(v) && v < 9007199254740992.0; };
+    if (!(is_nan(s[plateau_slot::kLr]) || s[plateau_slot::kLr] >= 0)) return problem("lr", s[0], "an lr >= 0 (or NaN)");
+    if (kind == ScheduleKind::kGreedyLR) {
+      using namespace greedy_slot;
+      for (int k = kNumBad; k <= kAtMinReductions; ++k) {
+        if (!count(s[k])) return problem(kGreedySlotNames[k], s[k], "a count");
+      }
+      if (a[greedy_arg::kSmooth] != 0) {
+        const double window = a[greedy_arg::kWindow];
+        if (!count(s[kWindowCount]) || s[kWindowCount] > window) {
+          return problem("window_count", s[kWindowCount], "a count up to the window_size");
+        }
+        if (!count(s[kWindowHead]) || s[kWindowHead] >= window) {
+          return problem("window_head", s[kWindowHead], "an index into the window");
+        }
+      }
+    } else {
+      for (int k = plateau_slot::kNumBad; k < plateau_slot::kCount; ++k) {
+        if (!count(s[k])) return problem(kPlateauSlotNames[k], s[k], "a count");
+      }
+    }
+  }
+  return "";
 }
 
 void check_schedule_inputs(const char* op, c10::ArrayRef<double> programs, int64_t groups, const at::Tensor& steps,

@@ -76,12 +76,25 @@ struct GradOptions {
 
 void check_grad_options(const char* op, const at::Device& device, const GradOptions& options);
 
-// The schedule programs (every node well formed) and the plateau state of `groups` groups; the
-// second form also checks the groups' step counters.
+// The schedule programs of `groups` groups: every node well formed.
+void check_programs(const char* op, c10::ArrayRef<double> programs, int64_t groups);
+
+// The schedule programs and the plateau state of `groups` groups; the second form also checks the
+// groups' step counters.
 void check_schedule_inputs(const char* op, c10::ArrayRef<double> programs, int64_t groups,
                            const at::Tensor& plateau_state);
 void check_schedule_inputs(const char* op, c10::ArrayRef<double> programs, int64_t groups, const at::Tensor& steps,
                            const at::Tensor& plateau_state);
+
+// The row of schedule state ([note: schedule state], schedule_math.h) that group `group`'s schedule
+// needs, and the widest of all groups' (at least plateau_slot::kCount); the programs checked first.
+int64_t group_state_width(c10::ArrayRef<double> programs, int64_t group);
+int64_t schedule_state_width(c10::ArrayRef<double> programs, int64_t groups);
+
+// Empty when every group's row of `state` is one its schedule can reach (counts whole and >= 0, the
+// window's indices inside it), else what is wrong, naming the group and slot: for a state loaded
+// from a checkpoint, before it replaces the optimizer's.
+std::string schedule_state_problem(c10::ArrayRef<double> programs, int64_t groups, const at::Tensor& state);
 
 // The dtype of optimizer state for a parameter dtype: float32 for the low-precision types. State may
 // also be bfloat16 where this is float32 ([note: storage]).

@@ -15,9 +15,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from . import _ops, lr as _lr
+from . import _C, _ops, lr as _lr
 from . import _state
-from .schedules import Schedule, from_spec
+from .schedules import Schedule, compile_programs, from_spec
 
 
 def to_state_dict(opt, state_dict: dict) -> dict:
@@ -27,6 +27,7 @@ def to_state_dict(opt, state_dict: dict) -> dict:
     values = opt._schedule_values().tolist() if opt.param_groups else []
     group_steps = opt._group_steps.tolist()
     plateau_state = opt._plateau_state.tolist()
+    widths = _C.schedule_state_widths(opt._programs_now(), len(opt.param_groups))
     for g, (group, saved, (next_lr, next_momentum, cycled)) in enumerate(
             zip(opt.param_groups, state_dict["param_groups"], values)):
         schedule = saved.get("schedule")
@@ -37,7 +38,7 @@ def to_state_dict(opt, state_dict: dict) -> dict:
             saved.update(_lr.twin_keys(schedule, saved, next_momentum if cycled else None))
         # in the group, where torch.distributed.checkpoint keeps what a group holds
         saved["schedule_step"] = group_steps[g]
-        saved["plateau_state"] = plateau_state[g]
+        saved["plateau_state"] = plateau_state[g][:widths[g]]  # the row its schedule uses
     return state_dict
 
 
@@ -90,31 +91,41 @@ def from_state_dict(opt, state_dict: dict) -> Loaded:
             new_group["initial_lr"] = new_group["lr"]
         new_groups.append(new_group)
 
+    # each new group's row of schedule state is as wide as its schedule needs (GreedyLR's window)
+    programs = compile_programs([group["schedule"] for group in new_groups])
+    widths = _C.schedule_state_widths(programs, len(new_groups))
+    width = max(widths, default=_ops.PLATEAU_SLOTS)
     schedule_state = state_dict.get("schedule_state")  # where earlier versions kept it
     if saved_groups and all("schedule_step" in saved for saved in saved_groups):
         schedule_state = saved_schedule_state(saved_groups)
     if schedule_state is not None:
-        group_steps, plateau_state = schedule_state["group_steps"], schedule_state["plateau_state"]
-        if group_steps.shape != opt._group_steps.shape or plateau_state.shape != opt._plateau_state.shape:
+        group_steps, rows = schedule_state["group_steps"], schedule_state["plateau_state"]
+        if isinstance(rows, Tensor):  # earlier versions: one [groups, 4] tensor
+            rows = list(rows.double()) if rows.dim() == 2 else None
+        if group_steps.shape != opt._group_steps.shape or rows is None or len(rows) != len(groups):
             raise ValueError("loaded schedule_state does not match the optimizer's number of groups")
         if group_steps.is_floating_point() or group_steps.is_complex() or bool((group_steps < 0).any()):
             raise ValueError(f"loaded schedule_state has invalid group_steps {group_steps.tolist()}")
-        counters = plateau_state[:, 2:].double()
-        if bool((counters < 0).any()) or not bool((counters == counters.round()).all()) or bool(
-                (plateau_state[:, 0] < 0).any()):
-            raise ValueError(f"loaded schedule_state has invalid plateau_state {plateau_state.tolist()}")
+        plateau_state = _ops.initial_plateau_state(len(groups), torch.device("cpu"), width)
+        for g, row in enumerate(rows):
+            if len(row) != widths[g]:
+                raise ValueError(f"loaded group {g} has a plateau_state of {len(row)} numbers; its schedule "
+                                 f"({type(new_groups[g]['schedule']).__name__}) keeps {widths[g]}")
+            plateau_state[g, :len(row)] = torch.as_tensor(row, dtype=torch.float64)
+        _ops.check_schedule_state(programs, len(groups), plateau_state)
         group_steps = group_steps.to(device=opt._device, dtype=torch.int64)
-        plateau_state = plateau_state.to(device=opt._device, dtype=torch.float64)
+        plateau_state = plateau_state.to(device=opt._device)
     else:
         group_steps = torch.tensor(
             [max((loaded[p]["step"] for p in group["params"] if p in loaded), default=0)
              for group in groups], dtype=torch.int64, device=opt._device)
-        plateau_state = _ops.initial_plateau_state(len(groups), opt._device)
+        plateau_state = _ops.initial_plateau_state(len(groups), opt._device, width)
     return Loaded(loaded, new_groups, group_steps, plateau_state)
 
 
-def saved_schedule_state(saved_groups: list[dict]) -> dict[str, Tensor]:
-    """The schedule state that state_dict() keeps in each group, checked."""
+def saved_schedule_state(saved_groups: list[dict]) -> dict[str, Any]:
+    """The schedule state that state_dict() keeps in each group, checked to be numbers: the step
+    counts as a tensor, each group's row of plateau_state as a list (its width its schedule's)."""
     steps, plateau = [], []
     for g, saved in enumerate(saved_groups):
         step, state = saved["schedule_step"], saved.get("plateau_state")
@@ -123,14 +134,14 @@ def saved_schedule_state(saved_groups: list[dict]) -> dict[str, Tensor]:
             raise ValueError(f"loaded group {g} has an invalid schedule_step {saved['schedule_step']!r} "
                              "(an integer >= 0 is required)")
         state = state.tolist() if isinstance(state, Tensor) else state
-        if (not isinstance(state, (list, tuple)) or len(state) != _ops.PLATEAU_SLOTS
+        if (not isinstance(state, (list, tuple)) or len(state) < _ops.PLATEAU_SLOTS
                 or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in state)):
-            raise ValueError(f"loaded group {g} has an invalid plateau_state {state!r} "
-                             f"({_ops.PLATEAU_SLOTS} numbers are required)")
+            shown = state if not isinstance(state, (list, tuple)) or len(state) <= 16 else f"{list(state[:16])}..."
+            raise ValueError(f"loaded group {g} has an invalid plateau_state {shown!r} "
+                             f"(at least {_ops.PLATEAU_SLOTS} numbers are required)")
         steps.append(int(step))
         plateau.append([float(v) for v in state])
-    return {"group_steps": torch.tensor(steps, dtype=torch.int64),
-            "plateau_state": torch.tensor(plateau, dtype=torch.float64)}
+    return {"group_steps": torch.tensor(steps, dtype=torch.int64), "plateau_state": plateau}
 
 
 def param_state(opt, param: Tensor, saved: dict, saved_id) -> dict:

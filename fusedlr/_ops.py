@@ -19,7 +19,7 @@ from . import _C  # noqa: F401  (loads the library that registers the ops)
 
 _ops = torch.ops.fusedlr
 
-PLATEAU_SLOTS = 4  # plateau_slot::kCount: lr, best, num_bad, cooldown_counter
+PLATEAU_SLOTS = len(_C.schedule_state_slots()["ReduceLROnPlateau"])  # the narrowest row of schedule state
 
 
 def sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
@@ -29,11 +29,46 @@ def sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
     return _ops.sum_of_squares(list(tensors))
 
 
-def initial_plateau_state(groups: int, device: torch.device) -> Tensor:
-    """ReduceLROnPlateau state before any metric: lr and best unset (NaN), counters at 0."""
-    state = torch.zeros(groups, PLATEAU_SLOTS, dtype=torch.float64, device=device)
+def initial_plateau_state(groups: int, device: torch.device, width: int = PLATEAU_SLOTS) -> Tensor:
+    """Metric-driven schedule state (ReduceLROnPlateau, GreedyLR) before any metric, a row of
+    `width` per group: lr and best unset (NaN), counters, window and the rest at 0."""
+    state = torch.zeros(groups, width, dtype=torch.float64, device=device)
     state[:, :2] = math.nan
     return state
+
+
+def schedule_state_width(programs: Sequence[float], groups: int) -> int:
+    """The row width of schedule state that the groups' schedules in `programs` need."""
+    return max(_C.schedule_state_widths(list(programs), groups), default=PLATEAU_SLOTS)
+
+
+def state_row(programs: Sequence[float], group: int, slots: dict, width: int) -> list[float]:
+    """Group `group`'s row of schedule state from its slots by name (csrc/schedule_math.h's layout
+    of its root schedule's kind; "values" the smoothing window's), a fresh row's where not given."""
+    kind = _C.schedule_kind_name(list(programs), group)
+    names = _C.schedule_state_slots().get(kind)
+    if names is None:
+        raise ValueError(f"group {group}'s schedule ({kind}) keeps no metric-driven state")
+    row = initial_plateau_state(1, torch.device("cpu"), width)[0].tolist()
+    for key, value in slots.items():
+        if key == "values" and "window_values" in names:
+            at = names.index("window_values")
+            if at + len(value) > width:
+                raise ValueError(f"group {group}: {len(value)} window values do not fit a row of {width}")
+            row[at:at + len(value)] = [float(v) for v in value]
+        elif key in names:
+            row[names.index(key)] = float(value)
+        else:
+            raise ValueError(f"group {group}: {kind} state has no slot {key!r} (it has {', '.join(names)})")
+    return row
+
+
+def check_schedule_state(programs: Sequence[float], groups: int, state: Tensor) -> None:
+    """Raises ValueError naming the group and slot where a row of `state` is not one its schedule
+    could reach (a negative counter, a window index out of range): a loaded checkpoint's, say."""
+    problem = _C.schedule_state_problem(list(programs), groups, state.detach().to("cpu", torch.float64))
+    if problem:
+        raise ValueError(problem)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch.optim import lr_scheduler as L
@@ -33,15 +34,21 @@ def from_torch(optimizer: torch.optim.Optimizer, scheduler: L.LRScheduler | None
                          f"(torch.optim.SGD, Adam and AdamW have)")
     if scheduler is not None and scheduler.optimizer is not optimizer:
         raise ValueError("from_torch: the scheduler steps another optimizer")
+    greedy = _is_hf_greedy(scheduler)
     groups = []
     for g, group in enumerate(optimizer.param_groups):
         new = {k: v for k, v in group.items() if k not in _TORCH_ONLY_KEYS}
         new["schedule"] = None if scheduler is None else schedule_of(scheduler, g, steps_per_epoch)
+        if greedy:  # its base lr is the lr it was made with, to which a reset returns
+            new["initial_lr"] = scheduler._init_lrs[g]
         groups.append(new)
     fused = cls(groups)
     if optimizer.state:
         fused.load_state_dict(optimizer.state_dict())
-    if scheduler is not None:
+    if greedy or isinstance(scheduler, L.ReduceLROnPlateau):
+        # a metric-driven schedule carries on from its state; its count of observations is no step count
+        fused._set_metric_state([_metric_state(scheduler, g) for g in range(len(optimizer.param_groups))])
+    elif scheduler is not None:
         unit = 1 if isinstance(scheduler, L.OneCycleLR) else steps_per_epoch
         # a ChainedScheduler keeps no count of its own: its schedulers step together
         last_epoch = (scheduler._schedulers[0] if isinstance(scheduler, L.ChainedScheduler) else scheduler).last_epoch
@@ -105,9 +112,42 @@ def schedule_of(scheduler, g: int = 0, steps_per_epoch: int = 1) -> S.Schedule:
         return S.ReduceLROnPlateau(mode=scheduler.mode, factor=scheduler.factor, patience=scheduler.patience,
                                    threshold=scheduler.threshold, threshold_mode=scheduler.threshold_mode,
                                    cooldown=scheduler.cooldown, min_lr=scheduler.min_lrs[g], eps=scheduler.eps)
+    if _is_hf_greedy(scheduler):
+        return S.GreedyLR(mode=scheduler.mode, factor=scheduler.factor, patience=scheduler.patience,
+                          threshold=scheduler.threshold, threshold_mode=scheduler.threshold_mode,
+                          cooldown=scheduler.cooldown, warmup=scheduler.warmup, min_lr=scheduler.min_lrs[g],
+                          max_lr=scheduler.max_lrs[g], eps=scheduler.eps, smooth=scheduler.smooth,
+                          window_size=scheduler.window_size, reset_start=scheduler.reset_start_original)
     if isinstance(scheduler, L.LambdaLR):
         return _hf_schedule(scheduler.lr_lambdas[g], group)
     raise ValueError(f"from_torch: {type(scheduler).__name__} has no on-device twin")
+
+
+def _is_hf_greedy(scheduler) -> bool:
+    return type(scheduler).__name__ == "GreedyLR" and type(scheduler).__module__.startswith("transformers.")
+
+
+def _metric_state(scheduler, g: int) -> dict[str, float | list[float]]:
+    """Group g's row of the schedule state (its slots by name, csrc/schedule_math.h) as `scheduler`
+    (torch's ReduceLROnPlateau or HF's GreedyLR) holds it now: its lr, best metric (NaN for the
+    starting infinity: nothing seen yet), counters and smoothing window."""
+    max_mode = scheduler.mode == "max"
+    best = float(scheduler.best)
+    unset = best == (-math.inf if max_mode else math.inf)
+    state = {"lr": float(scheduler.optimizer.param_groups[g]["lr"]), "best": math.nan if unset else best,
+             "num_bad": scheduler.num_bad_epochs, "cooldown_counter": scheduler.cooldown_counter}
+    if isinstance(scheduler, L.ReduceLROnPlateau):
+        return state
+    state.update(num_good=scheduler.num_good_epochs, warmup_counter=scheduler.warmup_counter,
+                 at_min_reductions=scheduler.reset_start_original - scheduler.reset_start)
+    window = scheduler._streaming_avg
+    if scheduler.smooth and window is not None:
+        values = [float(v) for v in window.values]
+        if len(values) > scheduler.window_size:
+            raise ValueError(f"from_torch: GreedyLR's window holds {len(values)} values, more than its "
+                             f"window_size {scheduler.window_size}")
+        state.update(window_count=len(values), window_sum=float(window.sum), window_head=0, values=values)
+    return state
 
 
 # HF transformers' get_scheduler builds LambdaLRs over these functions (functools.partial with the

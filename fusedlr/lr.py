@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-__all__ = ["LRConflictError", "OnDeviceScheduler"]
+__all__ = ["LRConflictError", "OnDeviceScheduler", "OnDeviceMetricScheduler"]
 
 
 class LRConflictError(RuntimeError):
@@ -169,3 +169,11 @@ class OnDeviceScheduler(LRScheduler):
     def load_state_dict(self, state_dict: dict) -> None:
         self.last_epoch = int(state_dict.get("last_epoch", 0))
         self._last_lr = self.get_lr()
+
+
+class OnDeviceMetricScheduler(OnDeviceScheduler, ReduceLROnPlateau):
+    """The scheduler of a fusedlr optimizer with a metric-driven schedule (ReduceLROnPlateau,
+    GreedyLR): as an instance of torch's ReduceLROnPlateau, it is what HF Trainer and Lightning hand
+    their monitored metric to at each evaluation (``step(metric)``, which goes to
+    ``opt.observe``) instead of stepping it per batch. Otherwise an OnDeviceScheduler."""
+

@@ -25,7 +25,7 @@ from . import _checkpoint, _ops, _state, _step_cache, lr as _lr
 from . import distributed as _dist
 from ._step_cache import StepLists
 from .distributed import is_dtensor, local_of
-from .schedules import ReduceLROnPlateau, Schedule, compile_programs
+from .schedules import Schedule, compile_programs
 
 __all__ = ["SGD", "Adam", "AdamW", "Lion"]
 
@@ -139,7 +139,9 @@ class _FusedOptimizer(Optimizer):
         self._device: torch.device | None = None
         self._grad_norm: Tensor | None = None      # float64 scalar: the last step's gradient norm
         self._group_steps: Tensor | None = None    # int64 [groups]: completed steps of each group
-        self._plateau_state: Tensor | None = None  # float64 [groups, 4]: ReduceLROnPlateau state
+        # float64 [groups, width]: each group's row of metric-driven schedule state (ReduceLROnPlateau,
+        # GreedyLR; csrc/schedule_math.h), as wide as the widest row its schedules need
+        self._plateau_state: Tensor | None = None
         self._group_lrs: Tensor | None = None      # float64 [groups]: each group's next lr (fusedlr/lr.py)
         self._lrs_version = 0                      # its version counter after the optimizer's last own write
         self._lr_views: list[Tensor | None] = []   # the "lr" put into each scheduled group, a view of it
@@ -176,7 +178,8 @@ class _FusedOptimizer(Optimizer):
                 plateau_state = _ops.initial_plateau_state(1, device)
             else:
                 group_steps = torch.cat([self._group_steps.to(device), self._group_steps.new_zeros(1, device=device)])
-                plateau_state = torch.cat([self._plateau_state.to(device), _ops.initial_plateau_state(1, device)])
+                plateau_state = torch.cat([self._plateau_state.to(device),
+                                           _ops.initial_plateau_state(1, device, self._plateau_state.size(1))])
         except Exception:
             self.param_groups.pop()
             raise
@@ -267,7 +270,33 @@ class _FusedOptimizer(Optimizer):
             self._programs = compile_programs([s if s is None else s.scaled(scale)
                                                for s, scale in zip(schedules, scales)])
             self._programs_key = key
+            self._fit_schedule_state()
         return self._programs
+
+    def _fit_schedule_state(self) -> None:
+        """Widens the schedule state to the rows the groups' schedules now need (a GreedyLR's
+        smoothing window); the new slots start as a fresh row's."""
+        state = self._plateau_state
+        width = _ops.schedule_state_width(self._programs, len(self.param_groups))
+        if state is not None and state.size(1) < width:
+            fresh = _ops.initial_plateau_state(state.size(0), state.device, width)
+            fresh[:, :state.size(1)] = state
+            self._plateau_state = fresh
+            self._lists = None  # a plan holds the old tensor
+
+    def _set_metric_state(self, rows: Sequence[dict | None]) -> None:
+        """Each group's row of metric-driven schedule state from its slots by name (None: a fresh
+        row), checked before it replaces the current rows (fusedlr.from_torch)."""
+        programs = self._programs_now()
+        state = _ops.initial_plateau_state(len(self.param_groups), self._plateau_state.device,
+                                           self._plateau_state.size(1))
+        for g, row in enumerate(rows):
+            if row is not None:
+                state[g] = torch.tensor(_ops.state_row(programs, g, row, state.size(1)), dtype=torch.float64)
+        _ops.check_schedule_state(programs, len(self.param_groups), state)
+        self._plateau_state = state
+        self._lists = None
+        self._refresh_lrs()
 
     def _has_state(self, key: str, param: Tensor, group: dict) -> bool:
         """Whether the parameter's state holds `key` (one of _STATE_KEYS) under the current settings:
@@ -509,12 +538,13 @@ class _FusedOptimizer(Optimizer):
     # -- schedules -------------------------------------------------------------------------------
 
     def observe(self, metric: Tensor | float) -> None:
-        """Feed a metric to the groups whose schedule is ReduceLROnPlateau (torch's scheduler.step(metric)).
+        """Feed a metric to the groups whose schedule is driven by one, ReduceLROnPlateau or GreedyLR
+        (torch's scheduler.step(metric)).
 
         A tensor metric stays on the device: no host sync. Groups with other schedules ignore it.
         """
-        if not any(isinstance(g["schedule"], ReduceLROnPlateau) for g in self.param_groups):
-            raise ValueError("observe(): no param group has a ReduceLROnPlateau schedule")
+        if not any(g["schedule"] is not None and g["schedule"].observes_metric for g in self.param_groups):
+            raise ValueError("observe(): no param group has a ReduceLROnPlateau or GreedyLR schedule")
         if isinstance(metric, Tensor):
             if metric.numel() != 1 or not metric.is_floating_point():
                 raise ValueError(f"observe(): the metric must be a one-element floating-point tensor or a number, "
@@ -524,13 +554,14 @@ class _FusedOptimizer(Optimizer):
             if isinstance(metric, bool) or not isinstance(metric, numbers.Real):
                 raise ValueError(f"observe(): the metric must be a number or a one-element tensor, got {metric!r}")
             metric = _host_values_on(self._device, float(metric), torch.float64)
-        _ops.plateau_observe_(metric, [_lr.base_lr(g) for g in self.param_groups], self._programs_now(),
-                              self._plateau_state)
+        programs = self._programs_now()  # first: it may widen the state
+        _ops.plateau_observe_(metric, [_lr.base_lr(g) for g in self.param_groups], programs, self._plateau_state)
         self._refresh_lrs()
 
     def _schedule_values(self) -> Tensor:
-        return _ops.evaluate_schedules(self._programs_now(), [_lr.base_lr(g) for g in self.param_groups],
-                                       self._group_steps, self._plateau_state)
+        programs = self._programs_now()  # first: it may widen the state
+        return _ops.evaluate_schedules(programs, [_lr.base_lr(g) for g in self.param_groups], self._group_steps,
+                                       self._plateau_state)
 
     def last_lr(self) -> Tensor:
         """float64 [groups] device tensor: the lr each group's next step will use (torch's
@@ -550,7 +581,11 @@ class _FusedOptimizer(Optimizer):
         """A torch LRScheduler for the slots where a framework wants one (HF Trainer's
         ``optimizers=(opt, opt.as_lr_scheduler())``, Lightning's ``configure_optimizers``): its
         ``step()`` changes nothing, since the schedule runs in the optimizer's step, and
-        ``get_last_lr()`` reports the lrs as torch's scheduler would (fusedlr/lr.py)."""
+        ``get_last_lr()`` reports the lrs as torch's scheduler would (fusedlr/lr.py). With a
+        metric-driven schedule (ReduceLROnPlateau, GreedyLR) in a group it is a torch
+        ReduceLROnPlateau, so that the frameworks hand it their metric at each evaluation."""
+        if any(g["schedule"] is not None and g["schedule"].observes_metric for g in self.param_groups):
+            return _lr.OnDeviceMetricScheduler(self)
         return _lr.OnDeviceScheduler(self)
 
     def schedule_steps(self) -> Tensor:

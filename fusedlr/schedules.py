@@ -47,6 +47,7 @@ __all__ = [
     "OneCycleLR",
     "CyclicLR",
     "ReduceLROnPlateau",
+    "GreedyLR",
     "SequentialLR",
     "Warmup",
     "Decay",
@@ -172,6 +173,10 @@ class Schedule:
 
     _ABSOLUTE_LRS: ClassVar[tuple[str, ...]] = ()  # the arguments that are lrs, not factors of the base lr
 
+    # Whether the schedule is driven by ``opt.observe(metric)`` (ReduceLROnPlateau, GreedyLR): its
+    # state is its group's row of the optimizer's schedule state, so it is only ever a group's root.
+    observes_metric: ClassVar[bool] = False
+
     def scaled(self, factor: float) -> Schedule:
         """The schedule whose lr, for a base lr ``factor * base_lr``, is ``factor`` times this one's
         for ``base_lr``: its absolute lrs (eta_min, max_lr, ...) scaled. A param group's ``lr_scale``
@@ -202,7 +207,8 @@ class Schedule:
         if steps.numel() and int(steps.min()) < 0:
             raise ValueError(f"steps must be >= 0, got {int(steps.min())}")
         program = compile_programs([self] * steps.numel())
-        plateau = _ops.initial_plateau_state(steps.numel(), torch.device("cpu"))
+        plateau = _ops.initial_plateau_state(steps.numel(), torch.device("cpu"),
+                                             _ops.schedule_state_width(program, steps.numel()))
         out = _ops.evaluate_schedules(program, [float(base_lr)] * steps.numel(), steps, plateau)
         return out[:, 0], torch.where(out[:, 2] != 0, out[:, 1], math.nan)
 
@@ -753,6 +759,7 @@ class ReduceLROnPlateau(Schedule):
     eps: float = 1e-8
 
     _ABSOLUTE_LRS = ("min_lr", "eps")
+    observes_metric = True
 
     def _validate(self):
         _check_choice("mode", self.mode, ("min", "max"))
@@ -767,6 +774,65 @@ class ReduceLROnPlateau(Schedule):
     def _node(self, children=()):
         return "ReduceLROnPlateau", [self.mode == "max", self.factor, self.patience, self.threshold,
                           self.threshold_mode == "abs", self.cooldown, self.min_lr, self.eps]
+
+
+_MAX_WINDOW = 1 << 20  # GreedyLR's smoothing window: its values live in the schedule state, float64 each
+
+
+@dataclass(frozen=True)
+class GreedyLR(Schedule):
+    """HF transformers' GreedyLR (``get_scheduler("greedy")``), with its state on the device and
+    driven by ``opt.observe(metric)``: the lr falls by ``factor`` after more than ``patience``
+    observations without improvement (then ``cooldown`` observations pass unjudged) and rises by
+    ``1 / factor`` after more than ``patience`` improvements in a row (then ``warmup`` pass), within
+    ``[min_lr, max_lr]``; with ``smooth`` each metric is first averaged over the last
+    ``window_size`` observed. After ``reset_start`` reductions with every GreedyLR group at its
+    ``min_lr``, the schedule starts afresh from the base lr. Exact to HF's lrs observation by
+    observation; as one HF GreedyLR drives all of an optimizer's groups, the reset waits for every
+    group with a GreedyLR schedule. ``sched(t)`` on the host is the lr before any observation.
+    """
+
+    mode: str = "min"
+    factor: float = 0.95
+    patience: int = 10
+    threshold: float = 1e-6
+    threshold_mode: str = "abs"
+    cooldown: int = 0
+    warmup: int = 0
+    min_lr: float = 1e-3
+    max_lr: float = 1.0
+    eps: float = 1e-8
+    smooth: bool = False
+    window_size: int = 50
+    reset_start: int = 500
+
+    _ABSOLUTE_LRS = ("min_lr", "max_lr", "eps")
+    observes_metric = True
+
+    def _validate(self):
+        _check_choice("mode", self.mode, ("min", "max"))
+        _check_float("factor", self.factor, 0.0, 1.0, low_open=True, high_open=True)
+        _check_int("patience", self.patience, 0)
+        _check_float("threshold", self.threshold, 0.0)
+        _check_choice("threshold_mode", self.threshold_mode, ("rel", "abs"))
+        _check_int("cooldown", self.cooldown, 0)
+        _check_int("warmup", self.warmup, 0)
+        _check_float("min_lr", self.min_lr, 0.0)
+        _check_float("max_lr", self.max_lr, 0.0)
+        if self.max_lr < self.min_lr:
+            raise ValueError(f"max_lr ({self.max_lr}) must be at least min_lr ({self.min_lr})")
+        _check_float("eps", self.eps, 0.0)
+        if not isinstance(self.smooth, bool):
+            raise ValueError(f"smooth must be True or False, got {self.smooth!r}")
+        if isinstance(self.window_size, bool) or not isinstance(self.window_size, numbers.Integral) or not (
+                1 <= self.window_size <= _MAX_WINDOW):
+            raise ValueError(f"window_size must be an integer in [1, {_MAX_WINDOW}], got {self.window_size!r}")
+        _check_int("reset_start", self.reset_start, 0)
+
+    def _node(self, children=()):
+        return "GreedyLR", [self.mode == "max", self.factor, self.patience, self.threshold,
+                            self.threshold_mode == "abs", self.cooldown, self.warmup, self.min_lr, self.max_lr,
+                            self.eps, self.smooth, self.window_size, self.reset_start]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -793,8 +859,8 @@ class SequentialLR(Schedule):
     def _validate(self):
         _check_schedules(self.schedulers)
         for i, s in enumerate(self.schedulers):
-            if isinstance(s, ReduceLROnPlateau):
-                raise ValueError(f"schedulers[{i}]: ReduceLROnPlateau cannot be part of a SequentialLR "
+            if s.observes_metric:
+                raise ValueError(f"schedulers[{i}]: {type(s).__name__} cannot be part of a SequentialLR "
                                  "(as in torch); give it its own param group")
         if len(self.milestones) != len(self.schedulers) - 1:
             raise ValueError(f"milestones must hold len(schedulers) - 1 = {len(self.schedulers) - 1} entries, "
@@ -859,9 +925,9 @@ class Warmup(Schedule):
     def _validate(self):
         if not isinstance(self.schedule, Schedule):
             raise ValueError(f"schedule must be a fusedlr schedule, got {type(self.schedule).__name__}")
-        if isinstance(self.schedule, ReduceLROnPlateau):
-            raise ValueError("schedule: a ReduceLROnPlateau cannot follow a warmup (its state is the group's); "
-                             "warm up with a schedule of its own param group")
+        if self.schedule.observes_metric:
+            raise ValueError(f"schedule: a {type(self.schedule).__name__} cannot follow a warmup (its state is "
+                             "the group's); warm up with a schedule of its own param group")
         _check_int("warmup_steps", self.warmup_steps, 1)
         _check_float("start_factor", self.start_factor, 0.0, 1.0)
         if self.start_lr is not None:
@@ -944,7 +1010,7 @@ class Product(Schedule):
 
 def _scales_with_base(schedule: Schedule) -> bool:
     """Whether schedule(t, b) = b * schedule(t, 1) for every b: what a product multiplies."""
-    if isinstance(schedule, (ReduceLROnPlateau, Product)) or schedule.absolute or schedule.cycles_momentum:
+    if isinstance(schedule, Product) or schedule.observes_metric or schedule.absolute or schedule.cycles_momentum:
         return False
     if isinstance(schedule, Warmup) and schedule.target == "schedule":
         return False
@@ -961,7 +1027,7 @@ def _has_schedule_target(schedule: Schedule) -> bool:
 _BY_NAME = {cls.__name__: cls for cls in (
     ConstantLR, LinearLR, StepLR, MultiStepLR, ExponentialLR, ExponentialDecay, CosineAnnealingLR,
     CosineAnnealingWarmRestarts, PolynomialLR, InverseSqrt, WarmupStableDecay, OneCycleLR, CyclicLR,
-    ReduceLROnPlateau, SequentialLR, Warmup, Decay, Cycles, Product)}
+    ReduceLROnPlateau, GreedyLR, SequentialLR, Warmup, Decay, Cycles, Product)}
 
 
 def torch_scheduler(schedule: Schedule, optimizer: torch.optim.Optimizer, last_epoch: int = -1):
@@ -994,14 +1060,22 @@ def torch_scheduler(schedule: Schedule, optimizer: torch.optim.Optimizer, last_e
         args.pop("scale_mode")
     if isinstance(schedule, ReduceLROnPlateau):
         return L.ReduceLROnPlateau(optimizer, **args)
+    if isinstance(schedule, GreedyLR):
+        try:
+            from transformers.optimization import GreedyLR as HFGreedyLR
+        except ImportError:
+            raise ValueError("torch_scheduler: GreedyLR's twin is HF transformers' GreedyLR; install "
+                             "transformers") from None
+        return HFGreedyLR(optimizer, **args)
     return getattr(L, type(schedule).__name__)(optimizer, **args, last_epoch=last_epoch)
 
 
 def from_hf(name: str, num_warmup_steps: int = 0, num_training_steps: int | None = None, *,
             base_lr: float | None = None, **scheduler_specific_kwargs) -> Schedule:
     """The schedule of HF transformers' ``get_scheduler(name, optimizer, num_warmup_steps,
-    num_training_steps, scheduler_specific_kwargs=...)``, step for step, for every name but
-    "greedy" (an adaptive schedule of HF's own). HF's floors and ends given as lrs ("polynomial"'s
+    num_training_steps, scheduler_specific_kwargs=...)``, step for step, for every name ("greedy"
+    and "reduce_lr_on_plateau" observation by observation, fed by ``opt.observe(metric)``; their
+    min_lr and max_lr are one lr for every group here, a schedule per group for lists). HF's floors and ends given as lrs ("polynomial"'s
     ``lr_end``, "cosine_with_min_lr"'s ``min_lr``) are fractions of the optimizer's default lr in HF:
     give that lr as ``base_lr`` for every group to follow HF exactly (without it, "cosine_with_min_lr"
     floors at ``min_lr`` itself, and "polynomial" needs it unless ``lr_end`` is 0)."""
@@ -1103,10 +1177,18 @@ def from_hf(name: str, num_warmup_steps: int = 0, num_training_steps: int | None
         if stable_steps:
             schedule = SequentialLR([constant, schedule], milestones=[stable_steps])
         return after_warmup(schedule, start_factor=ratio, shape=warmup_type)
-    if name == "reduce_lr_on_plateau":
-        return ReduceLROnPlateau(**kwargs)
-    raise ValueError(f"from_hf: {name!r} cannot be expressed with these schedules "
-                     "(greedy adapts to the metric in Python, in ways no on-device schedule here does)")
+    if name in ("reduce_lr_on_plateau", "greedy"):
+        cls = ReduceLROnPlateau if name == "reduce_lr_on_plateau" else GreedyLR
+        no_more(*(f.name for f in dataclasses.fields(cls)), "verbose")
+        if kwargs.pop("verbose", False):
+            raise ValueError(f"{name!r}: verbose=True prints from the host on every change, which an on-device "
+                             "schedule never sees; read opt.last_lr() instead")
+        for key in ("min_lr", "max_lr"):
+            if isinstance(kwargs.get(key), (list, tuple)):
+                raise ValueError(f"{name!r}: {key} is one lr here; give each param group a schedule of its own "
+                                 f"for a list of them")
+        return cls(**kwargs)
+    raise ValueError(f"from_hf: unknown scheduler name {name!r}")
 
 
 def from_timm(scheduler, updates_per_epoch: int | None = None) -> Schedule:

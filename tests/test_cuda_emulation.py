@@ -34,6 +34,7 @@ SCHEDULE_POOL = [
     S.CyclicLR(base_lr=1e-3, max_lr=0.02, step_size_up=4, mode="exp_range", gamma=0.99),
     S.SequentialLR([S.LinearLR(start_factor=0.1, total_iters=6), S.StepLR(step_size=3, gamma=0.5)], milestones=[6]),
     S.ReduceLROnPlateau(patience=0, factor=0.5),
+    S.GreedyLR(patience=0, factor=0.5, min_lr=0.02, smooth=True, window_size=2, reset_start=1, cooldown=1),
     S.Warmup(S.Cycles(t_initial=7, shape="tanh", cycle_mul=1.5, cycle_decay=0.8, cycle_limit=3), 4, start_lr=1e-3,
              prefix=False, target="schedule"),
     S.Warmup(S.Decay(20, "cosine_restarts", num_cycles=3, min_factor=0.1), 5, shape="1-sqrt", offset=1, span=6),
@@ -146,7 +147,7 @@ def build(case: Case):
             for t, owner in zip(same_dtype, first):
                 t["step"] = owner["step"]
     group_steps = torch.tensor([r.randrange(0, 12) for _ in range(case.groups)], dtype=torch.int64)
-    plateau = _ops.initial_plateau_state(case.groups, torch.device("cpu"))
+    plateau = _ops.initial_plateau_state(case.groups, torch.device("cpu"), _ops.schedule_state_width(programs, case.groups))
     return dict(tensors=tensors, hyper=hyper, programs=programs, group_steps=group_steps, plateau=plateau,
                 grad_norm=torch.zeros((), dtype=torch.float64))
 
@@ -223,8 +224,8 @@ def run_case(case: Case):
         launched += emulated.kernels_launched() - before
         run_step(cpu, case, on_cpu, cpu_grads, cpu_options)
         assert_same_bits(on_emulated, on_cpu, f"step {k}")
-        if any(isinstance(s, S.ReduceLROnPlateau) for s in SCHEDULE_POOL):
-            metric = torch.tensor(1.0 / (k % 3 + 1), dtype=torch.float64)
+        if any(s is not None and s.observes_metric for s in SCHEDULE_POOL):
+            metric = torch.tensor(1.0 / (k % 3 + 1) + 0.1 * (k % 7), dtype=torch.float64)
             base_lrs = on_cpu["hyper"][::len(on_cpu["hyper"]) // case.groups]
             emulated.plateau_observe_(metric, base_lrs, on_emulated["programs"], on_emulated["plateau"])
             cpu.plateau_observe_(metric, base_lrs, on_cpu["programs"], on_cpu["plateau"])
@@ -304,7 +305,8 @@ def test_a_skipped_step_changes_nothing_but_versions():
 def test_schedules_evaluate_as_on_the_cpu():
     programs = S.compile_programs(SCHEDULE_POOL)
     base_lrs = [0.1 * (g + 1) for g in range(len(SCHEDULE_POOL))]
-    plateau = _ops.initial_plateau_state(len(SCHEDULE_POOL), torch.device("cpu"))
+    plateau = _ops.initial_plateau_state(len(SCHEDULE_POOL), torch.device("cpu"),
+                                         _ops.schedule_state_width(programs, len(SCHEDULE_POOL)))
     for t in [0, 1, 5, 17, 59, 60, 1000, 2 ** 40]:
         steps = torch.full((len(SCHEDULE_POOL),), t, dtype=torch.int64)
         assert torch.equal(bits(emulated.evaluate_schedules(programs, base_lrs, steps, plateau)),

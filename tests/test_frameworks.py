@@ -125,6 +125,42 @@ def test_hf_trainer_resume_is_exact(tmp_path):
         assert torch.equal(p, q)
 
 
+def test_hf_trainer_feeds_its_eval_metric_to_an_on_device_greedy_schedule(tmp_path):
+    """lr_scheduler_type="greedy": Trainer steps HF's GreedyLR with the eval loss after each
+    evaluation; fusedlr's GreedyLR gets the same metric through as_lr_scheduler()."""
+    transformers = pytest.importorskip("transformers")
+    model, _ = hf_setup(tmp_path)
+    tokens = torch.randint(0, 97, (48, 16), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": t, "labels": t} for t in tokens]
+    greedy = dict(factor=0.5, patience=1, min_lr=1e-5, max_lr=4e-3)
+
+    def trainer(m, optimizers):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=4, per_device_eval_batch_size=8,
+            logging_steps=1, eval_strategy="steps", eval_steps=1, metric_for_best_model="loss", report_to=[],
+            use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True, save_strategy="no",
+            lr_scheduler_type="greedy", lr_scheduler_kwargs=greedy)
+        return transformers.Trainer(model=m, args=args, train_dataset=data, eval_dataset=data[:8],
+                                    optimizers=optimizers)
+
+    ours, ref = model(), model()
+    opt = fusedlr.AdamW(ours.parameters(), lr=1e-3, weight_decay=0.0, schedule=S.from_hf("greedy", **greedy))
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.0)
+    used, ref_used = record_lrs(opt), record_lrs(ref_opt)
+    ours_trainer = trainer(ours, (opt, opt.as_lr_scheduler()))
+    ref_trainer = trainer(ref, (ref_opt, None))  # Trainer's own HF GreedyLR
+    ours_trainer.train()
+    ref_trainer.train()
+    assert len(used) == 12 and used == pytest.approx(ref_used, rel=1e-12)
+    assert len(set(used)) >= 3, used  # the eval losses moved the lr
+    assert [e["learning_rate"] for e in ours_trainer.state.log_history if "learning_rate" in e] == pytest.approx(
+        used, rel=1e-12)
+    # at lrs up to 4e-3, elements whose gradients sit near zero take Adam steps of either sign from
+    # last-bit differences (up to ~1e-5 here); a wrong lr at any step would move most elements by ~lr
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=RTOL, atol=5e-3 * max(used))
+
+
 # ---------------------------------------------------------------------------------------------
 # Lightning
 
@@ -140,7 +176,9 @@ def lightning_run(precision, make_optimizers, steps=10, checkpoint_to=None, resu
 
         def training_step(self, batch, _):
             x, y = batch
-            return torch.nn.functional.mse_loss(self.net(x).float(), y)
+            loss = torch.nn.functional.mse_loss(self.net(x).float(), y)
+            self.log("train_loss", loss)  # what a ReduceLROnPlateau-like scheduler monitors
+            return loss
 
         def configure_optimizers(self):
             return make_optimizers(self.parameters())
@@ -201,6 +239,34 @@ def test_lightning_fit_logs_the_lr_used_and_equals_torch(precision):
     # LearningRateMonitor reads group["lr"] before each step: the lr that step uses
     assert logged == pytest.approx(expected, rel=1e-12)
     assert ref_logged == pytest.approx(expected, rel=1e-12)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL)
+
+
+def test_lightning_hands_the_monitored_metric_to_an_on_device_plateau_schedule():
+    """Lightning steps a ReduceLROnPlateau scheduler with the monitored metric; as_lr_scheduler()
+    of an optimizer with a metric-driven schedule is one, so the schedule on the device sees it."""
+    schedule = S.ReduceLROnPlateau(patience=1, factor=0.5, threshold=0.05)
+    used_box = {}
+
+    def ours(params):
+        opt = fusedlr.AdamW(params, lr=0.05, weight_decay=0.01, schedule=schedule)
+        used_box["used"] = record_lrs(opt)
+        return {"optimizer": opt,
+                "lr_scheduler": {"scheduler": opt.as_lr_scheduler(), "interval": "step", "monitor": "train_loss"}}
+
+    def ref(params):
+        opt = torch.optim.AdamW(params, lr=0.05, weight_decay=0.01)
+        used_box["ref"] = record_lrs(opt)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": S.torch_scheduler(schedule, opt), "interval": "step",
+                                                    "monitor": "train_loss"}}
+
+    model, logged = lightning_run("32-true", ours, steps=16)
+    ref_model, _ = lightning_run("32-true", ref, steps=16)
+    used = used_box["used"]
+    assert used == pytest.approx(used_box["ref"], rel=1e-12)
+    assert len(set(used)) >= 2, used  # some plateau reduced the lr
+    assert logged == pytest.approx(used, rel=1e-12)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL)
 

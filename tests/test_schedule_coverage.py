@@ -97,8 +97,8 @@ def test_hf_schedule_through_the_optimizer(name, warmup, kwargs):
 
 
 def test_hf_names_that_cannot_be_expressed_raise():
-    with pytest.raises(ValueError, match="greedy"):
-        S.from_hf("greedy", 4, 44)
+    with pytest.raises(ValueError, match="unknown scheduler name"):
+        S.from_hf("greedy_plus", 4, 44)
     with pytest.raises(ValueError, match="base_lr"):
         S.from_hf("polynomial", 4, 44, lr_end=1e-7)
     with pytest.raises(ValueError, match="min_lr"):
@@ -293,7 +293,7 @@ def test_the_kind_table_names_every_schedule_class():
     examples = [S.ConstantLR(), S.LinearLR(), S.StepLR(3), S.MultiStepLR([2, 5]), S.ExponentialLR(0.9),
                 S.ExponentialDecay(0.1), S.CosineAnnealingLR(10), S.CosineAnnealingWarmRestarts(5),
                 S.PolynomialLR(), S.InverseSqrt(4), S.WarmupStableDecay(2, 3, 4), S.OneCycleLR(0.1, total_steps=20),
-                S.CyclicLR(0.01, 0.1), S.ReduceLROnPlateau(), S.SequentialLR([S.ConstantLR()], []),
+                S.CyclicLR(0.01, 0.1), S.ReduceLROnPlateau(), S.GreedyLR(), S.SequentialLR([S.ConstantLR()], []),
                 S.Warmup(S.ConstantLR(), 3), S.Decay(5), S.Cycles(5), S.Product([S.ConstantLR()])]
     assert {type(e).__name__ for e in examples} == set(classes)
     for e in examples:

@@ -219,7 +219,7 @@ void evaluate_groups(c10::ArrayRef<double> hyper, int64_t hyper_slots, int64_t l
   for (int64_t g = 0; g < groups; ++g) {
     TORCH_CHECK(step[g] >= 0, "fusedlr: the step counter of group ", g, " is negative (", step[g], ")");
     values[g] = evaluate_schedule(programs.data(), static_cast<int>(g), step[g], hyper[g * hyper_slots + lr_slot],
-                                  plateau + g * plateau_slot::kCount);
+                                  plateau + g * plateau_state.size(1));
   }
 }
 
@@ -441,13 +441,9 @@ void plateau_observe_cpu(const at::Tensor& metric, c10::ArrayRef<double> base_lr
   TORCH_CHECK(plateau_state.device().is_cpu() && metric.device().is_cpu(),
               "fusedlr.plateau_observe_: metric and plateau_state must be on one device");
   check_schedule_inputs("fusedlr.plateau_observe_", programs, groups, plateau_state);
-  const double value = metric.item<double>();
-  double* state = plateau_state.data_ptr<double>();
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t node = as_int(programs[g]);
-    if (static_cast<ScheduleKind>(static_cast<int>(programs[node])) != ScheduleKind::kReduceLROnPlateau) continue;
-    plateau_observe(programs.data() + node + kNodeHeader, value, base_lrs[g], state + g * plateau_slot::kCount);
-  }
+  std::vector<uint8_t> reduced(groups);
+  observe_metric(programs.data(), groups, base_lrs.data(), metric.item<double>(), plateau_state.data_ptr<double>(),
+                 plateau_state.size(1), reduced.data());
 }
 
 at::Tensor evaluate_schedules_cpu(c10::ArrayRef<double> programs, c10::ArrayRef<double> base_lrs,
@@ -461,7 +457,7 @@ at::Tensor evaluate_schedules_cpu(c10::ArrayRef<double> programs, c10::ArrayRef<
   for (int64_t g = 0; g < groups; ++g) {
     TORCH_CHECK(step[g] >= 0, "fusedlr.evaluate_schedules: step ", step[g], " is negative");
     const ScheduleValue v =
-        evaluate_schedule(programs.data(), static_cast<int>(g), step[g], base_lrs[g], plateau + g * plateau_slot::kCount);
+        evaluate_schedule(programs.data(), static_cast<int>(g), step[g], base_lrs[g], plateau + g * plateau_state.size(1));
     o[3 * g] = v.lr;
     o[3 * g + 1] = v.has_momentum ? v.momentum : 0.0;
     o[3 * g + 2] = v.has_momentum ? 1.0 : 0.0;

@@ -69,6 +69,7 @@ inline GroupTable group_table(c10::ArrayRef<double> hyper, c10::ArrayRef<double>
   fill_programs(table.programs, programs);
   table.group_steps = group_steps.const_data_ptr<int64_t>();
   table.plateau_state = plateau_state.const_data_ptr<double>();
+  table.plateau_stride = plateau_state.size(1);
   table.grad_scale = options.scale_ptr();
   table.found_inf = options.inf_ptr();
   table.grad_norm = options.grad_norm;
@@ -311,12 +312,14 @@ void step(const StepCall<Optimizer>& call) {
   run_step(launcher, plan, call.group_steps, device_options, grad_sum_kernel_of<Args>, step_kernel_of<Optimizer>);
 }
 
-inline ScheduleArgs schedule_args(const char* op, c10::ArrayRef<double> programs, c10::ArrayRef<double> base_lrs) {
+inline ScheduleArgs schedule_args(const char* op, c10::ArrayRef<double> programs, c10::ArrayRef<double> base_lrs,
+                                  const at::Tensor& plateau_state) {
   check_capacity(op, static_cast<int64_t>(base_lrs.size()), programs);
   ScheduleArgs args{};
   fill_programs(args.programs, programs);
   for (size_t g = 0; g < base_lrs.size(); ++g) args.base_lrs[g] = base_lrs[g];
   args.groups = static_cast<int32_t>(base_lrs.size());
+  args.plateau_stride = plateau_state.size(1);
   return args;
 }
 
@@ -332,11 +335,11 @@ void plateau_observe(const at::Tensor& metric, c10::ArrayRef<double> base_lrs, c
               ": the metric is on ", metric.device(), " but plateau_state on ", plateau_state.device(),
               "; they must be on one device");
   check_schedule_inputs(op, programs, groups, plateau_state);
-  const ScheduleArgs args = schedule_args(op, programs, base_lrs);
+  const ScheduleArgs args = schedule_args(op, programs, base_lrs, plateau_state);
   const Launcher launcher(plateau_state.device());
   if (groups == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, metric.scalar_type(), "plateau_observe", [&] {
-    launcher(plateau_observe_kernel<scalar_t>, 1, kMaxGroups, args, metric.const_data_ptr<scalar_t>(),
+    launcher(plateau_observe_kernel<scalar_t>, 1, 1, args, metric.const_data_ptr<scalar_t>(),
              plateau_state.mutable_data_ptr<double>());
   });
 }
@@ -347,7 +350,7 @@ at::Tensor evaluate_schedules(c10::ArrayRef<double> programs, c10::ArrayRef<doub
   const char* op = "fusedlr.evaluate_schedules";
   const int64_t groups = static_cast<int64_t>(base_lrs.size());
   check_schedule_inputs(op, programs, groups, steps, plateau_state);
-  const ScheduleArgs args = schedule_args(op, programs, base_lrs);
+  const ScheduleArgs args = schedule_args(op, programs, base_lrs, plateau_state);
   const Launcher launcher(plateau_state.device());
   at::Tensor out = at::empty({groups, 3}, plateau_state.options());
   if (groups == 0) return out;

@@ -56,6 +56,7 @@ struct GroupTable {
   double programs[kMaxProgram];
   const int64_t* group_steps;
   const double* plateau_state;
+  int64_t plateau_stride;  // its row width ([note: schedule state])
   // As the CPU reads them: in double (the caller converts them on the device).
   const double* grad_scale;  // null: the gradients are not scaled (ops.cpp, [note: amp])
   const double* found_inf;   // null, or nonzero to skip the step
@@ -116,6 +117,7 @@ struct ScheduleArgs {
   double programs[kMaxProgram];
   double base_lrs[kMaxGroups];
   int32_t groups;
+  int64_t plateau_stride;  // the row width of plateau_state ([note: schedule state])
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -288,7 +290,7 @@ __device__ __forceinline__ void for_each_chunk(const Table& t, const Fn& fn) {
 
 __device__ __forceinline__ ScheduleValue group_schedule(const GroupTable& groups, int group, int slots, int lr_slot) {
   return evaluate_schedule(groups.programs, group, groups.group_steps[group], groups.hyper[group * slots + lr_slot],
-                           groups.plateau_state + group * plateau_slot::kCount);
+                           groups.plateau_state + group * groups.plateau_stride);
 }
 
 // What the step does to its gradients, and whether it is skipped (update_math.h, [note: gradient
@@ -415,15 +417,14 @@ __global__ void advance_counters_kernel(const __grid_constant__ CounterArgs args
   if (args.group_steps != nullptr && i < args.groups) args.group_steps[i] += 1;
 }
 
+// One thread: GreedyLR's reset looks at every group (schedule_math.h, observe_metric).
 template <typename metric_t>
 __global__ void plateau_observe_kernel(const __grid_constant__ ScheduleArgs args, const metric_t* metric,
                                        double* plateau_state) {
-  const int g = threadIdx.x;
-  if (g >= args.groups) return;
-  const int64_t node = as_int(args.programs[g]);
-  if (static_cast<ScheduleKind>(static_cast<int>(args.programs[node])) != ScheduleKind::kReduceLROnPlateau) return;
-  plateau_observe(args.programs + node + kNodeHeader, static_cast<double>(*metric), args.base_lrs[g],
-                  plateau_state + g * plateau_slot::kCount);
+  if (threadIdx.x != 0) return;
+  uint8_t reduced[kMaxGroups];
+  observe_metric(args.programs, args.groups, args.base_lrs, static_cast<double>(*metric), plateau_state,
+                 args.plateau_stride, reduced);
 }
 
 __global__ void evaluate_schedules_kernel(const __grid_constant__ ScheduleArgs args, const int64_t* steps,
@@ -431,7 +432,7 @@ __global__ void evaluate_schedules_kernel(const __grid_constant__ ScheduleArgs a
   const int g = threadIdx.x;
   if (g >= args.groups) return;
   const ScheduleValue v =
-      evaluate_schedule(args.programs, g, steps[g], args.base_lrs[g], plateau_state + g * plateau_slot::kCount);
+      evaluate_schedule(args.programs, g, steps[g], args.base_lrs[g], plateau_state + g * args.plateau_stride);
   out[3 * g] = v.lr;
   out[3 * g + 1] = v.has_momentum ? v.momentum : 0.0;
   out[3 * g + 2] = v.has_momentum ? 1.0 : 0.0;
