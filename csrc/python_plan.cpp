@@ -280,6 +280,7 @@ PYBIND11_MODULE(_C, m) {
       },
       "The slots of each metric-driven schedule's row of state by name ([note: schedule state]); GreedyLR's "
       "window_values is the first of its window.");
+  m.attr("max_greedy_window") = kMaxGreedyWindow;
   m.def(
       "schedule_state_widths",
       [](std::vector<double> programs, int64_t groups) {
@@ -293,6 +294,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "schedule_kind_name",
       [](std::vector<double> programs, int64_t group) {
+        TORCH_CHECK(group >= 0, "fusedlr.schedule_kind_name: group ", group, " is negative");
         check_programs("fusedlr.schedule_kind_name", programs, group + 1);
         return std::string(kScheduleKinds[static_cast<int>(programs[as_int(programs[group])])].name);
       },

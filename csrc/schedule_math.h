@@ -48,7 +48,9 @@ enum class CyclicScale : int { kTriangular = 0, kTriangular2 = 1, kExpRange = 2 
 namespace plateau_arg {
 enum : int { kModeMax, kFactor, kPatience, kThreshold, kThresholdAbs, kCooldown, kMinLr, kEps };
 }
-// HF transformers' GreedyLR; kSmooth: average each metric over the last kWindow observed.
+// HF transformers' GreedyLR; kSmooth: average each metric over the last kWindow observed, at most
+// kMaxGreedyWindow (the window is part of the group's row of state).
+constexpr int64_t kMaxGreedyWindow = int64_t{1} << 20;
 namespace greedy_arg {
 enum : int {
   kModeMax, kFactor, kPatience, kThreshold, kThresholdAbs, kCooldown, kWarmup, kMinLr, kMaxLr, kEps, kSmooth,

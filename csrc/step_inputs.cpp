@@ -53,16 +53,23 @@ namespace {
 // them or counts with them).
 int64_t node_args(const char* op, ScheduleKind kind, const double* a, const double* end) {
   const ScheduleKindInfo& info = kScheduleKinds[static_cast<int>(kind)];
+  constexpr double kMaxCount = 9007199254740992.0;  // 2^53: the doubles that hold every integer below
   if (info.count_arg != kNoArg) {
-    TORCH_CHECK(a + info.count_arg < end && a[info.count_arg] >= 0 && a[info.count_arg] == std::floor(a[info.count_arg]),
+    TORCH_CHECK(a + info.count_arg < end && a[info.count_arg] >= 0 && a[info.count_arg] <= kMaxCount &&
+                    a[info.count_arg] == std::floor(a[info.count_arg]),
                 op, ": a ", info.name, " schedule program is truncated");
   }
   const int64_t args = node_arg_count(info, a);
   TORCH_CHECK(args >= 0 && a + args <= end, op, ": a schedule program node runs past the programs array");
   for (int i = 0; i < 32; ++i) {
     if (info.at_least_one & (uint32_t{1} << i)) {
-      TORCH_CHECK(i < args && a[i] >= 1, op, ": a ", info.name, " schedule program has arg ", i, " < 1");
+      TORCH_CHECK(i < args && a[i] >= 1 && a[i] <= kMaxCount, op, ": a ", info.name, " schedule program has arg ", i,
+                  " outside [1, 2^53]");
     }
+  }
+  if (kind == ScheduleKind::kGreedyLR) {  // its window is part of its row of state: bounded
+    TORCH_CHECK(a[greedy_arg::kWindow] <= kMaxGreedyWindow, op, ": a GreedyLR schedule program has a window of ",
+                a[greedy_arg::kWindow], ", more than ", kMaxGreedyWindow);
   }
   return args;
 }

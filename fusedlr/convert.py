@@ -44,7 +44,11 @@ def from_torch(optimizer: torch.optim.Optimizer, scheduler: L.LRScheduler | None
         groups.append(new)
     fused = cls(groups)
     if optimizer.state:
-        fused.load_state_dict(optimizer.state_dict())
+        state_dict = optimizer.state_dict()
+        if greedy:  # a torch group's lr would become the base lr on the way in
+            for g, saved in enumerate(state_dict["param_groups"]):
+                saved["initial_lr"] = scheduler._init_lrs[g]
+        fused.load_state_dict(state_dict)
     if greedy or isinstance(scheduler, L.ReduceLROnPlateau):
         # a metric-driven schedule carries on from its state; its count of observations is no step count
         fused._set_metric_state([_metric_state(scheduler, g) for g in range(len(optimizer.param_groups))])

@@ -142,6 +142,7 @@ class _FusedOptimizer(Optimizer):
         # float64 [groups, width]: each group's row of metric-driven schedule state (ReduceLROnPlateau,
         # GreedyLR; csrc/schedule_math.h), as wide as the widest row its schedules need
         self._plateau_state: Tensor | None = None
+        self._row_schedules: list[Schedule | None] = []  # the schedule whose state each row holds
         self._group_lrs: Tensor | None = None      # float64 [groups]: each group's next lr (fusedlr/lr.py)
         self._lrs_version = 0                      # its version counter after the optimizer's last own write
         self._lr_views: list[Tensor | None] = []   # the "lr" put into each scheduled group, a view of it
@@ -185,6 +186,7 @@ class _FusedOptimizer(Optimizer):
             raise
         self._device = device
         self._group_steps, self._plateau_state = group_steps, plateau_state
+        self._row_schedules = self._row_schedules + [group["schedule"]]
         if self._grad_norm is None or self._grad_norm.device != group_steps.device:
             self._grad_norm = torch.full((), math.nan, dtype=torch.float64, device=group_steps.device)
         self._lists = None
@@ -274,15 +276,24 @@ class _FusedOptimizer(Optimizer):
         return self._programs
 
     def _fit_schedule_state(self) -> None:
-        """Widens the schedule state to the rows the groups' schedules now need (a GreedyLR's
-        smoothing window); the new slots start as a fresh row's."""
+        """The schedule state fitted to the groups' schedules now: widened to the rows they need
+        (a GreedyLR's smoothing window), the new slots a fresh row's, and fresh rows for the groups
+        whose metric-driven schedule changed its layout (another kind, another window); a new
+        schedule of the same layout (another patience, say) carries on from the row."""
         state = self._plateau_state
-        width = _ops.schedule_state_width(self._programs, len(self.param_groups))
-        if state is not None and state.size(1) < width:
+        if state is None:
+            return
+        schedules = [g["schedule"] for g in self.param_groups]
+        owners = self._row_schedules if len(self._row_schedules) == len(schedules) else schedules
+        stale = [g for g, (now, before) in enumerate(zip(schedules, owners)) if _row_layout(now) != _row_layout(before)]
+        width = max(_ops.schedule_state_width(self._programs, len(self.param_groups)), state.size(1))
+        if width > state.size(1) or stale:
             fresh = _ops.initial_plateau_state(state.size(0), state.device, width)
             fresh[:, :state.size(1)] = state
+            fresh[stale] = _ops.initial_plateau_state(len(stale), state.device, width)
             self._plateau_state = fresh
             self._lists = None  # a plan holds the old tensor
+        self._row_schedules = schedules
 
     def _set_metric_state(self, rows: Sequence[dict | None]) -> None:
         """Each group's row of metric-driven schedule state from its slots by name (None: a fresh
@@ -295,6 +306,7 @@ class _FusedOptimizer(Optimizer):
                 state[g] = torch.tensor(_ops.state_row(programs, g, row, state.size(1)), dtype=torch.float64)
         _ops.check_schedule_state(programs, len(self.param_groups), state)
         self._plateau_state = state
+        self._row_schedules = [g["schedule"] for g in self.param_groups]
         self._lists = None
         self._refresh_lrs()
 
@@ -634,6 +646,7 @@ class _FusedOptimizer(Optimizer):
         self.state.update(new_state)
         self.param_groups = loaded.param_groups
         self._group_steps, self._plateau_state = loaded.group_steps.clone(), loaded.plateau_state.clone()
+        self._row_schedules = [g["schedule"] for g in self.param_groups]
         self._attach_lrs()
         self._lists = None
         self._programs_key = []
@@ -647,13 +660,14 @@ class _FusedOptimizer(Optimizer):
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        for key in ("_group_steps", "_plateau_state", "_group_lrs", "_lrs_version", "_lr_views", "_device",
+        for key in ("_group_steps", "_plateau_state", "_row_schedules", "_group_lrs", "_lrs_version", "_lr_views", "_device",
                     "_grad_norm", "max_grad_norm", "skip_nonfinite", "master_weights", "partition_group"):
             state[key] = getattr(self, key)
         return state
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("partition_group", None)  # pickled by a version without it
+        state.setdefault("_row_schedules", [])
         super().__setstate__(state)
         # a copy's group lrs must be views of its own vector again, with its version counter
         views = getattr(self, "_lr_views", [])
@@ -666,6 +680,13 @@ class _FusedOptimizer(Optimizer):
         self._programs_key = []
         self._programs = []
         self._placeholders = _state.Placeholders()
+
+
+def _row_layout(schedule: Schedule | None) -> tuple | None:
+    """What a schedule's row of state holds ([note: schedule state]): None for one that keeps none."""
+    if schedule is None or not schedule.observes_metric:
+        return None
+    return (type(schedule).__name__, getattr(schedule, "smooth", False) and getattr(schedule, "window_size", 0))
 
 
 _SCHEDULE_DOC = """

@@ -776,7 +776,7 @@ class ReduceLROnPlateau(Schedule):
                           self.threshold_mode == "abs", self.cooldown, self.min_lr, self.eps]
 
 
-_MAX_WINDOW = 1 << 20  # GreedyLR's smoothing window: its values live in the schedule state, float64 each
+_MAX_WINDOW = _C.max_greedy_window  # GreedyLR's smoothing window: its values live in the schedule state
 
 
 @dataclass(frozen=True)
@@ -813,14 +813,13 @@ class GreedyLR(Schedule):
         _check_choice("mode", self.mode, ("min", "max"))
         _check_float("factor", self.factor, 0.0, 1.0, low_open=True, high_open=True)
         _check_int("patience", self.patience, 0)
-        _check_float("threshold", self.threshold, 0.0)
+        _check_float("threshold", self.threshold)  # as HF: any number
         _check_choice("threshold_mode", self.threshold_mode, ("rel", "abs"))
         _check_int("cooldown", self.cooldown, 0)
         _check_int("warmup", self.warmup, 0)
         _check_float("min_lr", self.min_lr, 0.0)
-        _check_float("max_lr", self.max_lr, 0.0)
-        if self.max_lr < self.min_lr:
-            raise ValueError(f"max_lr ({self.max_lr}) must be at least min_lr ({self.min_lr})")
+        if not (isinstance(self.max_lr, float) and self.max_lr == math.inf):  # inf: no cap
+            _check_float("max_lr", self.max_lr, 0.0)  # below min_lr too, as HF takes it
         _check_float("eps", self.eps, 0.0)
         if not isinstance(self.smooth, bool):
             raise ValueError(f"smooth must be True or False, got {self.smooth!r}")

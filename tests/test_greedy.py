@@ -7,7 +7,9 @@ exactly, observation by observation; each case also checks that the events it is
 (increases, reductions, resets), so that a trace with nothing in it cannot pass.
 """
 
+import dataclasses
 import io
+import math
 import random
 
 import pytest
@@ -84,6 +86,9 @@ CASES = {
     "patience-0-eps": dict(factor=0.9, patience=0, eps=1e-3, min_lr=0.05, max_lr=0.15),
     "reset": dict(factor=0.5, patience=0, min_lr=0.01, max_lr=0.2, reset_start=2, cooldown=1),
     "smooth-reset": dict(factor=0.5, patience=0, min_lr=0.01, smooth=True, window_size=3, reset_start=1),
+    "uncapped": dict(factor=0.8, patience=1, min_lr=1e-3, max_lr=float("inf")),
+    # as HF takes them: a max_lr below min_lr, a negative threshold
+    "odd-bounds": dict(factor=0.7, patience=0, min_lr=0.05, max_lr=0.02, threshold=-0.02),
 }
 
 
@@ -103,7 +108,8 @@ def test_greedy_lrs_equal_hf_observation_by_observation(case):
         ref_trace.append(ref_opt.param_groups[0]["lr"])
         assert ours_trace[-1] == ref_trace[-1], (k, ours_trace[-5:], ref_trace[-5:])
     ups, downs = events(ref_trace)
-    assert downs > 0 and ups > 0, (ups, downs)
+    # with a max_lr below min_lr the lr falls to max_lr at the first improvement and stays there
+    assert downs > 0 and (ups > 0 or case == "odd-bounds"), (ups, downs)
     assert bool(resets) == ("reset" in case), len(resets)
 
 
@@ -167,31 +173,68 @@ def test_greedy_steps_use_the_observed_lr():
     assert len(used) > 3, used
 
 
+def stepped_sgd(groups):
+    """A torch SGD with momentum that has taken a step (so from_torch loads its state too)."""
+    params = [torch.nn.Parameter(torch.ones(3)) for _ in range(groups)]
+    opt = torch.optim.SGD([{"params": [p], "lr": BASE_LRS[g]} for g, p in enumerate(params)], momentum=0.9)
+    for p in params:
+        p.grad = torch.full_like(p, 0.5)
+    opt.step()
+    return opt
+
+
 def test_from_torch_carries_a_greedy_scheduler_on_mid_run():
-    kwargs = dict(CASES["smooth-reset"], cooldown=1, warmup=2)
-    ref, ref_opt, _ = make_pair(kwargs, groups=2, per_group=[dict(min_lr=0.02), dict(max_lr=0.3)])
-    seq = metrics(200, seed=5)
-    for m in seq[:73]:
+    """Converted in the middle of a cooldown, with a full smoothing window and reductions at the
+    minimum counted: the state carried over decides what follows, a reset included."""
+    kwargs = dict(factor=0.5, patience=0, smooth=True, window_size=8, cooldown=1, warmup=1, reset_start=3)
+    ref_opt = stepped_sgd(2)
+    ref = HFGreedyLR(ref_opt, **kwargs, min_lr=[0.02, 0.004])
+    seq = metrics(400, seed=5)
+    for k, m in enumerate(seq):
         ref.step(m)
+        if (ref.cooldown_counter > 0 and len(ref._streaming_avg.values) == 8
+                and 0 < ref.reset_start < ref.reset_start_original):
+            break
+    else:
+        pytest.fail("no observation mid-cooldown with reductions at the minimum counted")
     opt = fusedlr.from_torch(ref_opt, ref)
+    assert [float(g["initial_lr"]) for g in opt.param_groups] == list(BASE_LRS[:2])
+    names = fusedlr._C.schedule_state_slots()["GreedyLR"]
+    for g in range(2):  # the row holds HF's state, slot by slot
+        row = dict(zip(names, opt._plateau_state[g].tolist()))
+        assert (row["best"], row["num_bad"], row["num_good"]) == (ref.best, ref.num_bad_epochs, ref.num_good_epochs)
+        assert (row["cooldown_counter"], row["warmup_counter"]) == (ref.cooldown_counter, ref.warmup_counter)
+        assert row["at_min_reductions"] == ref.reset_start_original - ref.reset_start
+        assert (row["window_count"], row["window_sum"], row["window_head"]) == (8, ref._streaming_avg.sum, 0)
+        assert opt._plateau_state[g, names.index("window_values"):].tolist() == ref._streaming_avg.values
     assert lrs(opt) == [g["lr"] for g in ref_opt.param_groups]
-    for k, m in enumerate(seq[73:]):
+    resets = count_resets(ref)
+    for n, m in enumerate(seq[k + 1:]):
         opt.observe(m)
         ref.step(m)
-        assert lrs(opt) == [g["lr"] for g in ref_opt.param_groups], k
+        assert lrs(opt) == [g["lr"] for g in ref_opt.param_groups], n
+    assert resets
 
 
 def test_from_torch_carries_a_plateau_scheduler_on_mid_run():
-    ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
-    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(ref_opt, patience=2, factor=0.5, cooldown=1)
+    ref_opt = stepped_sgd(1)
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(ref_opt, patience=3, factor=0.5, cooldown=2)
     seq = metrics(150, seed=9)
-    for m in seq[:40]:
+    for k, m in enumerate(seq):
         ref.step(m)
+        if k > 20 and ref.num_bad_epochs >= 2:
+            break
+    else:
+        pytest.fail("no observation with bad epochs counted")
     opt = fusedlr.from_torch(ref_opt, ref)
-    for k, m in enumerate(seq[40:]):
+    changes = 0
+    for n, m in enumerate(seq[k + 1:]):
+        before = ref_opt.param_groups[0]["lr"]
         opt.observe(m)
         ref.step(m)
-        assert lrs(opt)[0] == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-15), k
+        assert lrs(opt)[0] == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-15), n
+        changes += ref_opt.param_groups[0]["lr"] != before
+    assert changes
 
 
 def test_from_hf_greedy_equals_get_scheduler():
@@ -214,7 +257,8 @@ def test_from_hf_greedy_equals_get_scheduler():
     (lambda: S.GreedyLR(window_size=0), "window_size"),
     (lambda: S.GreedyLR(window_size=1 << 30), "window_size"),
     (lambda: S.GreedyLR(smooth=1), "smooth"),
-    (lambda: S.GreedyLR(min_lr=0.5, max_lr=0.1), "max_lr"),
+    (lambda: S.GreedyLR(max_lr=-0.1), "max_lr"),
+    (lambda: S.GreedyLR(max_lr=float("nan")), "max_lr"),
     (lambda: S.GreedyLR(reset_start=-1), "reset_start"),
     (lambda: S.GreedyLR(threshold_mode="log"), "threshold_mode"),
     (lambda: S.Warmup(S.GreedyLR(), 3), "GreedyLR"),
@@ -279,3 +323,43 @@ def test_as_lr_scheduler_is_a_plateau_scheduler_for_the_frameworks():
         assert [float(v) for v in sched.get_last_lr()] == [ref_opt.param_groups[0]["lr"]]
     plain = fusedlr.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1, schedule=S.CosineAnnealingLR(T_max=5))
     assert not isinstance(plain.as_lr_scheduler(), torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
+def test_a_metric_schedule_of_another_layout_starts_a_fresh_row():
+    """A group whose ReduceLROnPlateau becomes a GreedyLR starts the GreedyLR afresh, as a new HF
+    scheduler would; a GreedyLR replaced by one of the same layout (another patience) carries on."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = fusedlr.SGD([p], lr=0.1, schedule=S.ReduceLROnPlateau(patience=0, factor=0.5, cooldown=3))
+    seq = metrics(120, seed=6)
+    for m in seq[:12]:
+        opt.observe(m)
+    assert float(opt.last_lr()[0]) < 0.1
+    opt.param_groups[0]["schedule"] = S.GreedyLR(patience=3, factor=0.5, smooth=True, window_size=3)
+    ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    ref = HFGreedyLR(ref_opt, patience=3, factor=0.5, smooth=True, window_size=3)
+    trace = []
+    for m in seq[12:60]:
+        opt.observe(m)
+        ref.step(m)
+        trace.append(ref_opt.param_groups[0]["lr"])
+        assert float(opt.last_lr()[0]) == trace[-1]
+    opt.param_groups[0]["schedule"] = S.GreedyLR(patience=1, factor=0.5, smooth=True, window_size=3)
+    ref.patience = 1
+    for m in seq[60:]:
+        opt.observe(m)
+        ref.step(m)
+        trace.append(ref_opt.param_groups[0]["lr"])
+        assert float(opt.last_lr()[0]) == trace[-1]
+    assert all(events(part) != (0, 0) for part in (trace[:48], trace[48:])), events(trace)
+
+
+def test_a_hand_built_program_with_an_unbounded_window_is_refused():
+    programs = S.compile_programs([S.GreedyLR(smooth=True, window_size=3)])
+    window_arg = int(programs[0]) + 2 + [f.name for f in dataclasses.fields(S.GreedyLR)].index("window_size")
+    state = fusedlr._ops.initial_plateau_state(1, torch.device("cpu"), 13)
+    for bad in (math.inf, 2.0 ** 40):
+        programs[window_arg] = bad
+        with pytest.raises(RuntimeError, match="window|2\\^53"):
+            torch.ops.fusedlr.plateau_observe_(torch.tensor(1.0, dtype=torch.float64), [0.1], programs, state)
+    fresh = fusedlr._ops.initial_plateau_state(1, torch.device("cpu"), 13)
+    assert torch.equal(state.nan_to_num(7.0), fresh.nan_to_num(7.0))  # untouched (NaN: unset)

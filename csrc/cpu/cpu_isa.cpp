@@ -13,7 +13,8 @@ bool cpu_has(CpuIsa isa) {
   __builtin_cpu_init();
   switch (isa) {
     case CpuIsa::kAvx512:
-      return __builtin_cpu_supports("avx512f");
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
     case CpuIsa::kAvx2:
       return __builtin_cpu_supports("avx2");
     case CpuIsa::kDefault:
