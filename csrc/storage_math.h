@@ -32,7 +32,7 @@
 // so many small updates add up where round-to-nearest drops each one. The random bits of element
 // e of a tensor come from a counter-based generator, a hash of (key, e), where the key hashes the
 // group's rounding seed, the tensor's index in the step's lists, its step count and which value is
-// rounded (the parameter or state list k). The bits depend on nothing else: not the thread count,
+// rounded (the parameter, or a pair of state lists: state_stream). The bits depend on nothing else: not the thread count,
 // the chunking, the device or the order in which elements are visited, so a run is reproducible,
 // the same on the CPU and CUDA, and resumes from a checkpoint (the seed is a group setting and the
 // step count is state) as it would have gone on. NaN stays NaN, infinities stay infinite, and a
@@ -86,7 +86,7 @@ FUSEDLR_HD uint64_t mix64(uint64_t x) {
 }
 
 // The key of the random bits of one value list of one tensor at one step: stream 0 rounds the
-// parameter, stream 1 + k state list k.
+// parameter, stream 1 + j state lists 2j and 2j + 1 (state_stream).
 FUSEDLR_HD uint64_t rounding_key(uint64_t seed, int64_t tensor, int64_t step, int stream) {
   uint64_t key = mix64(seed + 0x9e3779b97f4a7c15ull);
   key = mix64(key ^ static_cast<uint64_t>(tensor));
@@ -114,6 +114,12 @@ FUSEDLR_HD uint32_t random_bits(RandomStream stream, uint32_t element_low) {
 FUSEDLR_HD uint32_t random_bits(uint64_t key, int64_t element) {
   return random_bits(random_stream(key, element), static_cast<uint32_t>(element));
 }
+
+// State lists round in bfloat16, 16 random bits each, so they share draws by pairs: lists 2j and
+// 2j + 1 take the low and the high half of the 32 bits of stream state_stream(2j) (one hash for two
+// roundings; the parameter has stream 0 to itself, a float16 rounding takes all 32 bits).
+FUSEDLR_HD constexpr int state_stream(int list) { return 1 + list / 2; }
+FUSEDLR_HD uint32_t state_random_bits(uint32_t stream_bits, int list) { return stream_bits >> (16 * (list & 1)); }
 
 // ---------------------------------------------------------------------------------------------
 // Rounding float32 to bfloat16 and float16
@@ -310,14 +316,15 @@ struct Storage {
   }
 };
 
-// The keys of a tensor's random bits at one step: the parameter's, then each state list's.
+// The keys of a tensor's random bits at one step: the parameter's, then each pair of state lists'.
 template <int kStates>
 struct RoundingKeys {
-  uint64_t key[kStates + 1];
+  static constexpr int kStreams = 1 + (kStates + 1) / 2;
+  uint64_t key[kStreams];
 
   FUSEDLR_HD static RoundingKeys of(uint64_t seed, int64_t tensor, int64_t step) {
     RoundingKeys keys;
-    for (int s = 0; s <= kStates; ++s) keys.key[s] = rounding_key(seed, tensor, step, s);
+    for (int s = 0; s < kStreams; ++s) keys.key[s] = rounding_key(seed, tensor, step, s);
     return keys;
   }
 };

@@ -323,7 +323,7 @@ FUSEDLR_LOOP_INLINE inline void update_elements(typename S::param_t* __restrict_
   constexpr bool kHasMaster = S::master != MasterKind::kNone;
   // the random bits of elements [begin, end), which share their index's high half (a chunk)
   const RandomStream param_stream = random_stream(keys.key[0], begin);
-  const RandomStream state_stream[] = {random_stream(keys.key[I + 1], begin)...};
+  const RandomStream state_streams[] = {random_stream(keys.key[state_stream(I)], begin)...};
   for (int64_t i = begin; i < end; ++i) {
     const uint32_t element = static_cast<uint32_t>(i);
     master_t no_master{};
@@ -333,7 +333,8 @@ FUSEDLR_LOOP_INLINE inline void update_elements(typename S::param_t* __restrict_
     Optimizer::template update<math_t, Flags>(p, static_cast<math_t>(grad[i]), values[I]..., c);
     S::set_param(param[i], m, p, S::kStochasticParam ? random_bits(param_stream, element) : 0u);
     ((static_cast<int>(I) < kUsed
-          ? S::set_state(state[i], values[I], S::kStochasticState ? random_bits(state_stream[I], element) : 0u)
+          ? S::set_state(state[i], values[I],
+                         S::kStochasticState ? state_random_bits(random_bits(state_streams[I], element), I) : 0u)
           : static_cast<void>(0)),
      ...);
   }

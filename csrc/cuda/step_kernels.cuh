@@ -162,7 +162,8 @@ __device__ __forceinline__ void update_range(typename S::param_t* __restrict__ p
     S::set_param(p, m, value, S::kStochasticParam ? random_bits(keys[0], e) : 0u);
 #pragma unroll
     for (int k = 0; k < kStates; ++k) {
-      S::set_state(stored[k], lane_state[k], S::kStochasticState ? random_bits(keys[k + 1], e) : 0u);
+      S::set_state(stored[k], lane_state[k],
+                   S::kStochasticState ? state_random_bits(random_bits(keys[state_stream(k)], e), k) : 0u);
     }
   };
   bool aligned = is_aligned<ParamVec>(param) && is_aligned<ParamVec>(grad);
