@@ -102,6 +102,23 @@ def local_grad(param: Tensor) -> Tensor | None:
     return grad._local_tensor
 
 
+def local_grads(params: Sequence[Tensor]) -> list[Tensor | None]:
+    """local_grad of each parameter, in one loop: the per-parameter cost of a step over DTensor
+    parameters, kept to attribute reads where the gradient's mesh and placements are its
+    parameter's (FSDP2's every step)."""
+    out = []
+    for p in params:
+        grad = p.grad
+        if grad is not None and is_dtensor(p):
+            spec, param_spec = getattr(grad, "_spec", None), p._spec
+            if spec is not None and spec.mesh is param_spec.mesh and spec.placements == param_spec.placements:
+                grad = grad._local_tensor
+            else:
+                grad = local_grad(p)
+        out.append(grad)
+    return out
+
+
 class NormReduction:
     """How this rank's sums of squares join the global norm ([note: global norm]): which of the
     step's parameters this rank counts, and the group the one all-reduce runs over."""

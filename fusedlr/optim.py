@@ -478,7 +478,7 @@ class _FusedOptimizer(Optimizer):
         """A step over local shards ([note: DTensor parameters]), its norm and inf flags reduced
         across ranks ([note: global norm]): one all-reduce, then the step with the clipping factor
         folded into the gradient scale and the skip decision in found_inf."""
-        grads = None if lists.owners is None else [_dist.local_grad(p) for p in lists.owners]
+        grads = None if lists.owners is None else _dist.local_grads(lists.owners)
         wants_norm = self._wants_norm()
         if not wants_norm and found_inf is None:
             self._step_shards(lists, grads, grad_scale, found_inf)
