@@ -48,14 +48,16 @@ void check_readable(const char* op, const at::Tensor& t, const char* what, size_
 
 namespace {
 
+// 2^53: every integer below it is a double exactly (counts, indices and seeds in doubles).
+constexpr double kMaxExactInteger = 9007199254740992.0;
+
 // The number of args of a node of `kind` whose args start at a (the array ends at `end`), after
 // checking that its count and the args the table marks are at least 1 (the evaluation divides by
 // them or counts with them).
 int64_t node_args(const char* op, ScheduleKind kind, const double* a, const double* end) {
   const ScheduleKindInfo& info = kScheduleKinds[static_cast<int>(kind)];
-  constexpr double kMaxCount = 9007199254740992.0;  // 2^53: the doubles that hold every integer below
   if (info.count_arg != kNoArg) {
-    TORCH_CHECK(a + info.count_arg < end && a[info.count_arg] >= 0 && a[info.count_arg] <= kMaxCount &&
+    TORCH_CHECK(a + info.count_arg < end && a[info.count_arg] >= 0 && a[info.count_arg] <= kMaxExactInteger &&
                     a[info.count_arg] == std::floor(a[info.count_arg]),
                 op, ": a ", info.name, " schedule program is truncated");
   }
@@ -63,7 +65,7 @@ int64_t node_args(const char* op, ScheduleKind kind, const double* a, const doub
   TORCH_CHECK(args >= 0 && a + args <= end, op, ": a schedule program node runs past the programs array");
   for (int i = 0; i < 32; ++i) {
     if (info.at_least_one & (uint32_t{1} << i)) {
-      TORCH_CHECK(i < args && a[i] >= 1 && a[i] <= kMaxCount, op, ": a ", info.name, " schedule program has arg ", i,
+      TORCH_CHECK(i < args && a[i] >= 1 && a[i] <= kMaxExactInteger, op, ": a ", info.name, " schedule program has arg ", i,
                   " outside [1, 2^53]");
     }
   }
@@ -148,7 +150,7 @@ std::string schedule_state_problem(c10::ArrayRef<double> programs, int64_t group
       return c10::str("group ", g, "'s ", kScheduleKinds[static_cast<int>(kind)].name, " state has ", slot, " = ",
                       value, ", which is not ", rule);
     };
-    auto count = [](double v) { return v >= 0 && v == std::floor(v) && v < 9007199254740992.0; };
+    auto count = [](double v) { return v >= 0 && v == std::floor(v) && v < kMaxExactInteger; };
     if (!(is_nan(s[plateau_slot::kLr]) || s[plateau_slot::kLr] >= 0)) return problem("lr", s[0], "an lr >= 0 (or NaN)");
     if (kind == ScheduleKind::kGreedyLR) {
       using namespace greedy_slot;
@@ -219,7 +221,7 @@ int64_t check_step_lists(const char* op, at::DeviceType device_type, size_t para
     const double seed = common[CommonSlot::kRoundingSeed];
     TORCH_CHECK(stochastic == 0 || stochastic == 1, op, ": group ", g, "'s stochastic_rounding slot is ", stochastic,
                 ", not 0 or 1");
-    TORCH_CHECK(seed >= 0 && seed < 9007199254740992.0 && seed == std::floor(seed), op, ": group ", g,
+    TORCH_CHECK(seed >= 0 && seed < kMaxExactInteger && seed == std::floor(seed), op, ": group ", g,
                 "'s rounding seed is ", seed, ", not an integer in [0, 2^53)");
   }
   check_schedule_inputs(op, programs, groups, group_steps, plateau_state);
