@@ -1,6 +1,7 @@
-"""Steps every CPU optimizer path on fixed random inputs and saves what they leave (parameters,
-state, norms, lrs) to the file named by its argument: tests/test_cpu_isa.py runs it under each
-FUSEDLR_CPU_ISA and compares the files bitwise."""
+"""Steps every CPU optimizer path (each optimizer under each storage mode of each parameter dtype)
+on fixed random inputs and saves what they leave (parameters, state, norms, lrs) to the file named
+by its argument: tests/test_cpu_isa.py runs it under each FUSEDLR_CPU_ISA and compares the files
+bitwise."""
 
 import sys
 
@@ -20,20 +21,33 @@ def inputs(dtype, gen):
     return params
 
 
+# the storage modes of each parameter dtype (storage_math.h, [note: storage])
+BF16_STATE = dict(state_dtype=torch.bfloat16)
+STORAGES = {
+    torch.float32: ({}, BF16_STATE, dict(BF16_STATE, stochastic_rounding=True)),
+    torch.float64: ({},),
+    torch.bfloat16: ({}, dict(master_weights=True), dict(master_weights="remainder"),
+                     dict(BF16_STATE, master_weights="remainder"), dict(stochastic_rounding=True),
+                     dict(BF16_STATE, stochastic_rounding=True, rounding_seed=7)),
+    torch.float16: ({}, dict(master_weights=True), dict(BF16_STATE, stochastic_rounding=True)),
+}
+
+
 def cases():
     schedule = S.OneCycleLR(max_lr=0.05, total_steps=12)
-    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        masters = (False, True) if dtype in (torch.bfloat16, torch.float16) else (False,)
-        for master in masters:
-            options = dict(master_weights=master)
-            yield f"sgd-{dtype}-{master}", dtype, lambda p, o=options: fusedlr.SGD(
+    for dtype, storages in STORAGES.items():
+        for storage in storages:
+            label = ",".join(f"{k}={v}" for k, v in storage.items())
+            yield f"sgd-{dtype}-{label}", dtype, lambda p, o=storage: fusedlr.SGD(
                 p, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01, schedule=schedule, **o)
-            yield f"nesterov-{dtype}-{master}", dtype, lambda p, o=options: fusedlr.SGD(
+            yield f"nesterov-{dtype}-{label}", dtype, lambda p, o=storage: fusedlr.SGD(
                 p, lr=0.05, momentum=0.9, nesterov=True, max_grad_norm=2.0, **o)
-            yield f"adam-{dtype}-{master}", dtype, lambda p, o=options: fusedlr.Adam(
+            yield f"adam-{dtype}-{label}", dtype, lambda p, o=storage: fusedlr.Adam(
                 p, lr=0.01, weight_decay=0.1, amsgrad=True, schedule=schedule, max_grad_norm=5.0, **o)
-            yield f"adamw-{dtype}-{master}", dtype, lambda p, o=options: fusedlr.AdamW(
+            yield f"adamw-{dtype}-{label}", dtype, lambda p, o=storage: fusedlr.AdamW(
                 p, lr=0.01, betas=(0.8, 0.99), maximize=True, max_grad_norm=float("inf"), **o)
+            yield f"lion-{dtype}-{label}", dtype, lambda p, o=storage: fusedlr.Lion(
+                p, lr=0.01, betas=(0.9, 0.99), weight_decay=0.1, **o)
 
 
 def main(path: str) -> None:

@@ -354,10 +354,8 @@ FUSEDLR_LOOP_INLINE inline void update_range(const OptimizerJob<Optimizer>& job,
 template <typename Optimizer>
 void update_chunk(const OptimizerJob<Optimizer>& job, int64_t begin, int64_t end) {
   dispatch_storage(job.dtype, job.storage, job.stochastic, [&](auto storage) {
-    // bfloat16 state runs narrower on AVX-512 (cpu/cpu_isa.h)
-    constexpr bool kWide = !std::is_same_v<typename decltype(storage)::state_t, c10::BFloat16>;
     dispatch_flags(job.flags, [&](auto flags) {
-      run_for_cpu_isa<kWide>([&]() FUSEDLR_LOOP_INLINE {
+      run_for_cpu_isa([&]() FUSEDLR_LOOP_INLINE {
         update_range<Optimizer, decltype(flags), decltype(storage)>(
             job, begin, end, std::make_index_sequence<Optimizer::State::kCount>{});
       });
