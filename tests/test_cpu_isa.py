@@ -1,7 +1,7 @@
 """The CPU loops' AVX-512, AVX2 and baseline versions (csrc/cpu/cpu_isa.h, [note: instruction
 sets]) give bitwise the same steps: every optimizer, dtype, storage mode and option, tails, chunked
-tensors and misaligned views, each version forced by FUSEDLR_CPU_ISA in a process of its own. So a machine of
-another CPU computes what CI computed.
+tensors and misaligned views, each version forced by FUSEDLR_CPU_ISA in a process of its own. So a
+machine of another CPU computes what CI computed.
 
 tests/isa_steps.py runs the steps and saves what they leave; this file compares the versions."""
 
