@@ -25,6 +25,18 @@ SHAPES = {
 }
 
 
+class Params(nn.Module):
+    """A model of the given parameter shapes whose loss touches each parameter once, so that a
+    backward leaves FSDP2's own gradients (reduce-scattered, in the parameter's spec)."""
+
+    def __init__(self, shapes, device):
+        super().__init__()
+        self.params = nn.ParameterList([nn.Parameter(torch.randn(*shape, device=device)) for shape in shapes])
+
+    def forward(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        return sum((p * w).sum() for p, w in zip(self.params, weights))
+
+
 def timed(step, rounds: int, device) -> float:
     times = []
     for _ in range(rounds):
@@ -50,8 +62,9 @@ def main():
     rank = dist.get_rank()
     for name, shapes in SHAPES.items():
         torch.manual_seed(0)
-        model = nn.ParameterList([nn.Parameter(torch.randn(*shape, device=device)) for shape in shapes])
+        model = Params(shapes, device)
         fully_shard(model)
+        model([torch.randn(*shape, device=device) for shape in shapes]).backward()
         sharded = list(model.parameters())
         plain = [nn.Parameter(p.to_local().detach().clone()) for p in sharded]
         schedule = S.OneCycleLR(max_lr=1e-3, total_steps=10_000)
@@ -61,9 +74,7 @@ def main():
                                           partition_group=dist.group.WORLD),
         }
         for p, q in zip(sharded, plain):
-            p.grad = torch.distributed.tensor.DTensor.from_local(torch.randn_like(q), p.device_mesh, p.placements,
-                                                                 shape=p.shape, stride=p.stride())
-            q.grad = p.grad.to_local()
+            q.grad = p.grad.to_local().clone()
         for opt in opts.values():
             opt.step()  # state created
         results = {}

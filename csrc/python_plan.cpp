@@ -69,6 +69,46 @@ at::Tensor join_master_cpu(const at::Tensor& param, const at::Tensor& remainder)
   return master;
 }
 
+// [note: DTensor gradients] The local shards of a step's gradients, one per parameter (None for
+// none), read in one loop on this side: for a step of many small DTensor parameters (FSDP2) the
+// per-parameter cost of reading them is the cost of DTensor parameters, and a loop of Python
+// attribute reads costs several times this one. A DTensor parameter's gradient whose spec is the
+// parameter's, or whose mesh is the parameter's and whose placements equal the parameter's, gives
+// its _local_tensor; any other goes to `fallback(param)` (fusedlr/distributed.py, local_grad),
+// which redistributes it or raises. Any other parameter gives its .grad as it is. The gradient is
+// read from the tensor itself: Python's .grad of a DTensor goes through __torch_function__, which
+// costs more than the rest of the loop.
+pybind11::list local_grads(const pybind11::sequence& params, const pybind11::handle& dtensor_type,
+                           const pybind11::function& fallback) {
+  // interned once, never freed: they outlive the interpreter's teardown
+  static const pybind11::handle spec_name = PyUnicode_InternFromString("_spec");
+  static const pybind11::handle mesh_name = PyUnicode_InternFromString("mesh");
+  static const pybind11::handle placements_name = PyUnicode_InternFromString("placements");
+  static const pybind11::handle local_name = PyUnicode_InternFromString("_local_tensor");
+  const size_t n = pybind11::len(params);
+  pybind11::list out(n);
+  for (size_t i = 0; i < n; ++i) {
+    const pybind11::object param = params[i];
+    TORCH_CHECK(THPVariable_Check(param.ptr()), "fusedlr.local_grads: parameter ", i, " is not a tensor");
+    const at::Tensor& grad_tensor = THPVariable_Unpack(param.ptr()).grad();
+    if (!grad_tensor.defined()) {
+      out[i] = pybind11::none();
+      continue;
+    }
+    pybind11::object grad = pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(grad_tensor));
+    if (pybind11::isinstance(param, dtensor_type)) {
+      const pybind11::object spec = pybind11::getattr(grad, spec_name, pybind11::none());
+      const pybind11::object param_spec = param.attr(spec_name);
+      const bool same = spec.is(param_spec) ||
+                        (!spec.is_none() && spec.attr(mesh_name).is(param_spec.attr(mesh_name)) &&
+                         spec.attr(placements_name).equal(param_spec.attr(placements_name)));
+      grad = same ? grad.attr(local_name) : fallback(param);
+    }
+    out[i] = std::move(grad);
+  }
+  return out;
+}
+
 // The gradients of a step: `given` (one per parameter, undefined for none) where the optimizer
 // passes them (the local shards of DTensor gradients, fusedlr/distributed.py), else each
 // parameter's .grad; None where there is none.
@@ -310,6 +350,8 @@ PYBIND11_MODULE(_C, m) {
         "A float32 CPU tensor as its bfloat16 rounding (to nearest, ties away) and the int16 remainder.");
   m.def("join_master", &join_master_cpu, pybind11::arg("param"), pybind11::arg("remainder"),
         "The float32 master of a bfloat16 CPU tensor and its int16 remainder.");
+  m.def("local_grads", &local_grads, pybind11::arg("params"), pybind11::arg("dtensor_type"),
+        pybind11::arg("fallback"), "The local shards of the parameters' gradients ([note: DTensor gradients]).");
   m.def("packed_state_buffer", &packed_state_buffer, pybind11::arg("numel"), pybind11::arg("dtype"),
         "A zero CPU tensor for packed optimizer state, on huge pages where the kernel gives them on request.");
   // Each optimizer's plan class and its descriptor (optimizer_traits.h): the names of its

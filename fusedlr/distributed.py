@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import _C
+
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch built without distributed
@@ -103,20 +105,12 @@ def local_grad(param: Tensor) -> Tensor | None:
 
 
 def local_grads(params: Sequence[Tensor]) -> list[Tensor | None]:
-    """local_grad of each parameter, in one loop: the per-parameter cost of a step over DTensor
-    parameters, kept to attribute reads where the gradient's mesh and placements are its
-    parameter's (FSDP2's every step)."""
-    out = []
-    for p in params:
-        grad = p.grad
-        if grad is not None and is_dtensor(p):
-            spec, param_spec = getattr(grad, "_spec", None), p._spec
-            if spec is not None and spec.mesh is param_spec.mesh and spec.placements == param_spec.placements:
-                grad = grad._local_tensor
-            else:
-                grad = local_grad(p)
-        out.append(grad)
-    return out
+    """local_grad of each parameter, in one loop in C++ where the gradient's mesh and placements
+    are its parameter's (FSDP2's every step; csrc/python_plan.cpp, [note: DTensor gradients]),
+    through local_grad otherwise. torch.compile traces local_grad itself."""
+    if torch.compiler.is_compiling():
+        return [local_grad(p) for p in params]
+    return _C.local_grads(params, DTensor, local_grad)
 
 
 class NormReduction:

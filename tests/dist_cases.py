@@ -334,6 +334,19 @@ def case_grad_placements():
         opt_b.step()
         assert torch.equal(a.to_local(), b.to_local()), step
     assert not torch.equal(a.full_tensor(), full)
+    # a plain tensor as a DTensor parameter's gradient: refused, the optimizer as it was
+    before = {key: local(value).clone() for key, value in opt_a.state[a].items()}
+    param_before = a.to_local().clone()
+    a.grad = torch.randn(6, 4)
+    try:
+        opt_a.step()
+    except ValueError as e:
+        assert "must be a DTensor" in str(e), e
+    else:
+        raise AssertionError("a plain gradient of a DTensor parameter was stepped")
+    assert torch.equal(a.to_local(), param_before)
+    for key, value in opt_a.state[a].items():
+        assert torch.equal(local(value), before[key]), key
     # a plain parameter beside a DTensor one: a copy on every rank, its squares counted once
     c = nn.Parameter(torch.ones(5))
     opt = fusedlr.AdamW([a, c], lr=0.1, max_grad_norm=math.inf)
