@@ -1,4 +1,4 @@
-"""Steps every CPU optimizer path (each optimizer under each storage mode of each parameter dtype)
+"""Steps every CPU optimizer path (each optimizer under the main storage modes of each parameter dtype)
 on fixed random inputs and saves what they leave (parameters, state, norms, lrs) to the file named
 by its argument: tests/test_cpu_isa.py runs it under each FUSEDLR_CPU_ISA and compares the files
 bitwise."""

@@ -1,5 +1,5 @@
 """The CPU loops' AVX-512, AVX2 and baseline versions (csrc/cpu/cpu_isa.h, [note: instruction
-sets]) give bitwise the same steps: every optimizer, dtype, storage mode and option, tails, chunked
+sets]) give bitwise the same steps: every optimizer, dtype and option, the main storage modes, tails, chunked
 tensors and misaligned views, each version forced by FUSEDLR_CPU_ISA in a process of its own. So a
 machine of another CPU computes what CI computed.
 
