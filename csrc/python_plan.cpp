@@ -71,20 +71,25 @@ at::Tensor join_master_cpu(const at::Tensor& param, const at::Tensor& remainder)
 
 // [note: DTensor gradients] The local shards of a step's gradients, one per parameter (None for
 // none), read in one loop on this side: for a step of many small DTensor parameters (FSDP2) the
-// per-parameter cost of reading them is the cost of DTensor parameters, and a loop of Python
-// attribute reads costs several times this one. A DTensor parameter's gradient whose spec is the
-// parameter's, or whose mesh is the parameter's and whose placements equal the parameter's, gives
-// its _local_tensor; any other goes to `fallback(param)` (fusedlr/distributed.py, local_grad),
-// which redistributes it or raises. Any other parameter gives its .grad as it is. The gradient is
-// read from the tensor itself: Python's .grad of a DTensor goes through __torch_function__, which
-// costs more than the rest of the loop.
+// per-parameter cost of reading them is the cost of DTensor parameters, and the same loop in
+// Python (its attribute reads, type and spec checks) costs about three times this one. A DTensor
+// parameter's gradient whose spec is the parameter's own (FSDP2 makes both from one spec) gives its
+// _local_tensor; any other goes to `fallback(param)` (fusedlr/distributed.py, local_grad: the one
+// rule for other placements, which redistributes or raises; tensor parallel's gradients, whose
+// specs are new each backward, go there too). Any other parameter gives its .grad as it is, read
+// from the tensor as the plain path reads it (a subclass's Python .grad property is not consulted).
 pybind11::list local_grads(const pybind11::sequence& params, const pybind11::handle& dtensor_type,
                            const pybind11::function& fallback) {
-  // interned once, never freed: they outlive the interpreter's teardown
-  static const pybind11::handle spec_name = PyUnicode_InternFromString("_spec");
-  static const pybind11::handle mesh_name = PyUnicode_InternFromString("mesh");
-  static const pybind11::handle placements_name = PyUnicode_InternFromString("placements");
-  static const pybind11::handle local_name = PyUnicode_InternFromString("_local_tensor");
+  // interned once and kept for the life of the process (a failed interning raises, and is tried
+  // again on the next call)
+  static PyObject* spec_name = nullptr;
+  static PyObject* local_name = nullptr;
+  if (spec_name == nullptr && (spec_name = PyUnicode_InternFromString("_spec")) == nullptr) {
+    throw pybind11::error_already_set();
+  }
+  if (local_name == nullptr && (local_name = PyUnicode_InternFromString("_local_tensor")) == nullptr) {
+    throw pybind11::error_already_set();
+  }
   const size_t n = pybind11::len(params);
   pybind11::list out(n);
   for (size_t i = 0; i < n; ++i) {
@@ -95,14 +100,12 @@ pybind11::list local_grads(const pybind11::sequence& params, const pybind11::han
       out[i] = pybind11::none();
       continue;
     }
-    pybind11::object grad = pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(grad_tensor));
+    PyObject* const wrapped = THPVariable_Wrap(grad_tensor);
+    if (wrapped == nullptr) throw pybind11::error_already_set();
+    pybind11::object grad = pybind11::reinterpret_steal<pybind11::object>(wrapped);
     if (pybind11::isinstance(param, dtensor_type)) {
-      const pybind11::object spec = pybind11::getattr(grad, spec_name, pybind11::none());
-      const pybind11::object param_spec = param.attr(spec_name);
-      const bool same = spec.is(param_spec) ||
-                        (!spec.is_none() && spec.attr(mesh_name).is(param_spec.attr(mesh_name)) &&
-                         spec.attr(placements_name).equal(param_spec.attr(placements_name)));
-      grad = same ? grad.attr(local_name) : fallback(param);
+      const bool own_spec = pybind11::getattr(grad, spec_name, pybind11::none()).is(param.attr(spec_name));
+      grad = own_spec ? grad.attr(local_name) : fallback(param);
     }
     out[i] = std::move(grad);
   }

@@ -105,9 +105,9 @@ def local_grad(param: Tensor) -> Tensor | None:
 
 
 def local_grads(params: Sequence[Tensor]) -> list[Tensor | None]:
-    """local_grad of each parameter, in one loop in C++ where the gradient's mesh and placements
-    are its parameter's (FSDP2's every step; csrc/python_plan.cpp, [note: DTensor gradients]),
-    through local_grad otherwise. torch.compile traces local_grad itself."""
+    """local_grad of each parameter, in one loop in C++ where the gradient has its parameter's own
+    spec (FSDP2's every step; csrc/python_plan.cpp, [note: DTensor gradients]), through local_grad
+    otherwise. torch.compile traces local_grad itself."""
     if torch.compiler.is_compiling():
         return [local_grad(p) for p in params]
     return _C.local_grads(params, DTensor, local_grad)

@@ -112,12 +112,36 @@ def fsdp(m, mesh=None):
     return fully_shard(m, mesh=mesh)
 
 
+class CountedFallback:
+    """Counts the parameters whose gradients the steps read (`read`, through
+    fusedlr.distributed.local_grads) and those of them read through local_grad (`params`), the rule
+    for a DTensor gradient whose spec is not its parameter's own (the rest are read in C++: [note:
+    DTensor gradients])."""
+
+    def __enter__(self):
+        import fusedlr.distributed as fd
+        self.module, self.originals, self.read, self.params = fd, (fd.local_grads, fd.local_grad), 0, []
+
+        def local_grads(params):
+            self.read += len(params)
+            return self.originals[0](params)
+        fd.local_grads = local_grads
+        fd.local_grad = lambda p: self.params.append(p) or self.originals[1](p)
+        return self
+
+    def __exit__(self, *exc):
+        self.module.local_grads, self.module.local_grad = self.originals
+
+
 def case_fsdp2():
     for opt in ("adamw", "sgd"):
         for max_norm in (None, 0.5):
             a, b = fsdp(model()), fsdp(model())
             ours, theirs = pair(S.StepLR(step_size=4, gamma=0.5), max_norm, opt=opt)
-            fused, _ = train_both(a, b, ours, theirs, max_norm, same_batches(True))
+            with CountedFallback() as fallback:
+                fused, _ = train_both(a, b, ours, theirs, max_norm, same_batches(True))
+            # FSDP2's gradients: all read, all on the C++ path
+            assert fallback.read == STEPS * len(list(a.parameters())) and not fallback.params, fallback.read
             p = next(a.parameters())
             state = fused.state[p]
             for key, value in state.items():
@@ -329,13 +353,16 @@ def case_grad_placements():
     for step in range(3):
         grad = torch.randn(6, 4, generator=torch.Generator().manual_seed(step + 1))
         a.grad = distribute_tensor(grad, mesh, [Replicate()])
-        b.grad = distribute_tensor(grad, mesh, [Shard(0)])
-        opt_a.step()
-        opt_b.step()
+        b.grad = distribute_tensor(grad, mesh, [Shard(0)])  # b's placements, not b's own spec
+        with CountedFallback() as fallback:
+            opt_a.step()
+            opt_b.step()
+        assert fallback.read == 2 and [id(p) for p in fallback.params] == [id(a), id(b)], fallback.read
         assert torch.equal(a.to_local(), b.to_local()), step
     assert not torch.equal(a.full_tensor(), full)
     # a plain tensor as a DTensor parameter's gradient: refused, the optimizer as it was
     before = {key: local(value).clone() for key, value in opt_a.state[a].items()}
+    assert "step" in before  # the step count, which the schedule reads
     param_before = a.to_local().clone()
     a.grad = torch.randn(6, 4)
     try:

@@ -1,8 +1,9 @@
-"""Steps every CPU optimizer path (each optimizer under the main storage modes of each parameter dtype)
-on fixed random inputs and saves what they leave (parameters, state, norms, lrs) to the file named
-by its argument: tests/test_cpu_isa.py runs it under each FUSEDLR_CPU_ISA and compares the files
-bitwise."""
+"""Steps every CPU optimizer path (each optimizer under every storage mode of each parameter
+dtype) on fixed random inputs and saves what they leave (parameters, state, norms, lrs) to the file
+named by its argument: tests/test_cpu_isa.py runs it under each FUSEDLR_CPU_ISA and compares the
+files bitwise."""
 
+import itertools
 import sys
 
 import torch
@@ -21,22 +22,25 @@ def inputs(dtype, gen):
     return params
 
 
-# the storage modes of each parameter dtype (storage_math.h, [note: storage])
-BF16_STATE = dict(state_dtype=torch.bfloat16)
-STORAGES = {
-    torch.float32: ({}, BF16_STATE, dict(BF16_STATE, stochastic_rounding=True)),
-    torch.float64: ({},),
-    torch.bfloat16: ({}, dict(master_weights=True), dict(master_weights="remainder"),
-                     dict(BF16_STATE, master_weights="remainder"), dict(stochastic_rounding=True),
-                     dict(BF16_STATE, stochastic_rounding=True, rounding_seed=7)),
-    torch.float16: ({}, dict(master_weights=True), dict(BF16_STATE, stochastic_rounding=True)),
-}
+def storages(dtype):
+    """Every storage mode of `dtype`'s parameters (storage_math.h, [note: storage]): the state's
+    dtype, the master weight, and rounding to nearest or stochastically where something rounds
+    stochastically (bfloat16 state, or a low-precision parameter without a master weight)."""
+    if dtype == torch.float64:
+        return [{}]
+    masters = {torch.float32: [False], torch.bfloat16: [False, True, "remainder"], torch.float16: [False, True]}
+    return [dict(state_dtype=state, master_weights=master, stochastic_rounding=stochastic, rounding_seed=7)
+            for state, master, stochastic in itertools.product((None, torch.bfloat16), masters[dtype], (False, True))
+            if not stochastic or state is not None or (dtype != torch.float32 and master is False)]
+
+
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def cases():
     schedule = S.OneCycleLR(max_lr=0.05, total_steps=12)
-    for dtype, storages in STORAGES.items():
-        for storage in storages:
+    for dtype in DTYPES:
+        for storage in storages(dtype):
             label = ",".join(f"{k}={v}" for k, v in storage.items())
             yield f"sgd-{dtype}-{label}", dtype, lambda p, o=storage: fusedlr.SGD(
                 p, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01, schedule=schedule, **o)

@@ -27,8 +27,8 @@ std::string cpu_isas_supported();
 #define FUSEDLR_CPU_VERSIONS 1
 #define FUSEDLR_LOOP_INLINE __attribute__((always_inline))
 
-// AVX-512 with 512-bit vectors: gcc's default for the AVX-512 target is 256-bit vectors, which
-// ran every storage mode slower (bfloat16 state lists by a quarter).
+// AVX-512 (F, BW, DQ, VL) with 512-bit vectors. gcc's default for AVX-512 targets is 256-bit
+// vectors; a former variant of F alone at that width ran the bfloat16-state loops a quarter slower.
 template <typename Loop>
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,prefer-vector-width=512"), noinline)) void run_avx512(
     const Loop& loop) {
