@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <array>
 #include <exception>
 #include <mutex>
@@ -305,15 +306,52 @@ struct OptimizerJob : Job {
 template <typename T, size_t>
 using StatePointer = T*;
 
+// [note: page prefetch]
+// An update streams three to seven arrays at once (parameter, gradient, master, state lists). The
+// hardware prefetchers follow a stream within its 4 KB page only: at each page it enters, a
+// stream's first lines miss before they fetch ahead again, and the allocator leaves the arrays at
+// unrelated offsets within their pages, so the streams enter their pages at different times and
+// the loop stalls at each one's entry. Where every array started at the same page offset, a step
+// of remainders + bfloat16 state took 0.8x the time of one with the gradient or the state half a
+// page off; with the streams of 2-byte values (bfloat16 state, remainders) the stalls are most of
+// the step. So the loop runs in blocks of kPrefetchBlock elements, and before each block asks for
+// the first kPrefetchLines lines of every page each stream enters kPrefetchAhead elements on. On
+// GPT-2 small in bfloat16 (2 threads here) that took remainders + bfloat16 state from 94 to 67 ms
+// and stochastic rounding + bfloat16 state from 165 to 101 ms; float32 masters from 85 to 83 ms. A
+// prefetch of every line, or of one line per page, gained little or nothing. A prefetch changes no
+// value: the steps are bitwise as without it.
+constexpr int64_t kPrefetchBlock = 512;
+constexpr int64_t kPrefetchAhead = 1024;
+constexpr int kPrefetchLines = 4;
+constexpr uintptr_t kPageBytes = 4096;
+constexpr uintptr_t kLineBytes = 64;
+
+// Asks for the first lines of each page that data[begin, end) enters.
+template <typename T>
+FUSEDLR_LOOP_INLINE inline void prefetch_page_starts(const T* data, int64_t begin, int64_t end) {
+#if defined(__GNUC__)
+  const uintptr_t last = reinterpret_cast<uintptr_t>(data + end);
+  for (uintptr_t page = (reinterpret_cast<uintptr_t>(data + begin) + kPageBytes - 1) & ~(kPageBytes - 1);
+       page < last; page += kPageBytes) {
+    for (int line = 0; line < kPrefetchLines; ++line) {
+      __builtin_prefetch(reinterpret_cast<const void*>(page + kLineBytes * line));
+    }
+  }
+#else
+  (void)data, (void)begin, (void)end;
+#endif
+}
+
 // The element loop: the parameter read from its master weight where it has one, the first
 // states_used() state lists read, each value converted to the math type, updated, and stored
 // back as the tensor's storage says (storage_math.h, [note: storage]); each list through a
-// pointer of its own (restrict: the loop vectorizes).
+// pointer of its own (restrict: the loop vectorizes), in blocks with the pages ahead asked for
+// ([note: page prefetch]).
 template <typename Optimizer, typename Flags, typename S, size_t... I>
 FUSEDLR_LOOP_INLINE inline void update_elements(typename S::param_t* __restrict__ param,
                                                 typename S::master_t* __restrict__ master,
                                                 const typename S::param_t* __restrict__ grad, int64_t begin,
-                                                int64_t end,
+                                                int64_t end, int64_t numel,
                                                 const typename Optimizer::template Coefficients<typename S::math_t>& c,
                                                 const RoundingKeys<Optimizer::State::kCount>& keys,
                                                 StatePointer<typename S::state_t, I> __restrict__... state) {
@@ -324,19 +362,31 @@ FUSEDLR_LOOP_INLINE inline void update_elements(typename S::param_t* __restrict_
   // the random bits of elements [begin, end), which share their index's high half (a chunk)
   const RandomStream param_stream = random_stream(keys.key[0], begin);
   const RandomStream state_streams[] = {random_stream(keys.key[state_stream(I)], begin)...};
-  for (int64_t i = begin; i < end; ++i) {
-    const uint32_t element = static_cast<uint32_t>(i);
-    master_t no_master{};
-    master_t& m = kHasMaster ? master[i] : no_master;
-    math_t p = S::param_value(param[i], m);
-    math_t values[] = {(static_cast<int>(I) < kUsed ? S::state_value(state[i]) : math_t(0))...};
-    Optimizer::template update<math_t, Flags>(p, static_cast<math_t>(grad[i]), values[I]..., c);
-    S::set_param(param[i], m, p, S::kStochasticParam ? random_bits(param_stream, element) : 0u);
-    ((static_cast<int>(I) < kUsed
-          ? S::set_state(state[i], values[I],
-                         S::kStochasticState ? state_random_bits(random_bits(state_streams[I], element), I) : 0u)
-          : static_cast<void>(0)),
-     ...);
+  for (int64_t block = begin; block < end; block += kPrefetchBlock) {
+    const int64_t block_end = std::min(block + kPrefetchBlock, end);
+    // [note: page prefetch]: the pages entered kPrefetchAhead elements on, within the tensor
+    const int64_t ahead_begin = block + kPrefetchAhead, ahead_end = std::min(block_end + kPrefetchAhead, numel);
+    if (ahead_begin < ahead_end) {
+      prefetch_page_starts(param, ahead_begin, ahead_end);
+      prefetch_page_starts(grad, ahead_begin, ahead_end);
+      if constexpr (kHasMaster) prefetch_page_starts(master, ahead_begin, ahead_end);
+      ((static_cast<int>(I) < kUsed ? prefetch_page_starts(state, ahead_begin, ahead_end) : static_cast<void>(0)),
+       ...);
+    }
+    for (int64_t i = block; i < block_end; ++i) {
+      const uint32_t element = static_cast<uint32_t>(i);
+      master_t no_master{};
+      master_t& m = kHasMaster ? master[i] : no_master;
+      math_t p = S::param_value(param[i], m);
+      math_t values[] = {(static_cast<int>(I) < kUsed ? S::state_value(state[i]) : math_t(0))...};
+      Optimizer::template update<math_t, Flags>(p, static_cast<math_t>(grad[i]), values[I]..., c);
+      S::set_param(param[i], m, p, S::kStochasticParam ? random_bits(param_stream, element) : 0u);
+      ((static_cast<int>(I) < kUsed
+            ? S::set_state(state[i], values[I],
+                           S::kStochasticState ? state_random_bits(random_bits(state_streams[I], element), I) : 0u)
+            : static_cast<void>(0)),
+       ...);
+    }
   }
 }
 
@@ -347,7 +397,7 @@ FUSEDLR_LOOP_INLINE inline void update_range(const OptimizerJob<Optimizer>& job,
   update_elements<Optimizer, Flags, S, I...>(
       static_cast<typename S::param_t*>(job.param),
       static_cast<typename S::master_t*>(job.state[Optimizer::State::kCount]),
-      static_cast<const typename S::param_t*>(job.grad), begin, end, c, job.keys,
+      static_cast<const typename S::param_t*>(job.grad), begin, end, job.numel, c, job.keys,
       static_cast<typename S::state_t*>(job.state[I])...);
 }
 
