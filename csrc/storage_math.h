@@ -94,21 +94,27 @@ FUSEDLR_HD uint64_t rounding_key(uint64_t seed, int64_t tensor, int64_t step, in
   return mix64(key ^ static_cast<uint64_t>(stream));
 }
 
-// 32 random bits for element `element` under `key`: two rounds of 32-bit mixing (vectorizable on
-// the CPU, cheap on a GPU), the first keyed by the key's low half, the second by its high half with
-// the element index's high half folded in. A RandomStream is that pair for the elements that share
-// an index's high half (the CPU loops take it once per chunk: a chunk never spans two).
+// 32 random bits for element `element` under `key`: one round of 32-bit mixing (vectorizable on
+// the CPU, cheap on a GPU) of the index's low half, spread by an odd multiplier, xor a 32-bit
+// stream value that folds the key's two halves and the index's high half together. A RandomStream
+// is that value for the elements that share an index's high half (the CPU loops take it once per
+// chunk: a chunk never spans two). Each element's bits are uniform over keys (for a fixed index,
+// the mix is a bijection of the stream value), which is what makes stochastic rounding unbiased;
+// the multiplier evens the bytes of consecutive elements' bits (without it, over 2^20 consecutive
+// indices, a byte of the high half was measurably uneven: a mean chi-square of 270 for 255 degrees
+// of freedom). A former second round of mixing, keyed by the key's high half, cost the CPU's
+// stochastic-rounding step a tenth of its time.
 struct RandomStream {
-  uint32_t low, high;
+  uint32_t value;
 };
 
 FUSEDLR_HD RandomStream random_stream(uint64_t key, int64_t element) {
   const uint32_t element_high = static_cast<uint32_t>(static_cast<uint64_t>(element) >> 32);
-  return {static_cast<uint32_t>(key), static_cast<uint32_t>(key >> 32) ^ (element_high * 0x9e3779b9u)};
+  return {static_cast<uint32_t>(key) ^ static_cast<uint32_t>(key >> 32) ^ (element_high * 0x9e3779b9u)};
 }
 
 FUSEDLR_HD uint32_t random_bits(RandomStream stream, uint32_t element_low) {
-  return mix32(mix32(element_low ^ stream.low) ^ stream.high);
+  return mix32((element_low * 0x9e3779b9u) ^ stream.value);
 }
 
 FUSEDLR_HD uint32_t random_bits(uint64_t key, int64_t element) {
