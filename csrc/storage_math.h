@@ -32,11 +32,13 @@
 // so many small updates add up where round-to-nearest drops each one. The random bits of element
 // e of a tensor come from a counter-based generator, a hash of (key, e), where the key hashes the
 // group's rounding seed, the tensor's index in the step's lists, its step count and which value is
-// rounded (the parameter, or a pair of state lists: state_stream). The bits depend on nothing else: not the thread count,
-// the chunking, the device or the order in which elements are visited, so a run is reproducible,
-// the same on the CPU and CUDA, and resumes from a checkpoint (the seed is a group setting and the
-// step count is state) as it would have gone on. NaN stays NaN, infinities stay infinite, and a
-// finite value beyond the largest finite one of the type rounds as to nearest.
+// rounded (the parameter, or a pair of state lists: state_stream). The bits depend on nothing
+// else: not the thread count, the chunking, the device or the order in which elements are
+// visited, so a run is reproducible, the same on the CPU and CUDA, and resumes from a checkpoint
+// (the seed is a group setting and the step count is state) as it would have gone on, in the same
+// version of fusedlr (the generator is fusedlr's own; it changed once, for speed). NaN stays NaN,
+// infinities stay infinite, and a finite value beyond the largest finite one of the type rounds
+// as to nearest.
 
 #include <cmath>
 #include <cstdint>
@@ -102,8 +104,10 @@ FUSEDLR_HD uint64_t rounding_key(uint64_t seed, int64_t tensor, int64_t step, in
 // the mix is a bijection of the stream value), which is what makes stochastic rounding unbiased;
 // the multiplier evens the bytes of consecutive elements' bits (without it, over 2^20 consecutive
 // indices, a byte of the high half was measurably uneven: a mean chi-square of 270 for 255 degrees
-// of freedom). A former second round of mixing, keyed by the key's high half, cost the CPU's
-// stochastic-rounding step a tenth of its time.
+// of freedom). The key enters as 32 bits: two keys whose halves fold alike give the same bits, so
+// over many tensors and steps some (tensor, step) pairs repeat another's pattern, which leaves
+// every rounding unbiased. A former second round of mixing, keyed by the key's high half, cost
+// the CPU's stochastic-rounding step 4% of its time (GPT-2 small in bf16: 101 ms against 97).
 struct RandomStream {
   uint32_t value;
 };

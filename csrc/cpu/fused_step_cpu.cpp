@@ -11,8 +11,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdint>
 #include <array>
+#include <cstdint>
 #include <exception>
 #include <mutex>
 #include <string>
@@ -162,11 +162,11 @@ double sum_of_squares(const param_t* grad, int64_t begin, int64_t end) {
 }
 
 // [note: no allocation]
-// A step of a small model takes microseconds, and the first malloc of a kilobyte or more after other
-// code has freed many small blocks can cost as much: glibc then consolidates its free lists. The
-// vectors a step needs (its jobs, their chunks, the groups' schedule values, the norm's partial
-// sums) are kept from one step to the next: by the prepared step (prepared_step.h) for good, by an
-// op call for that call.
+// A step of a small model takes microseconds, and the first malloc of a kilobyte or more after
+// other code has freed many small blocks can cost as much: glibc then consolidates its free lists.
+// The vectors a step needs (its jobs, their chunks, the groups' schedule values, the norm's
+// partial sums) are kept from one step to the next: by the prepared step (prepared_step.h) for
+// good, by an op call for that call.
 struct StepScratch {
   ChunkPlan plan;
   std::vector<ScheduleValue> schedule;
@@ -307,7 +307,7 @@ template <typename T, size_t>
 using StatePointer = T*;
 
 // [note: page prefetch]
-// An update streams three to seven arrays at once (parameter, gradient, master, state lists). The
+// An update streams two to six arrays at once (parameter, gradient, master, state lists). The
 // hardware prefetchers follow a stream within its 4 KB page only: at each page it enters, a
 // stream's first lines miss before they fetch ahead again, and the allocator leaves the arrays at
 // unrelated offsets within their pages, so the streams enter their pages at different times and
@@ -364,7 +364,8 @@ FUSEDLR_LOOP_INLINE inline void update_elements(typename S::param_t* __restrict_
   const RandomStream state_streams[] = {random_stream(keys.key[state_stream(I)], begin)...};
   for (int64_t block = begin; block < end; block += kPrefetchBlock) {
     const int64_t block_end = std::min(block + kPrefetchBlock, end);
-    // [note: page prefetch]: the pages entered kPrefetchAhead elements on, within the tensor
+    // [note: page prefetch]: the pages entered kPrefetchAhead elements on, within the tensor (a
+    // page's first lines may lie past its end: a prefetch does not fault)
     const int64_t ahead_begin = block + kPrefetchAhead, ahead_end = std::min(block_end + kPrefetchAhead, numel);
     if (ahead_begin < ahead_end) {
       prefetch_page_starts(param, ahead_begin, ahead_end);
