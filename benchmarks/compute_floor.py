@@ -6,6 +6,9 @@ A step that moves fewer bytes can go no faster than this, whatever the memory do
 
 The time per element is the difference of two step sizes over their difference in elements (the
 step's fixed cost cancels), the best of `--rounds` runs of 400 steps each, on all of torch's threads.
+Both sizes must run on all the threads: a step under 32,768 elements runs on the calling thread
+alone (csrc/cpu/fused_step_cpu.cpp, kSerialBelow), so the smaller size, an eighth of the larger,
+must be at least that.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import time
 import torch
 
 import fusedlr
+
+SERIAL_BELOW = 1 << 15  # csrc/cpu/fused_step_cpu.cpp, kSerialBelow: smaller steps run on one thread
 
 MODES = {
     "fp32 state": {},
@@ -49,8 +54,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     small = args.elements // 8
-    if small < 1:
-        parser.error("--elements must be at least 8")
+    if small < SERIAL_BELOW:
+        parser.error(f"--elements must be at least {8 * SERIAL_BELOW}: the smaller step, an eighth of it, "
+                     f"would run on one thread (under {SERIAL_BELOW} elements) and the difference would mean nothing")
     print(f"AdamW on bfloat16 parameters, {torch.get_num_threads()} threads, {fusedlr.cpu_isa()} loops; "
           f"{small} and {args.elements} elements")
     print(f"{'storage':26s} {'ns / element':>12s} {'ms for the model':>17s}")
