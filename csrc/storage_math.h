@@ -117,8 +117,17 @@ FUSEDLR_HD RandomStream random_stream(uint64_t key, int64_t element) {
   return {static_cast<uint32_t>(key) ^ static_cast<uint32_t>(key >> 32) ^ (element_high * 0x9e3779b9u)};
 }
 
+// The odd multiplier that spreads the index's low half. A loop over consecutive elements may keep
+// the spread index as a running sum (adding kIndexSpread per element) and call random_bits_spread:
+// the same bits without a multiplication per element.
+inline constexpr uint32_t kIndexSpread = 0x9e3779b9u;
+
+FUSEDLR_HD uint32_t random_bits_spread(RandomStream stream, uint32_t spread_index) {
+  return mix32(spread_index ^ stream.value);
+}
+
 FUSEDLR_HD uint32_t random_bits(RandomStream stream, uint32_t element_low) {
-  return mix32((element_low * 0x9e3779b9u) ^ stream.value);
+  return random_bits_spread(stream, element_low * kIndexSpread);
 }
 
 FUSEDLR_HD uint32_t random_bits(uint64_t key, int64_t element) {

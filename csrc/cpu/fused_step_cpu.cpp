@@ -362,6 +362,8 @@ FUSEDLR_LOOP_INLINE inline void update_elements(typename S::param_t* __restrict_
   // the random bits of elements [begin, end), which share their index's high half (a chunk)
   const RandomStream param_stream = random_stream(keys.key[0], begin);
   const RandomStream state_streams[] = {random_stream(keys.key[state_stream(I)], begin)...};
+  // the index's low half times kIndexSpread, as a running sum (storage_math.h, random_bits_spread)
+  uint32_t spread_index = static_cast<uint32_t>(begin) * kIndexSpread;
   for (int64_t block = begin; block < end; block += kPrefetchBlock) {
     const int64_t block_end = std::min(block + kPrefetchBlock, end);
     // [note: page prefetch]: the pages entered kPrefetchAhead elements on, within the tensor (a
@@ -374,17 +376,18 @@ FUSEDLR_LOOP_INLINE inline void update_elements(typename S::param_t* __restrict_
       ((static_cast<int>(I) < kUsed ? prefetch_page_starts(state, ahead_begin, ahead_end) : static_cast<void>(0)),
        ...);
     }
-    for (int64_t i = block; i < block_end; ++i) {
-      const uint32_t element = static_cast<uint32_t>(i);
+    for (int64_t i = block; i < block_end; ++i, spread_index += kIndexSpread) {
       master_t no_master{};
       master_t& m = kHasMaster ? master[i] : no_master;
       math_t p = S::param_value(param[i], m);
       math_t values[] = {(static_cast<int>(I) < kUsed ? S::state_value(state[i]) : math_t(0))...};
       Optimizer::template update<math_t, Flags>(p, static_cast<math_t>(grad[i]), values[I]..., c);
-      S::set_param(param[i], m, p, S::kStochasticParam ? random_bits(param_stream, element) : 0u);
+      S::set_param(param[i], m, p, S::kStochasticParam ? random_bits_spread(param_stream, spread_index) : 0u);
       ((static_cast<int>(I) < kUsed
             ? S::set_state(state[i], values[I],
-                           S::kStochasticState ? state_random_bits(random_bits(state_streams[I], element), I) : 0u)
+                           S::kStochasticState
+                               ? state_random_bits(random_bits_spread(state_streams[I], spread_index), I)
+                               : 0u)
             : static_cast<void>(0)),
        ...);
     }
