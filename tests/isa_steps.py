@@ -54,8 +54,50 @@ def cases():
                 p, lr=0.01, betas=(0.9, 0.99), weight_decay=0.1, **o)
 
 
+def special_values() -> torch.Tensor:
+    """float32 values at every edge the roundings to bfloat16 and float16 treat apart: zeros, NaNs
+    (quiet, signaling, either sign), infinities, the largest finite values and just past them,
+    subnormals of float32, bfloat16 and float16, float16's smallest normal, and exact ties."""
+    values = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 3.4e38, -3.4e38, 3.3895e38, 65504.0,
+                           65519.0, 65520.0, -65536.0, 1e-40, -1e-40, 1e-45, 2.0**-126, 2.0**-14, 6e-5, 6e-8, -3e-8,
+                           1e-5, 1.0, 1.00390625, 1.005859375, -1.001953125, 1.00048828125])
+    bits = torch.tensor([0x7F800001, 0xFFC00001, 0x7FFFFFFF, 0x7FBFFFFF, 0xFF800001, 0x3F808000, 0x3F818000,
+                         0x7F7F8000, 0x7F7FFFFF, 0x00008000, 0x80018000], dtype=torch.int64)
+    return torch.cat([values, bits.to(torch.int32).view(torch.float32)])
+
+
+def special_cases():
+    """Steps of parameters and gradients drawn from special_values() under every storage mode of the
+    low-precision dtypes: name, dtype, optimizer factory. NaN payloads are not compared (which of two
+    NaN operands an operation passes on is the compiler's choice in each version of the loops)."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for storage in storages(dtype):
+            label = ",".join(f"{k}={v}" for k, v in storage.items())
+            yield f"special-sgd-{dtype}-{label}", dtype, lambda p, o=storage: fusedlr.SGD(p, lr=1e-3, momentum=0.9, **o)
+            yield f"special-adamw-{dtype}-{label}", dtype, lambda p, o=storage: fusedlr.AdamW(p, lr=1e-3, **o)
+
+
+def run_special(saved: dict) -> None:
+    values = special_values()
+    for name, dtype, make in special_cases():
+        gen = torch.Generator().manual_seed(len(saved))
+        # every special value at many offsets within a vector, among ordinary values
+        ordinary = torch.randn(4 * values.numel(), generator=gen)
+        pool = torch.cat([values.repeat(8), ordinary])
+        param = torch.nn.Parameter(pool[torch.randperm(pool.numel(), generator=gen)].to(dtype))
+        opt = make([param])
+        for step in range(3):
+            grad = pool[torch.randperm(pool.numel(), generator=gen)] * 10.0 ** (step - 1)
+            param.grad = grad.to(dtype)
+            opt.step()
+        saved[f"{name}/special_param"] = param.detach().clone()
+        for key, value in opt.state[param].items():
+            saved[f"{name}/special_{key}"] = value.clone()
+
+
 def main(path: str) -> None:
     saved = {}
+    run_special(saved)
     for name, dtype, make in cases():
         gen = torch.Generator().manual_seed(len(saved))
         params = inputs(dtype, gen)
