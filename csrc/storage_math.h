@@ -143,13 +143,19 @@ FUSEDLR_HD uint32_t state_random_bits(uint32_t stream_bits, int list) { return s
 // ---------------------------------------------------------------------------------------------
 // Rounding float32 to bfloat16 and float16
 
-// Every conversion below is branch-free: each choice of a value is a conditional expression whose
-// both sides are computed, which the compilers make a select (in the CPU loops, a compare into a
-// mask register and a masked move or blend), never an early return or an if, which would leave a
-// branch in the loops that use them and stop their vectorization. Selects by a compare cost a
-// fraction of the same choice spelled as masks in integer arithmetic: with the NaN checks so
-// spelled, an AdamW step with stochastic rounding and bfloat16 state took 1.25x its time in the
-// caches.
+// Every conversion below is branch-free: each choice of a value is either a conditional
+// expression between values already computed by integer operations, which the compilers make a
+// select (in the CPU loops, a compare into a mask register and a masked move or blend), or, where
+// a compiler would compute a candidate only when it is taken and so leave a branch that stops the
+// loops' vectorization (float16's stochastic rounding), a select by a mask made in integer
+// arithmetic. A select by a compare costs a fraction of a mask made in arithmetic: with the NaN
+// checks so made, an AdamW step with stochastic rounding and bfloat16 state took 1.25x its time in
+// the caches.
+
+// All ones where a >= b, else zero, for a and b below 2^31 (float magnitudes as bits).
+FUSEDLR_HD uint32_t mask_at_least(uint32_t a, uint32_t b) {
+  return ~static_cast<uint32_t>(static_cast<int32_t>(a - b) >> 31);
+}
 
 FUSEDLR_HD uint32_t select_bits(uint32_t mask, uint32_t if_set, uint32_t if_clear) {
   return (if_set & mask) | (if_clear & ~mask);
@@ -202,10 +208,10 @@ FUSEDLR_HD c10::Half half_nearest(float x) {
 // the step below, against 23 random bits (so P(up) is that fraction rounded up to a multiple of
 // 2^-23: a bias below 2^-47 in absolute value, for magnitudes under 2^-14 only); at or beyond the
 // largest finite float16, and for NaN, as to nearest. Each candidate is exact in float16 and is
-// spelled in its float16 bits, without a conversion or floorf; the sign is kept (a negative value
-// may round to -0). The loops that use it are not vectorized (the compiler leaves branches for
-// the candidates and for c10's conversion to nearest), but this spelling made a float16 AdamW
-// step with stochastic rounding 2.7x faster than one through floorf and conversions.
+// spelled in its float16 bits, without floorf or a conversion, and chosen by masks made in
+// arithmetic: so the loops vectorize (spelled with floorf and conversions, the loops did not, and
+// a float16 AdamW step with stochastic rounding took 11x its time). The sign is kept (a negative
+// value may round to -0).
 FUSEDLR_HD c10::Half half_stochastic(float x, uint32_t bits) {
   const uint32_t b = float_bits(x);
   const uint32_t sign = (b >> 16) & 0x8000u;
@@ -215,18 +221,20 @@ FUSEDLR_HD c10::Half half_stochastic(float x, uint32_t bits) {
   const uint32_t normal = (((magnitude_bits + (bits & 0x1fffu)) >> 13) - ((127u - 15u) << 10)) | sign;
   // subnormal: the count of 2^-24 steps below the magnitude, plus one with probability the
   // fraction of a step; at most 2^10 (2^-14, float16's smallest normal: 0x0400, its count). The
-  // magnitude in steps is exact; it is clamped to 2^11 (NaN too, as bits) for the magnitudes this
-  // candidate is not for, so that its conversion to an integer is always defined.
+  // magnitude in steps is exact; it is clamped to 2^11 (0x45000000; NaN too, as bits) for the
+  // magnitudes this candidate is not for, so that its conversion to an integer is always defined.
   const uint32_t steps_bits = float_bits(float_of_bits(magnitude_bits) * 16777216.0f);
-  const float steps = float_of_bits(steps_bits < 0x45000000u ? steps_bits : 0x45000000u);  // 2048
+  const float steps = float_of_bits(select_bits(mask_at_least(steps_bits, 0x45000000u), 0x45000000u, steps_bits));
   const int32_t whole = static_cast<int32_t>(steps);  // its floor
-  // the fraction and the random fraction u, both in [0, 1), compared as bits
+  // the fraction and the random fraction u, both in [0, 1), compared as bits: up where fraction > u
   const uint32_t fraction_bits = float_bits(steps - static_cast<float>(whole));
   const uint32_t u_bits = float_bits(static_cast<float>(bits >> 9) * (1.0f / 8388608.0f));  // 23 bits
-  const uint32_t subnormal = static_cast<uint32_t>(whole + (fraction_bits > u_bits ? 1 : 0)) | sign;
+  const uint32_t up = mask_at_least(fraction_bits, u_bits + 1u) & 1u;
+  const uint32_t subnormal = (static_cast<uint32_t>(whole) + up) | sign;
   // normal from 2^-14 (bits 0x38800000); the largest finite float16, 65504, is 0x477fe000
-  const uint32_t out = magnitude_bits >= 0x38800000u ? normal : subnormal;
-  return c10::Half(static_cast<uint16_t>(magnitude_bits < 0x477fe000u ? out : half_nearest(x).x), c10::Half::from_bits());
+  const uint32_t out = select_bits(mask_at_least(magnitude_bits, 0x38800000u), normal, subnormal);
+  const uint32_t in_range = ~mask_at_least(magnitude_bits, 0x477fe000u);
+  return c10::Half(static_cast<uint16_t>(select_bits(in_range, out, half_nearest(x).x)), c10::Half::from_bits());
 }
 
 // A value of a stored type in the math type, and back to nearest.

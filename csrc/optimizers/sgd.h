@@ -43,8 +43,9 @@ FUSEDLR_HD void sgd_update(T& param, T grad, T& momentum_buffer, const SgdCoeffi
   T g = grad * c.grad_sign * c.clip;
   if (kWeightDecay) g = g + c.weight_decay * param;
   if (kMomentum) {
-    momentum_buffer = c.first_step ? g : momentum_buffer * c.momentum + c.one_minus_dampening * g;
-    g = c.nesterov ? g + c.momentum * momentum_buffer : momentum_buffer;
+    // selects by per-tensor masks, not branches (update_math.h, lerp)
+    momentum_buffer = select_by_mask(c.first_step ? ~0u : 0u, g, momentum_buffer * c.momentum + c.one_minus_dampening * g);
+    g = select_by_mask(c.nesterov ? ~0u : 0u, g + c.momentum * momentum_buffer, momentum_buffer);
   }
   param = param + c.neg_lr * g;
 }
