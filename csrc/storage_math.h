@@ -112,15 +112,15 @@ struct RandomStream {
   uint32_t value;
 };
 
+// The odd multiplier that spreads the index's halves (2^32 over the golden ratio). A loop over
+// consecutive elements may keep the spread low half as a running sum (adding kIndexSpread per
+// element) and call random_bits_spread: the same bits without a multiplication per element.
+inline constexpr uint32_t kIndexSpread = 0x9e3779b9u;
+
 FUSEDLR_HD RandomStream random_stream(uint64_t key, int64_t element) {
   const uint32_t element_high = static_cast<uint32_t>(static_cast<uint64_t>(element) >> 32);
-  return {static_cast<uint32_t>(key) ^ static_cast<uint32_t>(key >> 32) ^ (element_high * 0x9e3779b9u)};
+  return {static_cast<uint32_t>(key) ^ static_cast<uint32_t>(key >> 32) ^ (element_high * kIndexSpread)};
 }
-
-// The odd multiplier that spreads the index's low half. A loop over consecutive elements may keep
-// the spread index as a running sum (adding kIndexSpread per element) and call random_bits_spread:
-// the same bits without a multiplication per element.
-inline constexpr uint32_t kIndexSpread = 0x9e3779b9u;
 
 FUSEDLR_HD uint32_t random_bits_spread(RandomStream stream, uint32_t spread_index) {
   return mix32(spread_index ^ stream.value);
@@ -184,8 +184,8 @@ FUSEDLR_HD c10::BFloat16 bfloat16_nearest(float x) {
 }
 
 // The bfloat16 of x rounded stochastically with 16 random bits (the low half of `bits`): adding
-// them to x's low half carries into the top half with probability low / 2^16. Beyond the largest
-// finite bfloat16 (and for infinities) as to nearest; NaN as c10 makes it.
+// them to x's low half carries into the top half with probability low / 2^16. At or beyond the
+// largest finite bfloat16 (and for infinities) as to nearest; NaN as c10 makes it.
 FUSEDLR_HD c10::BFloat16 bfloat16_stochastic(float x, uint32_t bits) {
   const uint32_t b = float_bits(x);
   const bool beyond = (b & 0x7fffffffu) >= 0x7f7f0000u;  // NaN included
@@ -221,10 +221,11 @@ FUSEDLR_HD c10::Half half_stochastic(float x, uint32_t bits) {
   const uint32_t normal = (((magnitude_bits + (bits & 0x1fffu)) >> 13) - ((127u - 15u) << 10)) | sign;
   // subnormal: the count of 2^-24 steps below the magnitude, plus one with probability the
   // fraction of a step; at most 2^10 (2^-14, float16's smallest normal: 0x0400, its count). The
-  // magnitude in steps is exact; it is clamped to 2^11 (0x45000000; NaN too, as bits) for the
-  // magnitudes this candidate is not for, so that its conversion to an integer is always defined.
-  const uint32_t steps_bits = float_bits(float_of_bits(magnitude_bits) * 16777216.0f);
-  const float steps = float_of_bits(select_bits(mask_at_least(steps_bits, 0x45000000u), 0x45000000u, steps_bits));
+  // magnitude in steps is exact; magnitudes from 2^-13 (0x39000000: 2^11 steps), which this
+  // candidate is not for, infinities and NaN included, are clamped there first, so that the
+  // conversion to an integer is always defined.
+  const uint32_t clamped_bits = magnitude_bits < 0x39000000u ? magnitude_bits : 0x39000000u;
+  const float steps = float_of_bits(clamped_bits) * 16777216.0f;
   const int32_t whole = static_cast<int32_t>(steps);  // its floor
   // the fraction and the random fraction u, both in [0, 1), compared as bits: up where fraction > u
   const uint32_t fraction_bits = float_bits(steps - static_cast<float>(whole));

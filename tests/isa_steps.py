@@ -55,21 +55,25 @@ def cases():
 
 
 def special_values() -> torch.Tensor:
-    """float32 values at every edge the roundings to bfloat16 and float16 treat apart: zeros, NaNs
-    (quiet, signaling, either sign), infinities, the largest finite values and just past them,
-    subnormals of float32, bfloat16 and float16, float16's smallest normal, and exact ties."""
+    """float32 values at the edges the roundings to bfloat16 and float16 treat apart: zeros, NaNs
+    (quiet, signaling, either sign), infinities, float32's largest finite value, bfloat16's largest
+    finite value, the tie just beyond it and a value just below it, float16's largest finite value
+    and values beyond it, subnormals of float32, bfloat16 and float16, float16's smallest normal,
+    and exact ties of bfloat16 (1 + 2^-8, 0x3f818000) and of float16 (1 + 2^-11, 1 + 3 * 2^-11)."""
     values = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 3.4e38, -3.4e38, 3.3895e38, 65504.0,
                            65519.0, 65520.0, -65536.0, 1e-40, -1e-40, 1e-45, 2.0**-126, 2.0**-14, 6e-5, 6e-8, -3e-8,
-                           1e-5, 1.0, 1.00390625, 1.005859375, -1.001953125, 1.00048828125])
+                           1e-5, 1.0, 1.00390625, 1.00048828125, -1.00146484375])
     bits = torch.tensor([0x7F800001, 0xFFC00001, 0x7FFFFFFF, 0x7FBFFFFF, 0xFF800001, 0x3F808000, 0x3F818000,
-                         0x7F7F8000, 0x7F7FFFFF, 0x00008000, 0x80018000], dtype=torch.int64)
-    return torch.cat([values, bits.to(torch.int32).view(torch.float32)])
+                         0x7F7F0000, 0x7F7F8000, 0x7F7FFFFF, 0x00008000, 0x80018000], dtype=torch.int64)
+    return torch.cat([values, bits.to(torch.int32).view(torch.float32)])  # int64 to int32 wraps, as bits
 
 
 def special_cases():
-    """Steps of parameters and gradients drawn from special_values() under every storage mode of the
-    low-precision dtypes: name, dtype, optimizer factory. NaN payloads are not compared (which of two
-    NaN operands an operation passes on is the compiler's choice in each version of the loops)."""
+    """Steps of parameters and gradients drawn from special_values() and ordinary values under every
+    storage mode of the low-precision dtypes: name, dtype, optimizer factory. What the roundings
+    then see are the updates' results, special and not; tests/test_rounding.py feeds the special
+    values to them exactly. NaN payloads are not compared (which of two NaN operands an operation
+    passes on is the compiler's choice in each version of the loops)."""
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for storage in storages(dtype):
             label = ",".join(f"{k}={v}" for k, v in storage.items())
