@@ -197,7 +197,8 @@ def master_case(seed: int):
     sign = torch.randint(0, 2, (n,), generator=gen, dtype=torch.int64) << 31
     low = torch.where(torch.arange(n) % 2 == 0, torch.full((n,), 0x8000, dtype=torch.int64),
                       torch.randint(0, 0x10000, (n,), generator=gen, dtype=torch.int64))
-    edges = torch.tensor([0x0, 0x80000000, 0x00008000, 0x80008000, 0x7F7F8000, 0xFF7F8000, 0x7F7F7FFF], dtype=torch.int64)
+    edges = torch.tensor([0x0, 0x80000000, 0x00008000, 0x80008000, 0x7F7F8000, 0xFF7F8000, 0x7F7F7FFF],
+                         dtype=torch.int64)
     master_bits = torch.cat([sign | (top << 16) | low, edges]).to(torch.int32)  # int64 to int32 wraps, as bits
     masters = master_bits.view(torch.float32)
     moves = (torch.randn(masters.numel(), generator=gen) * masters.abs().clamp(max=1e30) * 2.0**-10).to(torch.bfloat16)
@@ -227,7 +228,8 @@ def test_bf16_parameter_of_a_master_rounds_ties_away(master_weights):
     opt.step()
     new_master = bits32(masters + torch.tensor(-1.0) * grads.to(torch.float32))
     finite = (new_master & 0x7FFFFFFF) < 0x7F800000
-    expected = bf16_nearest_reference(new_master[finite] & 0x7FFFFFFF, ties_away=True) | ((new_master[finite] >> 16) & 0x8000)
+    sign = (new_master[finite] >> 16) & 0x8000
+    expected = bf16_nearest_reference(new_master[finite] & 0x7FFFFFFF, ties_away=True) | sign
     assert (bits16(param)[finite] == expected).all(), np.flatnonzero(bits16(param)[finite] != expected)[:10]
     if master_weights is True:
         assert (bits32(opt.state[param]["master_weight"]) == new_master).all()

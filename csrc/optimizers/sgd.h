@@ -44,7 +44,8 @@ FUSEDLR_HD void sgd_update(T& param, T grad, T& momentum_buffer, const SgdCoeffi
   if (kWeightDecay) g = g + c.weight_decay * param;
   if (kMomentum) {
     // selects by per-tensor masks, not branches (update_math.h, lerp)
-    momentum_buffer = select_by_mask(c.first_step ? ~0u : 0u, g, momentum_buffer * c.momentum + c.one_minus_dampening * g);
+    momentum_buffer =
+        select_by_mask(c.first_step ? ~0u : 0u, g, momentum_buffer * c.momentum + c.one_minus_dampening * g);
     g = select_by_mask(c.nesterov ? ~0u : 0u, g + c.momentum * momentum_buffer, momentum_buffer);
   }
   param = param + c.neg_lr * g;
