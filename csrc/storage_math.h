@@ -194,12 +194,38 @@ FUSEDLR_HD c10::BFloat16 bfloat16_stochastic(float x, uint32_t bits) {
   return c10::BFloat16(static_cast<uint16_t>(out), c10::BFloat16::from_bits());
 }
 
-// float16 to nearest as c10::Half converts on the CPU, every NaN 0x7e00 with its sign (a GPU's
-// conversion makes another NaN).
+// float16 and float32 as c10::Half converts them on the CPU, by c10's own formulas (its software
+// conversion, which c10 compiles where F16C is not assumed, as here), but with the choice between
+// candidates made by a mask in arithmetic. c10 chooses by a conditional expression, and gcc moves
+// the candidate's floating-point operations into that choice's arms and leaves a branch wherever
+// the target has no masked operations: the AVX2 and baseline loops of every float16 step stayed
+// scalar, 4 to 10 times slower. Both agree with c10's bit for bit on every float16 and every
+// float32, NaNs included (checked exhaustively); a float16 NaN becomes a quiet float32 NaN with its
+// payload, and every float32 NaN the float16 0x7e00 with its sign (a GPU's conversion makes
+// another NaN, so the CUDA kernels need half_nearest's rule too).
+FUSEDLR_HD float float_of_half(c10::Half h) {
+  const uint32_t w = static_cast<uint32_t>(h.x) << 16;
+  const uint32_t two_w = w + w;  // the magnitude, at the top
+  // normal, infinite and NaN: the exponent rebiased by the product with 2^-112; subnormal and
+  // zero: the mantissa as the low bits of 0.5's, less 0.5 (exact)
+  const float normal = float_of_bits((two_w >> 4) + (0xe0u << 23)) * 0x1p-112f;
+  const float subnormal = float_of_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t magnitude = float_bits(select_by_mask(mask_at_least(h.x & 0x7fffu, 0x0400u), normal, subnormal));
+  return float_of_bits((w & 0x80000000u) | magnitude);
+}
+
 FUSEDLR_HD c10::Half half_nearest(float x) {
-  const uint32_t b = float_bits(x);
-  const c10::Half nearest(x);
-  const uint32_t bits = x == x ? nearest.x : 0x7e00u | ((b >> 16) & 0x8000u);
+  const uint32_t w = float_bits(x);
+  const uint32_t magnitude = w & 0x7fffffffu;
+  // the magnitude times 4 (infinity from 2^16 on), plus 2^15 times x's power of two (at least
+  // 2^-14's): the sum's ulp is 4 times x's float16 ulp, so the addition rounds x to nearest even as
+  // a float16, and the sum's low bits are that float16's exponent (modulo 32) and mantissa
+  const float scaled = (float_of_bits(magnitude) * 0x1p+112f) * 0x1p-110f;
+  const uint32_t top = (magnitude << 1) & 0xff000000u;
+  const uint32_t bias = top < 0x71000000u ? 0x71000000u : top;
+  const uint32_t sum = float_bits(float_of_bits((bias >> 1) + 0x07800000u) + scaled);
+  const uint32_t finite = ((sum >> 13) & 0x7c00u) + (sum & 0x0fffu);
+  const uint32_t bits = ((w >> 16) & 0x8000u) | select_bits(mask_at_least(magnitude, 0x7f800001u), 0x7e00u, finite);
   return c10::Half(static_cast<uint16_t>(bits), c10::Half::from_bits());
 }
 
@@ -243,6 +269,8 @@ template <typename Math, typename T>
 FUSEDLR_HD Math math_of(T value) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     return float_of_bfloat16(value);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return static_cast<Math>(float_of_half(value));
   } else {
     return static_cast<Math>(value);
   }

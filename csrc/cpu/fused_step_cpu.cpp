@@ -111,7 +111,7 @@ template <typename math_t, typename param_t>
 double finish_sum_of_squares(const double (&lanes)[kLanes], const param_t* grad, int64_t i, int64_t end) {
   double total = 0;
   for (; i < end; ++i) {
-    const double x = static_cast<double>(static_cast<math_t>(grad[i]));
+    const double x = static_cast<double>(math_of<math_t>(grad[i]));
     total += x * x;
   }
   for (int k = 0; k < kLanes; ++k) total += lanes[k];
@@ -124,7 +124,7 @@ FUSEDLR_LOOP_INLINE inline double sum_of_squares_in_double(const param_t* __rest
   int64_t i = begin;
   for (; i + kLanes <= end; i += kLanes) {
     for (int k = 0; k < kLanes; ++k) {
-      const double x = static_cast<double>(static_cast<math_t>(grad[i + k]));
+      const double x = static_cast<double>(math_of<math_t>(grad[i + k]));
       lanes[k] += x * x;
     }
   }
@@ -139,7 +139,7 @@ FUSEDLR_LOOP_INLINE inline double sum_of_squares_blocked(const param_t* __restri
     float block[kLanes] = {};
     for (int r = 0; r < kRows; ++r) {
       for (int k = 0; k < kLanes; ++k) {
-        const float x = static_cast<float>(grad[i + r * kLanes + k]);
+        const float x = math_of<float>(grad[i + r * kLanes + k]);
         block[k] += x * x;
       }
     }
@@ -360,7 +360,7 @@ FUSEDLR_LOOP_INLINE inline void update_element(typename S::param_t& param, typen
   constexpr int kUsed = Optimizer::template states_used<Flags>();
   math_t p = S::param_value(param, master);
   math_t values[] = {(static_cast<int>(I) < kUsed ? S::state_value(state) : math_t(0))...};
-  Optimizer::template update<math_t, Flags>(p, static_cast<math_t>(grad), values[I]..., c);
+  Optimizer::template update<math_t, Flags>(p, math_of<math_t>(grad), values[I]..., c);
   S::set_param(param, master, p, S::kStochasticParam ? random_bits_spread(param_stream, spread_index) : 0u);
   ((static_cast<int>(I) < kUsed
         ? S::set_state(state, values[I],

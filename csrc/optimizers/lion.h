@@ -37,9 +37,20 @@ struct LionCoefficients {
         clip(static_cast<T>(s.clip)) {}
 };
 
-template <typename T>
-FUSEDLR_HD T sign_of(T x) {
-  return x > T(0) ? T(1) : (x < T(0) ? T(-1) : x);
+// sign(x): 1 with x's sign for a nonzero number (infinities included), else x itself (a zero keeps
+// its sign, a NaN its bits). Spelled in x's bits and chosen by a compare of integers: as compares
+// of floats choosing between float constants, gcc kept branches in the AVX2 and baseline loops
+// (targets without masked operations), and their Lion steps stayed scalar, 10 to 25 times slower.
+FUSEDLR_HD float sign_of(float x) {
+  const uint32_t b = float_bits(x);
+  const bool nonzero_number = (b & 0x7fffffffu) - 1u < 0x7f800000u;  // neither zero nor NaN
+  return float_of_bits(nonzero_number ? (b & 0x80000000u) | 0x3f800000u : b);
+}
+
+FUSEDLR_HD double sign_of(double x) {
+  const uint64_t b = bit_cast<uint64_t>(x);
+  const bool nonzero_number = (b & 0x7fffffffffffffffull) - 1u < 0x7ff0000000000000ull;
+  return bit_cast<double>(nonzero_number ? (b & 0x8000000000000000ull) | 0x3ff0000000000000ull : b);
 }
 
 template <typename T>
