@@ -160,6 +160,31 @@ def test_float16_to_nearest():
     assert ((got[nan] & 0x7FFF) == 0x7E00).all()
 
 
+def test_every_float16_is_read_exactly():
+    """Each of the 65,536 float16 bit patterns as a gradient, read into float32 by the step: SGD with
+    lr 1 from float32 masters of zero makes each master 0 + (-1) * grad, so it must hold the
+    gradient's exact value, negated (numpy's float16 conversion, the reference), NaNs as NaNs; the
+    float16 parameter is then that master to nearest: the negated value, a NaN 0x7e00 with a sign
+    (0 + (-0) is +0, so both zeros give +0)."""
+    patterns = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    grad = torch.from_numpy(patterns.view(np.int16).copy()).view(torch.float16)
+    p = torch.nn.Parameter(torch.zeros(grad.numel(), dtype=torch.float16))
+    p.grad = grad
+    opt = fusedlr.SGD([p], lr=1.0, master_weights=True)
+    opt.step()
+    master = opt.state[p]["master_weight"].numpy()
+    exact = patterns.view(np.float16).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        expected = np.float32(0.0) + np.float32(-1.0) * exact
+    nan = np.isnan(exact)
+    assert nan.sum() == 2 * 1023  # 2 signs x 1023 payloads
+    assert np.array_equal(np.isnan(master), nan)
+    assert np.array_equal(master[~nan].view(np.uint32), expected[~nan].view(np.uint32))
+    got = bits16(p)
+    assert (got[~nan] == expected[~nan].astype(np.float16).view(np.uint16)).all()  # exact in float16
+    assert ((got[nan] & 0x7FFF) == 0x7E00).all()
+
+
 def test_float16_stochastic_is_an_unbiased_neighbour():
     param, grad, lr, v = float16_case(5)
     got_bits = bits16(float16_update(param, grad, lr, stochastic_rounding=True, rounding_seed=11))
