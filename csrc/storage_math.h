@@ -141,14 +141,14 @@ FUSEDLR_HD constexpr int state_stream(int list) { return 1 + list / 2; }
 FUSEDLR_HD uint32_t state_random_bits(uint32_t stream_bits, int list) { return stream_bits >> (16 * (list & 1)); }
 
 // ---------------------------------------------------------------------------------------------
-// Rounding float32 to bfloat16 and float16
+// Conversions between float32 and bfloat16 or float16, and their roundings
 
 // Every conversion below is branch-free: each choice of a value is either a conditional
 // expression between values already computed by integer operations, which the compilers make a
 // select (in the CPU loops, a compare into a mask register and a masked move or blend), or, where
 // a compiler would compute a candidate only when it is taken and so leave a branch that stops the
-// loops' vectorization (float16's stochastic rounding), a select by a mask made in integer
-// arithmetic. A select by a compare costs a fraction of a mask made in arithmetic: with the NaN
+// loops' vectorization (a candidate computed by floating-point operations: float16's conversions
+// and its stochastic rounding), a select by a mask made in integer arithmetic. A select by a compare costs a fraction of a mask made in arithmetic: with the NaN
 // checks so made, an AdamW step with stochastic rounding and bfloat16 state took 1.25x its time in
 // the caches.
 
@@ -200,9 +200,10 @@ FUSEDLR_HD c10::BFloat16 bfloat16_stochastic(float x, uint32_t bits) {
 // the candidate's floating-point operations into that choice's arms and leaves a branch wherever
 // the target has no masked operations: the AVX2 and baseline loops of every float16 step stayed
 // scalar, 4 to 10 times slower. Both agree with c10's bit for bit on every float16 and every
-// float32, NaNs included (checked exhaustively); a float16 NaN becomes a quiet float32 NaN with its
-// payload, and every float32 NaN the float16 0x7e00 with its sign (a GPU's conversion makes
-// another NaN, so the CUDA kernels need half_nearest's rule too).
+// float32, NaNs included (checked exhaustively); on the CPU a float16 NaN becomes a quiet float32
+// NaN with its payload (a GPU's product makes its canonical NaN), and every float32 NaN becomes
+// the float16 0x7e00 with its sign, on the GPU too (where this formula runs as well, in place of
+// the hardware conversion, which makes another NaN).
 FUSEDLR_HD float float_of_half(c10::Half h) {
   const uint32_t w = static_cast<uint32_t>(h.x) << 16;
   const uint32_t two_w = w + w;  // the magnitude, at the top

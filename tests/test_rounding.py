@@ -185,6 +185,28 @@ def test_every_float16_is_read_exactly():
     assert ((got[nan] & 0x7FFF) == 0x7E00).all()
 
 
+@pytest.mark.parametrize("offset", [0, 1])
+def test_every_float16_parameter_and_gradient_read_exactly(offset):
+    """As above without masters, so the loop reads the float16 parameter and gradient by pairs of
+    elements ([note: element pairs]), from a view starting mid-word too: parameters of zero stepped
+    by lr 1 become 0 + (-1) * grad to nearest, which is the gradient's value negated, exact in
+    float16 (+0 for both zeros), a NaN 0x7e00 with a sign."""
+    patterns = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    grad_storage = torch.zeros(offset + patterns.size, dtype=torch.float16)
+    grad_storage[offset:] = torch.from_numpy(patterns.view(np.int16).copy()).view(torch.float16)
+    storage = torch.zeros(offset + patterns.size, dtype=torch.float16)
+    p = torch.nn.Parameter(storage[offset:])
+    p.grad = grad_storage[offset:]
+    fusedlr.SGD([p], lr=1.0).step()
+    exact = patterns.view(np.float16).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        expected = (np.float32(0.0) + np.float32(-1.0) * exact).astype(np.float16).view(np.uint16)
+    nan = np.isnan(exact)
+    got = bits16(p)
+    assert (got[~nan] == expected[~nan]).all(), np.flatnonzero(got[~nan] != expected[~nan])[:10]
+    assert ((got[nan] & 0x7FFF) == 0x7E00).all()
+
+
 def test_float16_stochastic_is_an_unbiased_neighbour():
     param, grad, lr, v = float16_case(5)
     got_bits = bits16(float16_update(param, grad, lr, stochastic_rounding=True, rounding_seed=11))

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -376,20 +377,23 @@ FUSEDLR_LOOP_INLINE inline void update_element(typename S::param_t& param, typen
 // elements each, the low half the first: the vectorized loop then takes a word's elements apart,
 // and puts them together, with a shift or a mask per value in a 32-bit lane. Element by element,
 // the compilers widen 16-bit values to 32-bit lanes with shuffles, which on AVX-512 run on one
-// port only: in the caches an AdamW step of remainders + bfloat16 state took 1.12x its time with
-// pairs (AVX2: 1.13x). Each element is updated as alone (update_element), so the bits are the same.
+// port only: in the caches an AdamW step of remainders + bfloat16 state took 1.12x the time it
+// takes by pairs (AVX2: 1.13x). Each element is updated as alone (update_element), so the bits are
+// the same.
 template <typename S, int kUsed>
 inline constexpr bool kInPairs =
+    std::endian::native == std::endian::little &&  // a word's low half is its first element
     sizeof(typename S::param_t) == 2 && (S::master != MasterKind::kFloat) &&
     (kUsed == 0 || sizeof(typename S::state_t) == 2);
 
-// The word of data[0] and data[1] where the loop reads that list (kRead), else 0.
+// The word of data[i] and data[i + 1] where the loop reads that list (kRead), else 0 (data may
+// then be null, and is not indexed).
 template <bool kRead, typename T>
-FUSEDLR_LOOP_INLINE inline uint32_t load_pair(const T* data) {
+FUSEDLR_LOOP_INLINE inline uint32_t load_pair(const T* data, int64_t i) {
   uint32_t word = 0;
   if constexpr (kRead) {
     static_assert(sizeof(T) == 2, "pairs of 2-byte values");
-    std::memcpy(&word, data, sizeof word);  // an unaligned load where a view starts mid-word
+    std::memcpy(&word, data + i, sizeof word);  // an unaligned load where a view starts mid-word
   }
   return word;
 }
@@ -409,12 +413,11 @@ FUSEDLR_LOOP_INLINE inline T high_of(uint32_t word) {
 }
 
 template <bool kWrite, typename T>
-FUSEDLR_LOOP_INLINE inline void store_pair(T* data, const T& low, const T& high) {
+FUSEDLR_LOOP_INLINE inline void store_pair(T* data, int64_t i, const T& low, const T& high) {
   if constexpr (kWrite) {
-    const uint32_t word =
-        static_cast<uint32_t>(fusedlr::bit_cast<uint16_t>(low)) |
-        (static_cast<uint32_t>(fusedlr::bit_cast<uint16_t>(high)) << 16);
-    std::memcpy(data, &word, sizeof word);
+    const uint32_t word = static_cast<uint32_t>(fusedlr::bit_cast<uint16_t>(low)) |
+                          (static_cast<uint32_t>(fusedlr::bit_cast<uint16_t>(high)) << 16);
+    std::memcpy(data + i, &word, sizeof word);
   }
 }
 
@@ -454,9 +457,9 @@ FUSEDLR_LOOP_INLINE inline void update_elements(typename S::param_t* __restrict_
     if constexpr (kInPairs<S, kUsed>) {
       for (; i + 1 < block_end; i += 2, spread_index += 2 * kIndexSpread) {
         using param_t = typename S::param_t;
-        const uint32_t param_word = load_pair<true>(param + i), grad_word = load_pair<true>(grad + i);
-        const uint32_t master_word = load_pair<kHasMaster>(master + i);
-        const uint32_t state_words[] = {load_pair<(static_cast<int>(I) < kUsed)>(state + i)...};
+        const uint32_t param_word = load_pair<true>(param, i), grad_word = load_pair<true>(grad, i);
+        const uint32_t master_word = load_pair<kHasMaster>(master, i);
+        const uint32_t state_words[] = {load_pair<(static_cast<int>(I) < kUsed)>(state, i)...};
         param_t param_low = low_of<param_t>(param_word), param_high = high_of<param_t>(param_word);
         master_t master_low = low_of<master_t>(master_word), master_high = high_of<master_t>(master_word);
         state_t state_low[] = {low_of<state_t>(state_words[I])...};
@@ -466,9 +469,9 @@ FUSEDLR_LOOP_INLINE inline void update_elements(typename S::param_t* __restrict_
         update_element<Optimizer, Flags, S, I...>(param_high, master_high, high_of<param_t>(grad_word), c,
                                                   param_stream, state_streams, spread_index + kIndexSpread,
                                                   state_high[I]...);
-        store_pair<true>(param + i, param_low, param_high);
-        store_pair<kHasMaster>(master + i, master_low, master_high);
-        (store_pair<(static_cast<int>(I) < kUsed)>(state + i, state_low[I], state_high[I]), ...);
+        store_pair<true>(param, i, param_low, param_high);
+        store_pair<kHasMaster>(master, i, master_low, master_high);
+        (store_pair<(static_cast<int>(I) < kUsed)>(state, i, state_low[I], state_high[I]), ...);
       }
     }
     for (; i < block_end; ++i, spread_index += kIndexSpread) {

@@ -158,7 +158,7 @@ __device__ __forceinline__ void update_range(typename S::param_t* __restrict__ p
     math_t value = S::param_value(p, m);
 #pragma unroll
     for (int k = 0; k < kStates; ++k) lane_state[k] = S::state_value(stored[k]);
-    update(value, static_cast<math_t>(g), lane_state);
+    update(value, math_of<math_t>(g), lane_state);
     S::set_param(p, m, value, S::kStochasticParam ? random_bits(keys[0], e) : 0u);
 #pragma unroll
     for (int k = 0; k < kStates; ++k) {
@@ -245,7 +245,7 @@ __device__ __forceinline__ double block_sum_of_squares(const param_t* __restrict
   auto add_squares = [](double& sum, const ParamVec& g) {
 #pragma unroll
     for (int lane = 0; lane < kVec; ++lane) {
-      const double x = static_cast<double>(static_cast<math_t>(g.v[lane]));
+      const double x = static_cast<double>(math_of<math_t>(g.v[lane]));
       sum += x * x;
     }
   };
@@ -267,7 +267,7 @@ __device__ __forceinline__ double block_sum_of_squares(const param_t* __restrict
     scalar_begin = begin + vectors * kVec;
   }
   for (int64_t e = scalar_begin + threadIdx.x; e < end; e += blockDim.x) {
-    const double x = static_cast<double>(static_cast<math_t>(grad[e]));
+    const double x = static_cast<double>(math_of<math_t>(grad[e]));
     sum += x * x;
   }
   return block_sum<kBlock>(sum, scratch);
