@@ -148,9 +148,9 @@ FUSEDLR_HD uint32_t state_random_bits(uint32_t stream_bits, int list) { return s
 // select (in the CPU loops, a compare into a mask register and a masked move or blend), or, where
 // a compiler would compute a candidate only when it is taken and so leave a branch that stops the
 // loops' vectorization (a candidate computed by floating-point operations: float16's conversions
-// and its stochastic rounding), a select by a mask made in integer arithmetic. A select by a compare costs a fraction of a mask made in arithmetic: with the NaN
-// checks so made, an AdamW step with stochastic rounding and bfloat16 state took 1.25x its time in
-// the caches.
+// and its stochastic rounding), a select by a mask made in integer arithmetic. A select by a
+// compare costs a fraction of a mask made in arithmetic: with the NaN checks so made, an AdamW
+// step with stochastic rounding and bfloat16 state took 1.25x its time in the caches.
 
 // All ones where a >= b, else zero, for a and b below 2^31 (float magnitudes as bits).
 FUSEDLR_HD uint32_t mask_at_least(uint32_t a, uint32_t b) {
@@ -199,7 +199,7 @@ FUSEDLR_HD c10::BFloat16 bfloat16_stochastic(float x, uint32_t bits) {
 // candidates made by a mask in arithmetic. c10 chooses by a conditional expression, and gcc moves
 // the candidate's floating-point operations into that choice's arms and leaves a branch wherever
 // the target has no masked operations: the AVX2 and baseline loops of every float16 step stayed
-// scalar, 4 to 10 times slower. Both agree with c10's bit for bit on every float16 and every
+// scalar, 5 to 9 times slower (AVX2). Both agree with c10's bit for bit on every float16 and every
 // float32, NaNs included (checked exhaustively); on the CPU a float16 NaN becomes a quiet float32
 // NaN with its payload (a GPU's product makes its canonical NaN), and every float32 NaN becomes
 // the float16 0x7e00 with its sign, on the GPU too (where this formula runs as well, in place of
