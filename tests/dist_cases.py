@@ -478,8 +478,13 @@ def main():
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    print(f"rank {rank}: {case} ok")
+    print(f"rank {rank}: {case} ok", flush=True)
 
 
 if __name__ == "__main__":
     main()
+    # gloo's worker threads outlive destroy_process_group once FSDP2 or a mesh has used the group
+    # (torch 2.14); one that frees a tensor during Python's shutdown aborts the process after the case
+    # passed (examples/fsdp_train.py says more). The case is done and reported: skip that shutdown.
+    sys.stderr.flush()
+    os._exit(0)

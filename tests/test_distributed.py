@@ -30,7 +30,7 @@ def free_port() -> int:
 
 def run_ranks(case: str, world: int, folder: pathlib.Path) -> None:
     port = str(free_port())
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")  # a crash prints where each thread was
     logs = [open(folder / f"rank{r}.log", "w+") for r in range(world)]
     ranks = [subprocess.Popen([sys.executable, str(HERE / "dist_cases.py"), case, str(r), str(world), port,
                                str(folder)], stdout=logs[r], stderr=subprocess.STDOUT, env=env)
@@ -79,7 +79,8 @@ def test_fsdp_example_trains_saves_and_resumes(tmp_path):
                    "3", "--checkpoint-every", "3", "--checkpoint-dir", str(tmp_path)]
         # a session of its own: on a hang, torchrun and the ranks it started end together
         run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+                               env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1"),
+                               start_new_session=True)
         try:
             stdout, stderr = run.communicate(timeout=CASE_SECONDS)
         except subprocess.TimeoutExpired:
