@@ -27,10 +27,18 @@ void check_on_device(const char* op, const at::Tensor& t, at::DeviceType device_
               "; all tensors of one optimizer must be on one device");
 }
 
-// Whether a dense tensor's elements lie inside its storage (a storage can be shrunk under a tensor).
+// Whether a strided tensor's elements lie inside its storage (a storage can be shrunk under a
+// tensor): its last element, by its sizes and strides, is one. (A broadcast gradient, stride 0, may
+// have fewer elements in its storage than it has.)
 bool fits_storage(const at::Tensor& t) {
-  const size_t end = static_cast<size_t>(t.storage_offset() + t.numel()) * t.element_size();
-  return t.numel() == 0 || (t.has_storage() && t.storage().nbytes() >= end);
+  if (t.numel() == 0) return true;
+  if (!t.has_storage()) return false;
+  uint64_t last = static_cast<uint64_t>(t.storage_offset());
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.stride(d) < 0) return false;
+    last += static_cast<uint64_t>(t.size(d) - 1) * static_cast<uint64_t>(t.stride(d));
+  }
+  return t.storage().nbytes() / t.element_size() > last;
 }
 
 // A tensor the kernels can read: a plain tensor with its data in memory. A tensor subclass such as

@@ -24,7 +24,10 @@ def from_torch(optimizer: torch.optim.Optimizer, scheduler: L.LRScheduler | None
 
     `scheduler` may be any torch scheduler with a fusedlr twin (SequentialLR of them too), or a
     LambdaLR made by HF transformers' ``get_scheduler``, or a ChainedScheduler of the schedulers that
-    multiply the lr in turn; a scheduler stepped once per epoch takes ``steps_per_epoch``. Anything
+    multiply the lr in turn; a scheduler stepped once per epoch takes ``steps_per_epoch`` (converted
+    mid-epoch, the schedule counts the steps since the scheduler's last step from Adam's and AdamW's
+    state where that count falls in the epoch; SGD's state counts no steps, so it is converted at
+    the start of the scheduler's epoch). Anything
     else (a LambdaLR of your own function, a chain of schedulers that set the lr) raises ValueError
     naming it. Use the result in place of both; the scheduler is not needed any more.
     """
@@ -56,8 +59,19 @@ def from_torch(optimizer: torch.optim.Optimizer, scheduler: L.LRScheduler | None
         unit = 1 if isinstance(scheduler, L.OneCycleLR) else steps_per_epoch
         # a ChainedScheduler keeps no count of its own: its schedulers step together
         last_epoch = (scheduler._schedulers[0] if isinstance(scheduler, L.ChainedScheduler) else scheduler).last_epoch
-        fused.set_schedule_steps(max(last_epoch, 0) * unit)
+        start = max(last_epoch, 0) * unit
+        taken = _steps_taken(optimizer)
+        if taken is not None and start < taken < start + unit:
+            start = taken  # mid-epoch: the steps taken since the scheduler's last step count too
+        fused.set_schedule_steps(start)
     return fused
+
+
+def _steps_taken(optimizer: torch.optim.Optimizer) -> int | None:
+    """The most steps any parameter's state counts (Adam's and AdamW's "step"), None where the
+    state keeps no count (SGD)."""
+    counts = [int(state["step"]) for state in optimizer.state.values() if "step" in state]
+    return max(counts) if counts else None
 
 
 def schedule_of(scheduler, g: int = 0, steps_per_epoch: int = 1) -> S.Schedule:

@@ -35,13 +35,12 @@ class LRConflictError(RuntimeError):
 
 def lr_scale(group: dict) -> float:
     """A scheduled group's lr_scale (timm's layer decay: the group runs at that multiple of its
-    schedule, as timm's schedulers run it), 1.0 for a group without a schedule or the key."""
-    if group["schedule"] is None:
-        return 1.0
+    schedule, as timm's schedulers run it), 1.0 for a group without a schedule or the key. The
+    key's value is checked either way."""
     scale = group.get("lr_scale", 1.0)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0 or scale == float("inf"):
         raise ValueError(f"lr_scale must be a finite number >= 0, got {scale!r}")
-    return float(scale)
+    return 1.0 if group["schedule"] is None else float(scale)
 
 
 def base_lr(group: dict) -> float:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
+import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -69,6 +70,21 @@ def _check_flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"Invalid {name}: {value!r} (must be True or False)")
     return value
+
+
+# settings of the whole optimizer (its step clips, skips and keeps masters over every group at once),
+# which a param group would otherwise carry unread
+_OPTIMIZER_WIDE = ("max_grad_norm", "skip_nonfinite", "master_weights", "partition_group")
+
+
+def _check_group_keys(optimizer: str, group: dict) -> None:
+    """Raise ValueError for a param group's key that fusedlr would not read: an optimizer-wide
+    setting, or a torch flag the fused step cannot honour (as the constructor refuses it)."""
+    for key in _OPTIMIZER_WIDE:
+        if key in group:
+            raise ValueError(f"{key} is a setting of the whole {optimizer}, not of a param group: pass it to "
+                             f"the constructor")
+    _check_unsupported(group.get("foreach"), group.get("fused"), group.get("differentiable"))
 
 
 def _check_unsupported(foreach, fused, differentiable) -> None:
@@ -165,6 +181,8 @@ class _FusedOptimizer(Optimizer):
         schedule = param_group.get("schedule", self.defaults.get("schedule"))
         if schedule is not None and not isinstance(schedule, Schedule):
             raise ValueError(f"schedule must be a fusedlr.schedules schedule or None, got {type(schedule).__name__}")
+        if isinstance(param_group, dict):
+            _check_group_keys(type(self).__name__, param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -172,6 +190,13 @@ class _FusedOptimizer(Optimizer):
                 group["lr"] = group["initial_lr"]  # a group a torch scheduler has seen: its base lr
             self._check_group(group)
             _state.check_storage_settings(group)
+            if _lr.lr_scale(group) == 1.0 and group.get("lr_scale", 1.0) != 1.0:
+                warnings.warn(f"param group {len(self.param_groups) - 1}'s lr_scale scales a schedule and it has "
+                              "none: it runs at its lr, as torch's optimizers run a group without timm's scheduler",
+                              stacklevel=3)
+            _lr.base_lr(group)  # its initial_lr
+            if len({id(p) for p in group["params"]}) != len(group["params"]):
+                raise ValueError("a param group lists a parameter twice: each parameter takes one update per step")
             device = self._check_params(group["params"])
             # The counters live on the parameters' device; groups without parameters leave it open.
             if self._group_steps is None:
@@ -415,6 +440,10 @@ class _FusedOptimizer(Optimizer):
     step.hooked = True  # torch's Optimizer.__init__ must not wrap it again
 
     def _step(self, closure: Callable[[], Any] | None = None):
+        if self._group_steps is not None and len(self.param_groups) != self._group_steps.numel():
+            raise RuntimeError(f"the optimizer has {len(self.param_groups)} param groups and step counters for "
+                               f"{self._group_steps.numel()}: a group joins by opt.add_param_group(...), which gives "
+                               "it its step counter and schedule state (param_groups was changed in place)")
         loss = None
         if closure is not None:
             with torch.enable_grad():

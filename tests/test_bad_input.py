@@ -38,6 +38,14 @@ from test_state_dict import assert_unchanged, snapshot, trained, trained_adam
     (lambda p: fusedlr.Lion(p, maximize=1), "maximize"),
     (lambda p: fusedlr.Lion(p, max_grad_norm=0.0), "max_grad_norm"),
     (lambda p: fusedlr.Lion(p, foreach=True), "foreach"),
+    # a group's key fusedlr would not read: an optimizer-wide setting, a torch flag it refuses
+    (lambda p: fusedlr.AdamW([{"params": p, "master_weights": True}]), "master_weights"),
+    (lambda p: fusedlr.AdamW([{"params": p, "max_grad_norm": 1.0}]), "max_grad_norm"),
+    (lambda p: fusedlr.SGD([{"params": p, "skip_nonfinite": True}]), "skip_nonfinite"),
+    (lambda p: fusedlr.Adam([{"params": p, "foreach": True}]), "foreach"),
+    (lambda p: fusedlr.Lion([{"params": p, "differentiable": True}]), "differentiable"),
+    (lambda p: fusedlr.SGD([{"params": p, "lr_scale": -1.0}], lr=0.1), "lr_scale"),
+    (lambda p: fusedlr.SGD([{"params": p, "lr_scale": "a"}], lr=0.1), "lr_scale"),
 ])
 def test_invalid_hyperparameters_raise_value_error_naming_them(build, argument):
     with pytest.raises(ValueError, match=argument):
@@ -238,3 +246,64 @@ def test_meta_tensors_are_refused():
                        [0.1, 0.9, 0.999, 1e-8, 0, 0, 0, 1], [1.0, 0.0, 1.0], torch.zeros(1, dtype=torch.int64),
                        _ops.initial_plateau_state(1, "cpu"))
     assert torch.equal(param, torch.ones(3)) and torch.equal(state, torch.zeros(3)) and int(step) == 0
+
+
+def test_a_group_that_fails_to_join_leaves_the_optimizer_as_it_was():
+    """add_param_group checks a group whole before it joins: a bad one leaves no trace."""
+    params, opt = trained()
+    before = snapshot(opt, params)
+    for bad in ({"lr_scale": -2.0}, {"initial_lr": math.nan}, {"lr": -1.0}):
+        with pytest.raises(ValueError):
+            opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], **bad})
+        assert len(opt.param_groups) == 1 and opt.schedule_steps().numel() == 1
+        assert_unchanged(before, opt, params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # and it goes on stepping
+    assert opt.schedule_steps().tolist() == [4]
+
+
+def test_a_parameter_listed_twice_is_refused():
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.warns(UserWarning, match="duplicate"), pytest.raises(ValueError, match="twice"):
+        fusedlr.AdamW([p, p])  # torch's own warning, then fusedlr's error
+
+
+def test_groups_added_in_place_are_refused_naming_add_param_group():
+    params, opt = trained()
+    before = snapshot(opt, params)
+    q = torch.nn.Parameter(torch.randn(4))
+    q.grad = torch.randn(4)
+    opt.param_groups.append({**opt.defaults, "params": [q]})
+    with pytest.raises(RuntimeError, match="add_param_group"):
+        opt.step()
+    opt.param_groups.pop()
+    assert_unchanged(before, opt, params)
+    assert q.grad is not None and q not in opt.state
+
+
+def test_an_lr_scale_without_a_schedule_warns_and_runs_at_the_lr_as_torch():
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    with pytest.warns(UserWarning, match="lr_scale"):
+        opt = fusedlr.SGD([{"params": [p], "lr_scale": 0.5}], lr=0.1)
+    ref = torch.optim.SGD([{"params": [q], "lr_scale": 0.5}], lr=0.1)
+    p.grad, q.grad = torch.ones(3), torch.ones(3)
+    opt.step()
+    ref.step()
+    assert torch.equal(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("grad", [lambda: torch.randn(1).expand(4, 3), lambda: torch.randn(3).expand(4, 3),
+                                  lambda: torch.randn(4, 1).expand(4, 3), lambda: torch.randn(3, 8)[:, ::2].t()])
+def test_a_broadcast_or_strided_gradient_steps_as_torch(grad):
+    """A gradient of stride 0 (expand) has fewer elements in its storage than it has: it is read,
+    not refused as lying outside its storage."""
+    p, q = torch.nn.Parameter(torch.randn(4, 3)), None
+    q = torch.nn.Parameter(p.detach().clone())
+    opt, ref = fusedlr.AdamW([p], lr=0.1), torch.optim.AdamW([q], lr=0.1, foreach=False)
+    for _ in range(3):
+        g = grad()
+        p.grad, q.grad = g, g.clone()
+        opt.step()
+        ref.step()
+    torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)

@@ -26,7 +26,8 @@ def pair(seed):
 
 
 @pytest.mark.parametrize("name", TWINNED)
-def test_mid_run_conversion_continues_as_torch(name):
+@pytest.mark.parametrize("at", [30, 31])  # 31: mid-epoch for the schedules stepped per epoch
+def test_mid_run_conversion_continues_as_torch(name, at):
     schedule = SCHEDULES[name]
     unit = 1 if isinstance(schedule, S.OneCycleLR) else schedule.steps_per_epoch
     ours, ref = pair(1)
@@ -41,7 +42,7 @@ def test_mid_run_conversion_continues_as_torch(name):
         if (k + 1) % unit == 0:
             ref_sched.step()
 
-    for k in range(30):  # a whole number of epochs for the per-epoch schedule
+    for k in range(at):  # 30: a whole number of epochs for the per-epoch schedules
         torch_step(k)
     with torch.no_grad():
         for p, q in zip(ours, ref):
@@ -52,7 +53,7 @@ def test_mid_run_conversion_continues_as_torch(name):
     twin_copy.load_state_dict(ref_sched.state_dict())
     opt = fusedlr.from_torch(copy, twin_copy, steps_per_epoch=unit if unit > 1 else 1)
     assert isinstance(opt, fusedlr.AdamW) and opt.param_groups[0]["weight_decay"] == 0.1
-    for k in range(30, 110):
+    for k in range(at, 110):
         assert float(opt.param_groups[0]["lr"]) == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-12)
         torch_step(k)
         for p, q in zip(ours, ref):
