@@ -190,11 +190,7 @@ class _FusedOptimizer(Optimizer):
                 group["lr"] = group["initial_lr"]  # a group a torch scheduler has seen: its base lr
             self._check_group(group)
             _state.check_storage_settings(group)
-            if _lr.lr_scale(group) == 1.0 and group.get("lr_scale", 1.0) != 1.0:
-                warnings.warn(f"param group {len(self.param_groups) - 1}'s lr_scale scales a schedule and it has "
-                              "none: it runs at its lr, as torch's optimizers run a group without timm's scheduler",
-                              stacklevel=3)
-            _lr.base_lr(group)  # its initial_lr
+            _lr.lr_scale(group), _lr.base_lr(group)  # the values of lr_scale and initial_lr checked
             if len({id(p) for p in group["params"]}) != len(group["params"]):
                 raise ValueError("a param group lists a parameter twice: each parameter takes one update per step")
             device = self._check_params(group["params"])
@@ -209,6 +205,9 @@ class _FusedOptimizer(Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+        if group["schedule"] is None and group.get("lr_scale", 1.0) != 1.0:
+            warnings.warn(f"param group {len(self.param_groups) - 1}'s lr_scale scales a schedule and it has none: "
+                          "it runs at its lr, as torch's optimizers run a group without timm's scheduler")
         self._device = device
         self._group_steps, self._plateau_state = group_steps, plateau_state
         self._row_schedules = self._row_schedules + [group["schedule"]]
