@@ -50,9 +50,17 @@ class Loaded(NamedTuple):
     plateau_state: Tensor
 
 
+_STEP_LIMIT = 2 ** 63  # step counts are int64
+
+
 def from_state_dict(opt, state_dict: dict) -> Loaded:
     """A fusedlr or torch.optim state_dict of `opt`'s parameter layout, checked (ValueError for
     another layout); `opt` is left as it was."""
+    if (not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict)
+            or not isinstance(state_dict.get("param_groups"), (list, tuple))
+            or not all(isinstance(saved, dict) and "params" in saved for saved in state_dict["param_groups"])):
+        raise TypeError(f"load_state_dict takes an optimizer's state_dict: a dict of 'state' (a dict) and "
+                        f"'param_groups' (a list of dicts with 'params'), got {type(state_dict).__name__}")
     groups = opt.param_groups
     saved_groups = state_dict["param_groups"]
     if len(groups) != len(saved_groups):
@@ -78,6 +86,9 @@ def from_state_dict(opt, state_dict: dict) -> Loaded:
         if "param_names" in group and "param_names" not in saved:
             new_group["param_names"] = group["param_names"]
         schedule = saved.get("schedule", group["schedule"])
+        if schedule is not None and not isinstance(schedule, (dict, Schedule)):
+            raise ValueError(f"loaded group {g} has a schedule of type {type(schedule).__name__}: a fusedlr "
+                             "schedule, its saved spec (a dict) or None is required")
         new_group["schedule"] = from_spec(schedule) if isinstance(schedule, dict) else schedule
         for key, value in group.items():
             # the optimizer's own lr view, and its base lr: the checkpoint's lr or initial_lr instead
@@ -130,9 +141,9 @@ def saved_schedule_state(saved_groups: list[dict]) -> dict[str, Any]:
     for g, saved in enumerate(saved_groups):
         step, state = saved["schedule_step"], saved.get("plateau_state")
         step = step.item() if isinstance(step, Tensor) and step.numel() == 1 else step
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step < _STEP_LIMIT:
             raise ValueError(f"loaded group {g} has an invalid schedule_step {saved['schedule_step']!r} "
-                             "(an integer >= 0 is required)")
+                             "(an integer in [0, 2**63) is required)")
         state = state.tolist() if isinstance(state, Tensor) else state
         if (not isinstance(state, (list, tuple)) or len(state) < _ops.PLATEAU_SLOTS
                 or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in state)):
@@ -154,8 +165,8 @@ def param_state(opt, param: Tensor, saved: dict, saved_id) -> dict:
     if step is None:
         raise ValueError(f"loaded state of parameter {saved_id!r} has no 'step'")
     step = step.item() if isinstance(step, Tensor) and step.numel() == 1 else step
-    if (isinstance(step, bool) or not isinstance(step, numbers.Real) or not math.isfinite(step) or step < 0
-            or step != int(step)):
+    if (isinstance(step, bool) or not isinstance(step, numbers.Real) or not math.isfinite(step)
+            or not 0 <= step < _STEP_LIMIT or step != int(step)):
         raise ValueError(f"loaded state of parameter {saved_id!r} has an invalid step {step!r}")
     state["step"] = int(step)
     for key, value in saved.items():

@@ -635,10 +635,11 @@ class _FusedOptimizer(Optimizer):
     def set_schedule_steps(self, steps: int | Sequence[int]) -> None:
         """Set the completed-step count of every group (an int) or of each group (a sequence): for a
         checkpoint that does not carry it, such as torch's SGD state_dict."""
-        values = [steps] * len(self.param_groups) if isinstance(steps, numbers.Integral) else list(steps)
+        values = ([steps] * len(self.param_groups) if not isinstance(steps, (Sequence, torch.Tensor))
+                  else list(steps))
         if len(values) != len(self.param_groups) or any(
-                isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0 for v in values):
-            raise ValueError(f"steps must be an integer >= 0 or one per group ({len(self.param_groups)}), "
+                isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < 2 ** 63 for v in values):
+            raise ValueError(f"steps must be an integer in [0, 2**63) or one per group ({len(self.param_groups)}), "
                              f"got {steps!r}")
         self._group_steps.copy_(torch.tensor([int(v) for v in values], dtype=torch.int64))
         self._refresh_lrs()

@@ -1164,8 +1164,12 @@ def from_hf(name: str, num_warmup_steps: int = 0, num_training_steps: int | None
         decay_steps = kwargs["num_decay_steps"]
         _check_int("num_decay_steps", decay_steps, 1)
         stable_steps = kwargs.get("num_stable_steps")
-        if stable_steps is None:
+        if stable_steps is None:  # what the other phases leave of the run
             stable_steps = training_steps() - warmup - decay_steps
+            if stable_steps < 0:
+                raise ValueError(f"'warmup_stable_decay': num_warmup_steps ({warmup}) and num_decay_steps "
+                                 f"({decay_steps}) exceed num_training_steps ({training_steps()}); pass fewer, "
+                                 "or num_stable_steps")
         _check_int("num_stable_steps", stable_steps, 0)
         ratio = kwargs.get("min_lr_ratio", 0.0)
         warmup_type, decay_type = kwargs.get("warmup_type", "linear"), kwargs.get("decay_type", "cosine")

@@ -1,5 +1,6 @@
 """Bad input: a clear error, and the parameters, state and step counters exactly as before."""
 
+import copy
 import math
 
 import pytest
@@ -307,3 +308,45 @@ def test_a_broadcast_or_strided_gradient_steps_as_torch(grad):
         opt.step()
         ref.step()
     torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+
+
+def _set(path, value):
+    def mutate(state_dict):
+        state_dict = copy.deepcopy(state_dict)  # its state's dicts are the optimizer's own, as in torch
+        target = state_dict
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        return state_dict
+    return mutate
+
+
+@pytest.mark.parametrize("mutate,error,message", [
+    (lambda sd: [1, 2], TypeError, "state_dict"),
+    (lambda sd: {"state": sd["state"]}, TypeError, "param_groups"),
+    (lambda sd: {"state": [], "param_groups": sd["param_groups"]}, TypeError, "state"),
+    (_set(("state", 0, "step"), torch.tensor(2.0 ** 63)), ValueError, "invalid step"),
+    (_set(("state", 0, "step"), 1e30), ValueError, "invalid step"),
+    (_set(("param_groups", 0, "schedule_step"), 2 ** 64), ValueError, "schedule_step"),
+    (_set(("param_groups", 0, "schedule"), "StepLR"), ValueError, "schedule of type str"),
+])
+def test_a_malformed_state_dict_raises_naming_what_and_changes_nothing(mutate, error, message):
+    params, opt = trained()
+    before = snapshot(opt, params)
+    with pytest.raises(error, match=message):
+        opt.load_state_dict(mutate(opt.state_dict()))
+    assert_unchanged(before, opt, params)
+
+
+@pytest.mark.parametrize("steps", [1.5, 2 ** 63, -1, [1, 2], "a"])
+def test_set_schedule_steps_refuses_what_is_no_step_count(steps):
+    params, opt = trained()
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match="steps must be an integer"):
+        opt.set_schedule_steps(steps)
+    assert_unchanged(before, opt, params)
+
+
+def test_from_hf_warmup_stable_decay_names_the_steps_that_do_not_fit():
+    with pytest.raises(ValueError, match=r"num_warmup_steps \(1\) and num_decay_steps \(20\) exceed"):
+        S.from_hf("warmup_stable_decay", 1, 10, num_decay_steps=20)
