@@ -22,6 +22,8 @@ Frameworks read ``param_groups[i]["lr"]`` as the lr in use and hand schedulers t
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
@@ -143,6 +145,11 @@ class OnDeviceScheduler(LRScheduler):
         # LRScheduler.__init__ is not called: it would wrap optimizer.step and write the lrs.
         self.optimizer = optimizer
         self.last_epoch = 0
+        # the optimizer's step() calls at the last step() here, and the two last gaps between them:
+        # the cadence a framework steps its scheduler at ([note: scheduler cadence])
+        self._calls_seen = getattr(optimizer, "_step_calls", 0)
+        self._gaps = (1, 1)
+        self._cadence_warned = False
         self.base_lrs = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
         self._get_lr_called_within_step = False
         self._last_lr = self.get_lr()
@@ -159,11 +166,41 @@ class OnDeviceScheduler(LRScheduler):
                              "use opt.set_schedule_steps(k) to move it")
         if metrics is not None:
             self.optimizer.observe(metrics)
+        else:
+            self._check_cadence()
         self.last_epoch += 1
         self._last_lr = self.get_lr()
 
+    # [note: scheduler cadence]
+    # A framework may step its scheduler once an epoch (Lightning's interval="epoch") or every few
+    # optimizer steps (frequency=N), meaning a schedule that moves at that cadence. A fusedlr schedule
+    # moves with the optimizer's steps, in its own units (steps_per_epoch), and this step() changes
+    # nothing, so such a config would go unread. Where the scheduler is stepped every N > 1 optimizer
+    # steps twice in a row (one long gap is a step a GradScaler skipped, or a first epoch) and a
+    # scheduled group's schedule does not count N steps per epoch, it warns once, saying what to set.
+    def _check_cadence(self) -> None:
+        calls = getattr(self.optimizer, "_step_calls", None)
+        if calls is None:
+            return
+        gap, self._calls_seen = calls - self._calls_seen, calls
+        self._gaps = (self._gaps[1], gap)
+        if self._cadence_warned or gap <= 1 or self._gaps[0] != gap:
+            return
+        schedules = [g["schedule"] for g in self.optimizer.param_groups if g.get("schedule") is not None]
+        if any(getattr(s, "steps_per_epoch", 1) != gap for s in schedules):
+            self._cadence_warned = True
+            warnings.warn(f"opt.as_lr_scheduler() is stepped every {gap} optimizer steps (Lightning's "
+                          f"interval='epoch' or frequency={gap}?), but a fusedlr schedule moves with the optimizer's "
+                          f"steps and this step() changes nothing: to move the schedule once per {gap} steps, give "
+                          f"it steps_per_epoch={gap} (as a torch scheduler stepped per epoch takes it)", stacklevel=3)
+
     def state_dict(self) -> dict:
-        return {"last_epoch": self.last_epoch}
+        """The count of calls, with the keys torch's schedulers keep (LambdaLR's too, HF Trainer's
+        kind), so that a torch scheduler resumes from it: the lrs as floats (a host sync, at saving)."""
+        groups = len(self.optimizer.param_groups)
+        return {"last_epoch": self.last_epoch, "_step_count": self.last_epoch + 1,
+                "base_lrs": [float(lr) for lr in self.base_lrs], "_last_lr": [float(lr) for lr in self._last_lr],
+                "_get_lr_called_within_step": False, "lr_lambdas": [None] * groups}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.last_epoch = int(state_dict.get("last_epoch", 0))

@@ -153,6 +153,7 @@ class _FusedOptimizer(Optimizer):
         self.skip_nonfinite: bool = _check_flag("skip_nonfinite", skip_nonfinite)
         self.master_weights: bool | str = _state.check_master_weights(master_weights)
         self._device: torch.device | None = None
+        self._step_calls = 0  # calls of step(), counted on the host (for as_lr_scheduler's cadence check)
         self._grad_norm: Tensor | None = None      # float64 scalar: the last step's gradient norm
         self._group_steps: Tensor | None = None    # int64 [groups]: completed steps of each group
         # float64 [groups, width]: each group's row of metric-driven schedule state (ReduceLROnPlateau,
@@ -418,6 +419,7 @@ class _FusedOptimizer(Optimizer):
 
     def step(self, closure: Callable[[], Any] | None = None):
         """One fused update of every parameter that has a gradient, at each group's scheduled lr."""
+        self._step_calls += 1
         # torch wraps every optimizer's step in a profiler range and its step hooks, which costs
         # more than a fused step of a small model: pay for it only when it does something.
         if (_is_compiling() or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
@@ -690,13 +692,15 @@ class _FusedOptimizer(Optimizer):
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         for key in ("_group_steps", "_plateau_state", "_row_schedules", "_group_lrs", "_lrs_version", "_lr_views", "_device",
-                    "_grad_norm", "max_grad_norm", "skip_nonfinite", "master_weights", "partition_group"):
+                    "_grad_norm", "max_grad_norm", "skip_nonfinite", "master_weights", "partition_group",
+                    "_step_calls"):
             state[key] = getattr(self, key)
         return state
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("partition_group", None)  # pickled by a version without it
         state.setdefault("_row_schedules", [])
+        state.setdefault("_step_calls", 0)
         super().__setstate__(state)
         # a copy's group lrs must be views of its own vector again, with its version counter
         views = getattr(self, "_lr_views", [])

@@ -311,6 +311,43 @@ def test_timm_layer_decay_groups_run_at_their_lr_scale():
     assert not math.isclose(float(opt.param_groups[0]["lr"]), float(opt.param_groups[-1]["lr"]))
 
 
+def test_timm_groups_copied_after_their_scheduler_run_at_the_base_lr():
+    """A timm scheduler built on the optimizer first (to convert it with from_timm) moves each
+    group's base lr to initial_lr and sets lr to its warmup's; groups copied as the README copies
+    them (initial_lr too) run timm's lrs from the base lr, not from the warmup's."""
+    timm = pytest.importorskip("timm")
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+
+    def model():
+        torch.manual_seed(0)
+        return timm.models.vision_transformer.VisionTransformer(img_size=8, patch_size=4, embed_dim=16, depth=2,
+                                                                num_heads=2, num_classes=3)
+
+    def timm_pair(m):
+        o = create_optimizer_v2(m, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+        return o, CosineLRScheduler(o, t_initial=10, lr_min=1e-5, warmup_t=3, warmup_lr_init=1e-6, t_in_epochs=False)
+
+    ours, ref = model(), model()
+    ref_opt, ref_sched = timm_pair(ref)
+    timm_opt, timm_sched = timm_pair(ours)
+    assert all(g["lr"] != g["initial_lr"] for g in timm_opt.param_groups)  # the warmup's lr, as the case needs
+    opt = fusedlr.AdamW([{k: g[k] for k in ("params", "lr", "initial_lr", "weight_decay", "lr_scale") if k in g}
+                         for g in timm_opt.param_groups], schedule=S.from_timm(timm_sched))
+    gen = torch.Generator().manual_seed(3)
+    for k in range(10):
+        for group, ref_group in zip(opt.param_groups, ref_opt.param_groups):
+            assert float(group["lr"]) == pytest.approx(ref_group["lr"], rel=1e-12)
+        x = torch.randn(4, 3, 8, 8, generator=gen)
+        for m, o in ((ours, opt), (ref, ref_opt)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+        ref_sched.step_update(k + 1)
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL)
+
+
 def test_lightning_resume_continues_as_torch(tmp_path):
     """Checkpointed and resumed by Lightning, fusedlr continues as torch's AdamW with its twin
     scheduler resumed the same way, at the schedule's lrs. (Lightning's resumed fit is not the

@@ -401,3 +401,58 @@ def test_a_bad_initial_lr_raises_and_changes_nothing(bad):
     with pytest.raises(ValueError, match="initial_lr"):
         opt.step()
     assert torch.equal(p.detach(), before) and torch.equal(opt.schedule_steps(), steps)
+
+
+def _cadence_warnings(schedule, gaps):
+    """The cadence warnings of opt.as_lr_scheduler() stepped after each gap's count of optimizer steps."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = fusedlr.AdamW([p], lr=0.1, schedule=schedule)
+    scheduler = opt.as_lr_scheduler()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for gap in gaps:
+            for _ in range(gap):
+                p.grad = torch.ones(3)
+                opt.step()
+            scheduler.step()
+    return [str(w.message) for w in caught if "as_lr_scheduler" in str(w.message)]
+
+
+def test_a_scheduler_stepped_per_epoch_warns_once_where_the_schedule_counts_single_steps():
+    """Lightning's interval="epoch" (or frequency=N) on opt.as_lr_scheduler() would go unread: the
+    schedule moves with the optimizer's steps. Stepped every 4 steps, it says steps_per_epoch=4."""
+    caught = _cadence_warnings(S.StepLR(step_size=1, gamma=0.5), [4, 4, 4, 4])
+    assert len(caught) == 1 and "steps_per_epoch=4" in caught[0]
+    assert _cadence_warnings(S.StepLR(step_size=1, gamma=0.5, steps_per_epoch=4), [4, 4, 4]) == []
+
+
+def test_a_scheduler_stepped_per_step_does_not_warn_even_past_a_skipped_step():
+    """HF Trainer steps its scheduler after each optimizer step and not after one a GradScaler
+    skipped: one long gap is no cadence."""
+    assert _cadence_warnings(S.CosineAnnealingLR(T_max=50), [1, 1, 3, 1, 1, 2, 1, 5, 1]) == []
+    assert _cadence_warnings(None, [4, 4, 4]) == []  # no schedule: nothing to move
+
+
+def test_the_on_device_scheduler_state_dict_resumes_a_torch_lambda_lr():
+    """HF Trainer saves its scheduler's state_dict; a run resumed with torch's AdamW and Trainer's
+    LambdaLR loads what opt.as_lr_scheduler() saved, at the same count and base lrs."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = fusedlr.AdamW([p], lr=0.1, schedule=S.from_hf("linear", num_warmup_steps=2, num_training_steps=10))
+    scheduler = opt.as_lr_scheduler()
+    for _ in range(4):
+        p.grad = torch.ones(3)
+        opt.step()
+        scheduler.step()
+    saved = torch.load(io.BytesIO(_saved(scheduler.state_dict())), weights_only=True)
+    q = torch.nn.Parameter(torch.zeros(3))
+    torch_opt = torch.optim.AdamW([q], lr=0.1)
+    lam = L.LambdaLR(torch_opt, lambda t: min(1.0, t / 2) if t < 2 else max(0.0, (10 - t) / 8))
+    lam.load_state_dict(saved)
+    assert lam.last_epoch == 4 and lam.base_lrs == [0.1]
+    assert lam.get_last_lr() == pytest.approx([float(opt.param_groups[0]["lr"])], rel=1e-12)
+
+
+def _saved(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
