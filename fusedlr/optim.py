@@ -419,10 +419,12 @@ class _FusedOptimizer(Optimizer):
 
     def step(self, closure: Callable[[], Any] | None = None):
         """One fused update of every parameter that has a gradient, at each group's scheduled lr."""
-        self._step_calls += 1
         # torch wraps every optimizer's step in a profiler range and its step hooks, which costs
         # more than a fused step of a small model: pay for it only when it does something.
-        if (_is_compiling() or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+        if _is_compiling():
+            return self._hooked_step(closure)  # no host count in a graph (a changing int recompiles)
+        self._step_calls += 1  # on the host, for as_lr_scheduler's cadence check
+        if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
                 or _global_pre_hooks or _global_post_hooks or _autograd_profiler._is_profiler_enabled):
             return self._hooked_step(closure)
         lists = self._lists
