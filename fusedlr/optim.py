@@ -77,13 +77,21 @@ def _check_flag(name: str, value: Any) -> bool:
 _OPTIMIZER_WIDE = ("max_grad_norm", "skip_nonfinite", "master_weights", "partition_group")
 
 
-def _check_group_keys(optimizer: str, group: dict) -> None:
+def _check_group_keys(opt, group: dict) -> None:
     """Raise ValueError for a param group's key that fusedlr would not read: an optimizer-wide
-    setting, or a torch flag the fused step cannot honour (as the constructor refuses it)."""
+    setting other than the optimizer's own (a wrapper such as ZeRO's passes its constructor's
+    arguments in each group), or a torch flag the fused step cannot honour (as the constructor
+    refuses it)."""
     for key in _OPTIMIZER_WIDE:
         if key in group:
-            raise ValueError(f"{key} is a setting of the whole {optimizer}, not of a param group: pass it to "
-                             f"the constructor")
+            mine, given = getattr(opt, key), group[key]
+            same = given is mine if key == "partition_group" else (
+                type(given) is type(mine) and given == mine
+                or isinstance(given, numbers.Real) and not isinstance(given, bool) and isinstance(mine, float)
+                and float(given) == mine)
+            if not same:
+                raise ValueError(f"a param group's {key}={given!r}, where the {type(opt).__name__} has {mine!r}: "
+                                 f"{key} is a setting of the whole optimizer; pass it to the constructor")
     _check_unsupported(group.get("foreach"), group.get("fused"), group.get("differentiable"))
 
 
@@ -183,7 +191,7 @@ class _FusedOptimizer(Optimizer):
         if schedule is not None and not isinstance(schedule, Schedule):
             raise ValueError(f"schedule must be a fusedlr.schedules schedule or None, got {type(schedule).__name__}")
         if isinstance(param_group, dict):
-            _check_group_keys(type(self).__name__, param_group)
+            _check_group_keys(self, param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:

@@ -249,6 +249,18 @@ def test_meta_tensors_are_refused():
     assert torch.equal(param, torch.ones(3)) and torch.equal(state, torch.zeros(3)) and int(step) == 0
 
 
+def test_a_group_may_repeat_the_optimizers_own_settings():
+    """A wrapper such as torch's ZeroRedundancyOptimizer passes its constructor's arguments in
+    each group: the optimizer's own values are read by the optimizer, so nothing goes unread."""
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = fusedlr.AdamW([{"params": [p], "max_grad_norm": 1, "skip_nonfinite": True, "master_weights": False,
+                          "partition_group": None}], max_grad_norm=1.0, skip_nonfinite=True)
+    assert opt.max_grad_norm == 1.0 and opt.skip_nonfinite
+    with pytest.raises(ValueError, match="max_grad_norm=2.0, where the AdamW has 1.0"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "max_grad_norm": 2.0})
+    assert len(opt.param_groups) == 1
+
+
 def test_a_group_that_fails_to_join_leaves_the_optimizer_as_it_was():
     """add_param_group checks a group whole before it joins: a bad one leaves no trace."""
     params, opt = trained()
