@@ -275,6 +275,24 @@ def test_lightning_hands_the_monitored_metric_to_an_on_device_plateau_schedule()
 # timm
 
 
+def timm_steps_alike(ours, opt, ref, ref_opt, ref_sched, steps: int, seed: int) -> None:
+    """`steps` steps of a model under fusedlr and its copy under timm's optimizer and scheduler
+    (stepped per update), on the same random images: every group's lr equal before each step,
+    the parameters alike at the end."""
+    gen = torch.Generator().manual_seed(seed)
+    for k in range(steps):
+        for group, ref_group in zip(opt.param_groups, ref_opt.param_groups):
+            assert float(group["lr"]) == pytest.approx(ref_group["lr"], rel=1e-12)
+        x = torch.randn(4, 3, 8, 8, generator=gen)
+        for m, o in ((ours, opt), (ref, ref_opt)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+        ref_sched.step_update(k + 1)
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL)
+
+
 def test_timm_layer_decay_groups_run_at_their_lr_scale():
     """timm's create_optimizer_v2(layer_decay=...) groups carry lr_scale; timm's own scheduler
     multiplies each group's lr by it. fusedlr with the twin schedule runs the same lrs and steps."""
@@ -296,18 +314,7 @@ def test_timm_layer_decay_groups_run_at_their_lr_scale():
     opt = fusedlr.AdamW([{k: v for k, v in g.items() if k in ("params", "lr", "weight_decay", "lr_scale")}
                          for g in groups], lr=1e-3, schedule=S.CosineAnnealingLR(T_max=steps, eta_min=1e-5))
     ref_sched = CosineLRScheduler(ref_opt, t_initial=steps, lr_min=1e-5, t_in_epochs=False)
-    gen = torch.Generator().manual_seed(2)
-    for k in range(steps):
-        for group, ref_group in zip(opt.param_groups, ref_opt.param_groups):
-            assert float(group["lr"]) == pytest.approx(ref_group["lr"], rel=1e-12)
-        x = torch.randn(4, 3, 8, 8, generator=gen)
-        for m, o in ((ours, opt), (ref, ref_opt)):
-            o.zero_grad()
-            m(x).square().mean().backward()
-            o.step()
-        ref_sched.step_update(k + 1)
-    for p, q in zip(ours.parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL)
+    timm_steps_alike(ours, opt, ref, ref_opt, ref_sched, steps, seed=2)
     assert not math.isclose(float(opt.param_groups[0]["lr"]), float(opt.param_groups[-1]["lr"]))
 
 
@@ -334,18 +341,7 @@ def test_timm_groups_copied_after_their_scheduler_run_at_the_base_lr():
     assert all(g["lr"] != g["initial_lr"] for g in timm_opt.param_groups)  # the warmup's lr, as the case needs
     opt = fusedlr.AdamW([{k: g[k] for k in ("params", "lr", "initial_lr", "weight_decay", "lr_scale") if k in g}
                          for g in timm_opt.param_groups], schedule=S.from_timm(timm_sched))
-    gen = torch.Generator().manual_seed(3)
-    for k in range(10):
-        for group, ref_group in zip(opt.param_groups, ref_opt.param_groups):
-            assert float(group["lr"]) == pytest.approx(ref_group["lr"], rel=1e-12)
-        x = torch.randn(4, 3, 8, 8, generator=gen)
-        for m, o in ((ours, opt), (ref, ref_opt)):
-            o.zero_grad()
-            m(x).square().mean().backward()
-            o.step()
-        ref_sched.step_update(k + 1)
-    for p, q in zip(ours.parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL)
+    timm_steps_alike(ours, opt, ref, ref_opt, ref_sched, 10, seed=3)
 
 
 def test_lightning_resume_continues_as_torch(tmp_path):
