@@ -32,6 +32,9 @@ def to_state_dict(opt, state_dict: dict) -> dict:
             zip(opt.param_groups, state_dict["param_groups"], values)):
         schedule = saved.get("schedule")
         saved["schedule"] = schedule.spec() if isinstance(schedule, Schedule) else schedule
+        # a process group (a group's copy of the optimizer's, as ZeRO's wrapper passes it) is no data:
+        # it cannot be pickled, and the loading optimizer has its own
+        saved.pop("partition_group", None)
         if schedule is not None:
             saved["initial_lr"] = float(group["initial_lr"])
             saved["lr"] = next_lr

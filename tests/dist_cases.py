@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import io
 import os
 import sys
 from datetime import timedelta
@@ -213,6 +214,15 @@ def case_zero():
             torch.testing.assert_close(p.detach(), q.detach(), **TOL)
         opt.zero_grad()
         ref.zero_grad()
+    # ZeRO's checkpoint: the ranks' states gathered to rank 0 (pickled: fusedlr's saved groups carry no
+    # process group), then saved without the process group ZeRO keeps in its own groups
+    opt.consolidate_state_dict(to=0)
+    if dist.get_rank() == 0:
+        saved = opt.state_dict()
+        assert len(saved["state"]) == len(list(a.parameters()))  # every rank's partition
+        for group in saved["param_groups"]:
+            group.pop("partition_group", None)
+        torch.save(saved, io.BytesIO())
 
 
 def case_skip_agrees():
