@@ -53,7 +53,7 @@ class Loaded(NamedTuple):
     plateau_state: Tensor
 
 
-_STEP_LIMIT = 2 ** 63  # step counts are int64
+STEP_LIMIT = 2 ** 63  # step counts are int64 (set_schedule_steps checks against it too)
 
 
 def from_state_dict(opt, state_dict: dict) -> Loaded:
@@ -144,7 +144,7 @@ def saved_schedule_state(saved_groups: list[dict]) -> dict[str, Any]:
     for g, saved in enumerate(saved_groups):
         step, state = saved["schedule_step"], saved.get("plateau_state")
         step = step.item() if isinstance(step, Tensor) and step.numel() == 1 else step
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step < _STEP_LIMIT:
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step < STEP_LIMIT:
             raise ValueError(f"loaded group {g} has an invalid schedule_step {saved['schedule_step']!r} "
                              "(an integer in [0, 2**63) is required)")
         state = state.tolist() if isinstance(state, Tensor) else state
@@ -169,7 +169,7 @@ def param_state(opt, param: Tensor, saved: dict, saved_id) -> dict:
         raise ValueError(f"loaded state of parameter {saved_id!r} has no 'step'")
     step = step.item() if isinstance(step, Tensor) and step.numel() == 1 else step
     if (isinstance(step, bool) or not isinstance(step, numbers.Real) or not math.isfinite(step)
-            or not 0 <= step < _STEP_LIMIT or step != int(step)):
+            or not 0 <= step < STEP_LIMIT or step != int(step)):
         raise ValueError(f"loaded state of parameter {saved_id!r} has an invalid step {step!r}")
     state["step"] = int(step)
     for key, value in saved.items():

@@ -73,8 +73,12 @@ def _check_flag(name: str, value: Any) -> bool:
 
 
 # settings of the whole optimizer (its step clips, skips and keeps masters over every group at once),
-# which a param group would otherwise carry unread
-_OPTIMIZER_WIDE = ("max_grad_norm", "skip_nonfinite", "master_weights", "partition_group")
+# which a param group would otherwise carry unread: each with the check the constructor gives it
+_OPTIMIZER_WIDE = {
+    "max_grad_norm": lambda value: _check_max_grad_norm(value),  # (defined below)
+    "skip_nonfinite": lambda value: _check_flag("skip_nonfinite", value),
+    "master_weights": _state.check_master_weights,
+}
 
 
 def _check_group_keys(opt, group: dict) -> None:
@@ -82,16 +86,14 @@ def _check_group_keys(opt, group: dict) -> None:
     setting other than the optimizer's own (a wrapper such as ZeRO's passes its constructor's
     arguments in each group), or a torch flag the fused step cannot honour (as the constructor
     refuses it)."""
-    for key in _OPTIMIZER_WIDE:
-        if key in group:
-            mine, given = getattr(opt, key), group[key]
-            same = given is mine if key == "partition_group" else (
-                type(given) is type(mine) and given == mine
-                or isinstance(given, numbers.Real) and not isinstance(given, bool) and isinstance(mine, float)
-                and float(given) == mine)
-            if not same:
-                raise ValueError(f"a param group's {key}={given!r}, where the {type(opt).__name__} has {mine!r}: "
-                                 f"{key} is a setting of the whole optimizer; pass it to the constructor")
+    for key, check in _OPTIMIZER_WIDE.items():
+        if key in group and check(group[key]) != getattr(opt, key):
+            raise ValueError(f"a param group's {key}={group[key]!r}, where the {type(opt).__name__} has "
+                             f"{getattr(opt, key)!r}: {key} is a setting of the whole optimizer; pass it to the "
+                             "constructor")
+    if "partition_group" in group and group["partition_group"] is not opt.partition_group:
+        raise ValueError("a param group's partition_group is not the optimizer's: partition_group is a setting of "
+                         "the whole optimizer; pass it to the constructor")
     _check_unsupported(group.get("foreach"), group.get("fused"), group.get("differentiable"))
 
 
@@ -199,7 +201,8 @@ class _FusedOptimizer(Optimizer):
                 group["lr"] = group["initial_lr"]  # a group a torch scheduler has seen: its base lr
             self._check_group(group)
             _state.check_storage_settings(group)
-            _lr.lr_scale(group), _lr.base_lr(group)  # the values of lr_scale and initial_lr checked
+            _lr.lr_scale(group)  # its value checked, with a schedule or without
+            _lr.base_lr(group)  # and initial_lr
             if len({id(p) for p in group["params"]}) != len(group["params"]):
                 raise ValueError("a param group lists a parameter twice: each parameter takes one update per step")
             device = self._check_params(group["params"])
@@ -650,7 +653,8 @@ class _FusedOptimizer(Optimizer):
         values = ([steps] * len(self.param_groups) if not isinstance(steps, (Sequence, torch.Tensor))
                   else list(steps))
         if len(values) != len(self.param_groups) or any(
-                isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < 2 ** 63 for v in values):
+                isinstance(v, bool) or not isinstance(v, numbers.Integral)
+                or not 0 <= v < _checkpoint.STEP_LIMIT for v in values):
             raise ValueError(f"steps must be an integer in [0, 2**63) or one per group ({len(self.param_groups)}), "
                              f"got {steps!r}")
         self._group_steps.copy_(torch.tensor([int(v) for v in values], dtype=torch.int64))
