@@ -12,6 +12,7 @@ passed in here as `has_state`; `keys` are the op's state lists besides "step", i
 
 from __future__ import annotations
 
+import collections
 import numbers
 from typing import Any, Callable, Sequence
 
@@ -25,6 +26,30 @@ from .distributed import local_of
 HasState = Callable[[str, Tensor, dict], bool]  # (key, param, group): whether the param's state holds key
 
 _is_compiling = torch.compiler.is_compiling
+
+
+# -- the optimizer's state table -------------------------------------------------------------------
+
+class StateTable(collections.defaultdict):
+    """An optimizer's `state`: torch's defaultdict(dict) of each parameter's state, which counts the
+    entries put into it from outside the optimizer (`writes`; [note: state written past
+    load_state_dict], fusedlr/optim.py). The optimizer puts its own through `put`, uncounted; an
+    empty entry (what reading a missing parameter's state puts there) is no state, and not counted."""
+
+    def __init__(self, entries=()):
+        super().__init__(dict, entries)
+        self.writes = 0
+
+    def __setitem__(self, param, state) -> None:
+        if state:
+            self.writes += 1
+        super().__setitem__(param, state)
+
+    def put(self, param, state: dict) -> None:
+        super().__setitem__(param, state)
+
+    def __reduce__(self):
+        return StateTable, (dict(self),), {"writes": self.writes}
 
 
 # -- which state, of which dtype ------------------------------------------------------------------

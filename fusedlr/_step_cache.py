@@ -70,7 +70,7 @@ def objects(opt) -> tuple[list, list[int]]:
     cheaper test of step_key()."""
     state = opt.state
     objects = [state, opt.max_grad_norm, opt.skip_nonfinite, opt.master_weights]
-    sizes = [len(state)]
+    sizes = [len(state), getattr(state, "writes", 0)]  # entries written from outside: [note: state written past load_state_dict]
     for group in opt.param_groups:
         objects += group.values()
         sizes.append(len(group["params"]))

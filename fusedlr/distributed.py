@@ -11,9 +11,10 @@ redistributed to the parameter's first (one collective for that gradient).
 [note: global norm]
 clip_grad_norm_ of sharded gradients is the norm of the whole model: every rank sums the squares of
 the shards it holds, counting each shard once across the ranks that hold a copy of it (the lowest
-such rank counts it), and one all-reduce over the ranks of the parameters' mesh (or over
-`partition_group`, whose ranks hold the other partitions of plain parameters, as under ZeRO) adds
-them up. The same all-reduce carries GradScaler's inf flags, so that every rank skips the same
+such rank counts it; the others add 0 times the squares of their copies, so that a NaN or inf in
+any rank's copy makes the norm non-finite on every rank), and one all-reduce over the ranks of the
+parameters' mesh (or over `partition_group`, whose ranks hold the other partitions of plain
+parameters, as under ZeRO) adds them up. The same all-reduce carries GradScaler's inf flags, so that every rank skips the same
 steps. Nothing waits on the host: on CUDA the all-reduce is queued on the stream like the step.
 """
 
@@ -146,6 +147,29 @@ class NormReduction:
         for i, p in enumerate(params):
             # a plain parameter next to DTensor ones is a copy on every rank: counted by the lowest rank
             self.counted[i] = _lowest_holder(p, me) if is_dtensor(p) else me == min(mesh.mesh.flatten().tolist())
+
+    def check_settings(self, max_grad_norm: float | None, skip_nonfinite: bool, found_inf: bool,
+                       device: torch.device) -> None:
+        """[note: settings across ranks]
+        Whether a sharded step runs the norm's all-reduce depends on settings each rank holds: a
+        rank that clips or skips, or is handed GradScaler's flags, runs it, and a rank that does
+        not leaves the others waiting until the group's timeout. A different max_grad_norm does not
+        hang, but clips each rank's shards by another factor. So the first sharded step compares
+        them over the ranks of the norm (one all-reduce, read on the host once) and raises the
+        same ValueError on every rank where they differ."""
+        names = ("max_grad_norm", "skip_nonfinite", "GradScaler")
+        mine = [-1.0 if max_grad_norm is None else float(max_grad_norm), float(skip_nonfinite), float(found_inf)]
+        both = torch.tensor(mine + [-v for v in mine], dtype=torch.float64, device=device)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
+        values = both.tolist()
+        highest, lowest = values[:len(mine)], [-v for v in values[len(mine):]]
+        differ = [name for name, high, low in zip(names, highest, lowest) if high != low]
+        if differ:
+            raise ValueError(f"the ranks' optimizers differ in {', '.join(differ)} (this rank's: max_grad_norm="
+                             f"{max_grad_norm}, skip_nonfinite={skip_nonfinite}, GradScaler's inf flags "
+                             f"{'given' if found_inf else 'not given'})"
+                             ": the global norm and the skipped steps are reduced across ranks, so every rank "
+                             "must clip, skip and scale alike")
 
     def global_sum(self, local: Tensor) -> Tensor:
         """Sums `local` (this rank's partial sums) over the ranks of the norm, in place."""

@@ -22,6 +22,7 @@ Frameworks read ``param_groups[i]["lr"]`` as the lr in use and hand schedulers t
 
 from __future__ import annotations
 
+import numbers
 import warnings
 
 import torch
@@ -68,6 +69,13 @@ _ADVICE = ("fusedlr evaluates this group's schedule on the device at every step,
            "or set group['schedule'] = None to set the lr yourself")
 
 
+def _is_number(value, number: float) -> bool:
+    """Whether `value` (a group's lr) is a real number or one-element real tensor equal to `number`."""
+    if isinstance(value, Tensor):
+        return value.numel() == 1 and not value.is_complex() and float(value) == number
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value) == number
+
+
 def check_scheduled_lrs(opt) -> None:
     """Raises LRConflictError, changing nothing, if a scheduled group's lr was written from outside;
     then follows groups that gained a schedule (their lr becomes their base lr) or lost one (their
@@ -76,10 +84,18 @@ def check_scheduled_lrs(opt) -> None:
     if len(opt._lr_views) != len(groups):
         opt._attach_lrs()  # the groups were replaced wholesale
         return
-    for g, group in enumerate(groups):
-        if group["schedule"] is not None and opt._lr_views[g] is not None and not is_own_lr(opt, g, group["lr"]):
-            raise LRConflictError(f"param group {g}: its 'lr' was replaced (now {group['lr']!r}), but the group has "
-                                  f"a fusedlr schedule. {_ADVICE}.")
+    replaced = [g for g, group in enumerate(groups)
+                if group["schedule"] is not None and opt._lr_views[g] is not None and not is_own_lr(opt, g, group["lr"])]
+    if replaced:
+        # the lr its schedule gives is no conflict: a wrapper that keeps a copy of the groups (torch's
+        # ZeroRedundancyOptimizer) copies it back once after a load ([note: state written past
+        # load_state_dict], fusedlr/optim.py)
+        expected = opt._schedule_values()[:, 0].tolist()
+        for g in replaced:
+            value = groups[g]["lr"]
+            if not _is_number(value, expected[g]):
+                raise LRConflictError(f"param group {g}: its 'lr' was replaced (now {value!r}), but the group has "
+                                      f"a fusedlr schedule. {_ADVICE}.")
     # under torch.compile the step writes the lrs itself, and the version check waits for eager
     written = not torch.compiler.is_compiling() and opt._group_lrs._version != opt._lrs_version
     if written:

@@ -117,6 +117,11 @@ def _check_max_grad_norm(value: Any) -> float | None:
 
 # The step's hot path reads these once per step: looked up once here.
 _is_compiling = torch.compiler.is_compiling
+
+
+def _is_capturing(device: torch.device | None) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of `device` (a CUDA device)."""
+    return device is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 _autograd_profiler = torch.autograd.profiler  # ._is_profiler_enabled: torch's flag for fast checks
 _global_pre_hooks = _torch_optimizer._global_optimizer_pre_hooks
 _global_post_hooks = _torch_optimizer._global_optimizer_post_hooks
@@ -163,6 +168,8 @@ class _FusedOptimizer(Optimizer):
         self.skip_nonfinite: bool = _check_flag("skip_nonfinite", skip_nonfinite)
         self.master_weights: bool | str = _state.check_master_weights(master_weights)
         self._device: torch.device | None = None
+        self._ranks_agree = False  # whether the ranks' settings were found alike ([note: settings across ranks])
+        self._state_writes = 0  # state.writes when its entries were last all the optimizer's own
         self._step_calls = 0  # calls of step(), counted on the host (for as_lr_scheduler's cadence check)
         self._grad_norm: Tensor | None = None      # float64 scalar: the last step's gradient norm
         self._group_steps: Tensor | None = None    # int64 [groups]: completed steps of each group
@@ -181,6 +188,7 @@ class _FusedOptimizer(Optimizer):
         defaults = dict(defaults, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
                         rounding_seed=_state.DEFAULT_SEED if rounding_seed is None else rounding_seed)
         super().__init__(params, defaults)
+        self.state = _state.StateTable(self.state)
 
     # -- groups ----------------------------------------------------------------------------------
 
@@ -416,7 +424,7 @@ class _FusedOptimizer(Optimizer):
                 with torch.no_grad():
                     new_states = _state.new_states(self._STATE_KEYS, self._has_state, first_grads, self.master_weights)
                     for (p, _), state in zip(first_grads, new_states):
-                        self.state[p] = state
+                        self.state.put(p, state)
                         fresh.append(p)
                     lists = self._lists = self._build_lists()
             except Exception:
@@ -465,6 +473,7 @@ class _FusedOptimizer(Optimizer):
         if not self.state and self._initializes_state():
             self._create_state()
             return loss
+        self._take_written_state()
         lists, fresh = self._prepare()
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         try:
@@ -514,13 +523,19 @@ class _FusedOptimizer(Optimizer):
         fresh = self._first_gradients()
         with torch.no_grad():
             for (p, _), state in zip(fresh, _state.new_states(self._STATE_KEYS, self._has_state, fresh, self.master_weights)):
-                self.state[p] = state
+                self.state.put(p, state)
         self._lists = None
 
     def _sharded_step(self, lists: StepLists, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         """A step over local shards ([note: DTensor parameters]), its norm and inf flags reduced
         across ranks ([note: global norm]): one all-reduce, then the step with the clipping factor
         folded into the gradient scale and the skip decision in found_inf."""
+        if not self._ranks_agree and not torch.compiler.is_compiling() and not _is_capturing(self._device):
+            if lists.reduction is None:
+                lists.reduction = _dist.NormReduction(lists.owners or lists.params, self.partition_group)
+            lists.reduction.check_settings(self.max_grad_norm, self.skip_nonfinite, found_inf is not None,
+                                           self._device)
+            self._ranks_agree = True
         grads = None if lists.owners is None else _dist.local_grads(lists.owners)
         wants_norm = self._wants_norm()
         if not wants_norm and found_inf is None:
@@ -532,8 +547,11 @@ class _FusedOptimizer(Optimizer):
         if wants_norm:
             local_grads = [p.grad for p in lists.params] if grads is None else grads
             counted = [g for g, c in zip(local_grads, lists.reduction.counted) if c and g is not None]
+            copies = [g for g, c in zip(local_grads, lists.reduction.counted) if not c and g is not None]
             if counted:
                 reduced[0] = _ops.sum_of_squares(counted)
+            if copies:  # counted elsewhere, but a NaN or inf of this rank's copy must reach every rank
+                reduced[0] += 0.0 * _ops.sum_of_squares(copies)
         if found_inf is not None:
             reduced[1] = found_inf.double().reshape(())
         lists.reduction.global_sum(reduced)
@@ -609,11 +627,13 @@ class _FusedOptimizer(Optimizer):
             if isinstance(metric, bool) or not isinstance(metric, numbers.Real):
                 raise ValueError(f"observe(): the metric must be a number or a one-element tensor, got {metric!r}")
             metric = _host_values_on(self._device, float(metric), torch.float64)
+        self._take_written_state()
         programs = self._programs_now()  # first: it may widen the state
         _ops.plateau_observe_(metric, [_lr.base_lr(g) for g in self.param_groups], programs, self._plateau_state)
         self._refresh_lrs()
 
     def _schedule_values(self) -> Tensor:
+        self._take_written_state()
         programs = self._programs_now()  # first: it may widen the state
         return _ops.evaluate_schedules(programs, [_lr.base_lr(g) for g in self.param_groups], self._group_steps,
                                        self._plateau_state)
@@ -645,6 +665,7 @@ class _FusedOptimizer(Optimizer):
 
     def schedule_steps(self) -> Tensor:
         """int64 [groups] device tensor: the optimizer steps each group has completed."""
+        self._take_written_state()
         return self._group_steps
 
     def set_schedule_steps(self, steps: int | Sequence[int]) -> None:
@@ -652,6 +673,7 @@ class _FusedOptimizer(Optimizer):
         checkpoint that does not carry it, such as torch's SGD state_dict."""
         values = ([steps] * len(self.param_groups) if not isinstance(steps, (Sequence, torch.Tensor))
                   else list(steps))
+        self._take_written_state()  # a count set now wins over a wrapper's loaded one
         if len(values) != len(self.param_groups) or any(
                 isinstance(v, bool) or not isinstance(v, numbers.Integral)
                 or not 0 <= v < _checkpoint.STEP_LIMIT for v in values):
@@ -671,6 +693,7 @@ class _FusedOptimizer(Optimizer):
         max_lr, min_lr, the cycled momentum or beta1 of the next step), so that torch's optimizer and
         twin scheduler continue from a fusedlr checkpoint (fusedlr.schedules.torch_scheduler with
         last_epoch). A group without a schedule is saved as torch saves it."""
+        self._take_written_state()
         return _checkpoint.to_state_dict(self, super().state_dict())
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -685,7 +708,11 @@ class _FusedOptimizer(Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        loaded = _checkpoint.from_state_dict(self, state_dict)  # checked: raises before anything changes
+        self._apply_loaded(_checkpoint.from_state_dict(self, state_dict))  # checked: raises before anything changes
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _apply_loaded(self, loaded: _checkpoint.Loaded) -> None:
         new_state = _state.packed_copy(self._STATE_KEYS, loaded.state, loaded.param_groups, self.master_weights)
         self.state.clear()
         self.state.update(new_state)
@@ -695,8 +722,36 @@ class _FusedOptimizer(Optimizer):
         self._attach_lrs()
         self._lists = None
         self._programs_key = []
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
+
+    def _take_written_state(self) -> None:
+        """[note: state written past load_state_dict]
+        A wrapper may load a checkpoint by writing each parameter's state into `opt.state` and its
+        groups' values into `opt.param_groups` directly, this optimizer's load_state_dict unread:
+        torch's ZeroRedundancyOptimizer does (its groups' "lr" is then a tensor of the checkpoint,
+        its schedule state in no group). `opt.state` counts the entries written into it from
+        outside (_state.StateTable); the next step, or a read of the schedule, first loads what is
+        there as load_state_dict would load a torch checkpoint: checked in full, each group's base
+        lr its "initial_lr", its schedule resumed at the largest step count of its parameters'
+        state (as torch's schedulers resume from the same counts), its metric-driven schedule state
+        (ReduceLROnPlateau's, GreedyLR's, which such a checkpoint does not hold) as it was. If the
+        written state is wrong the call raises, and raises again at every step until it is mended
+        or loaded over."""
+        writes = getattr(self.state, "writes", 0)
+        if writes == self._state_writes:
+            return
+        self._state_writes = writes  # first: reading the schedule below comes back here
+        try:
+            saved = _checkpoint.to_state_dict(self, super().state_dict())
+            saved["state"] = {index: state for index, state in saved["state"].items() if state}
+            for group in saved["param_groups"]:
+                steps = [saved["state"][index].get("step") for index in group["params"] if index in saved["state"]]
+                steps = [int(step) for step in steps if isinstance(step, (Tensor, numbers.Real))]
+                if steps:
+                    group["schedule_step"] = max(steps)
+            self._apply_loaded(_checkpoint.from_state_dict(self, saved))
+        except Exception:
+            self._state_writes = None  # still to take
+            raise
 
     def _missing_step(self, saved: dict) -> int | None:
         """The step count of loaded state that has none (torch's SGD keeps none), or None: required
@@ -716,6 +771,10 @@ class _FusedOptimizer(Optimizer):
         state.setdefault("_row_schedules", [])
         state.setdefault("_step_calls", 0)
         super().__setstate__(state)
+        if not isinstance(self.state, _state.StateTable):  # pickled by a version before it
+            self.state = _state.StateTable(self.state)
+        self._state_writes = self.state.writes
+        self._ranks_agree = False  # a copy checks again at its first sharded step
         # a copy's group lrs must be views of its own vector again, with its version counter
         views = getattr(self, "_lr_views", [])
         for g, group in enumerate(self.param_groups):

@@ -187,6 +187,7 @@ def case_zero():
     from torch.nn.parallel import DistributedDataParallel as DDP
     a, b = DDP(model()), DDP(model())
     max_norm = 0.5
+    folder = sys.argv[5]
 
     def ours(params):
         return ZeroRedundancyOptimizer(params, optimizer_class=fusedlr.AdamW, lr=0.01, weight_decay=0.1,
@@ -198,31 +199,58 @@ def case_zero():
                                     foreach=False)
         return o, torch.optim.lr_scheduler.StepLR(o, step_size=4, gamma=0.5)
 
+    def save_both(name):
+        # ZeRO's checkpoint: the ranks' states gathered to rank 0 (pickled: fusedlr's saved groups carry
+        # no process group), then saved without the process group ZeRO keeps in its own groups
+        opt.consolidate_state_dict(to=0)
+        ref.consolidate_state_dict(to=0)
+        if dist.get_rank() == 0:
+            saved = opt.state_dict()
+            assert len(saved["state"]) == len(list(a.parameters()))  # every rank's partition
+            for group in saved["param_groups"]:
+                group.pop("partition_group", None)
+            torch.save({"ours": saved, "theirs": ref.state_dict(), "sched": sched.state_dict()},
+                       os.path.join(folder, name))
+        dist.barrier()
+        return [p.detach().clone() for p in a.parameters()], [q.detach().clone() for q in b.parameters()]
+
+    def run(steps):
+        for step in steps:
+            x, y = same_batches(True)(step)
+            for m in (a, b):
+                (((m(x) - y) ** 2).mean() * (30.0 if step % 3 == 0 else 1.0)).backward()
+            norm = float(torch.nn.utils.clip_grad_norm_(list(b.parameters()), max_norm))
+            opt.step()
+            ref.step()
+            sched.step()
+            got = float(opt.optim.last_grad_norm())  # this rank's partition, the norm of the whole model
+            assert math.isclose(got, norm, rel_tol=1e-5), (step, got, norm)
+            for p, q in zip(a.parameters(), b.parameters()):
+                torch.testing.assert_close(p.detach(), q.detach(), **TOL, msg=lambda m: f"step {step}: {m}")
+            opt.zero_grad()
+            ref.zero_grad()
+
     opt = ours(list(a.parameters()))
     ref, sched = theirs(list(b.parameters()))
-    for step in range(STEPS):
-        x, y = same_batches(True)(step)
-        for m in (a, b):
-            (((m(x) - y) ** 2).mean() * (30.0 if step % 3 == 0 else 1.0)).backward()
-        norm = float(torch.nn.utils.clip_grad_norm_(list(b.parameters()), max_norm))
-        opt.step()
-        ref.step()
-        sched.step()
-        got = float(opt.optim.last_grad_norm())  # this rank's partition, the norm of the whole model
-        assert math.isclose(got, norm, rel_tol=1e-5), (step, got, norm)
-        for p, q in zip(a.parameters(), b.parameters()):
-            torch.testing.assert_close(p.detach(), q.detach(), **TOL)
-        opt.zero_grad()
-        ref.zero_grad()
-    # ZeRO's checkpoint: the ranks' states gathered to rank 0 (pickled: fusedlr's saved groups carry no
-    # process group), then saved without the process group ZeRO keeps in its own groups
-    opt.consolidate_state_dict(to=0)
-    if dist.get_rank() == 0:
-        saved = opt.state_dict()
-        assert len(saved["state"]) == len(list(a.parameters()))  # every rank's partition
-        for group in saved["param_groups"]:
-            group.pop("partition_group", None)
-        torch.save(saved, io.BytesIO())
+    half = STEPS // 2
+    run(range(half))
+    weights = save_both("half.pt")
+    run(range(half, STEPS))
+    # ZeRO's load_state_dict writes the loaded state into fusedlr's optimizer past its load_state_dict:
+    # the trained optimizer takes it (its moments, not its own later ones) and resumes its schedule
+    # from the state's step counts, as torch's twins resume
+    saved = torch.load(os.path.join(folder, "half.pt"), weights_only=False)
+    opt.load_state_dict(saved["ours"])
+    ref.load_state_dict(saved["theirs"])
+    sched.load_state_dict(saved["sched"])
+    with torch.no_grad():
+        for params, values in ((a.parameters(), weights[0]), (b.parameters(), weights[1])):
+            for p, v in zip(params, values):
+                p.copy_(v)
+    assert opt.optim.schedule_steps().tolist() == [half] * len(opt.optim.param_groups)
+    assert math.isclose(float(opt.optim.last_lr()[0]), sched.get_last_lr()[0], rel_tol=1e-12)
+    run(range(half, STEPS))
+    save_both("end.pt")  # and saves again
 
 
 def case_skip_agrees():
@@ -252,6 +280,27 @@ def case_skip_agrees():
     opt2.step()
     assert all(torch.equal(p.detach().to_local(), q) for p, q in zip(a.parameters(), before))
     assert int(opt2.schedule_steps()[0]) == 1
+    # a NaN in one rank's copy of a replicated gradient (a Rowwise bias; the lowest rank's copy is
+    # the one the norm counts): every rank skips, the replicas stay alike
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    t = tp(model(), mesh)
+    bias = t[2].bias
+    assert bias.placements == (Replicate(),)
+    opt3 = fusedlr.AdamW(t.parameters(), lr=0.01, skip_nonfinite=True)
+    for step in range(3):
+        x, y = same_batches(False)(step)
+        ((t(x) - y) ** 2).mean().backward()
+        before = [p.detach().to_local().clone() for p in t.parameters()]
+        if step == 1 and dist.get_rank() == dist.get_world_size() - 1:
+            bias.grad.to_local()[0] = math.nan
+        opt3.step()
+        opt3.zero_grad()
+        moved = [not torch.equal(p.detach().to_local(), q) for p, q in zip(t.parameters(), before)]
+        assert (not any(moved)) if step == 1 else all(moved), (step, moved)
+        assert int(opt3.schedule_steps()[0]) == [1, 1, 2][step], step
+        copies = [torch.empty_like(bias.to_local()) for _ in range(dist.get_world_size())]
+        dist.all_gather(copies, bias.detach().to_local())
+        assert all(torch.equal(c, copies[0]) for c in copies), step
 
 
 def case_dcp():
@@ -417,6 +466,40 @@ def case_nccl():
         opt.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def case_settings_agree():
+    """Settings that decide whether the norm's all-reduce runs, or by what factor it clips, differ
+    across ranks: the first step raises the same error on every rank instead of hanging or clipping
+    each shard by another factor, and changes nothing."""
+    a = fsdp(model())
+    rank = dist.get_rank()
+    for name, kwargs, flags in (("max_grad_norm", dict(max_grad_norm=0.5 if rank == 0 else None), False),
+                                ("max_grad_norm", dict(max_grad_norm=0.5 + rank), False),
+                                ("skip_nonfinite", dict(skip_nonfinite=rank == 1), False),
+                                ("GradScaler", {}, rank == 0)):
+        opt = fusedlr.AdamW(a.parameters(), lr=0.01, **kwargs)
+        if flags:
+            opt.grad_scale, opt.found_inf = torch.tensor([1.0]), torch.tensor([0.0])
+        x, y = same_batches(True)(0)
+        ((a(x) - y) ** 2).mean().backward()
+        before = [p.detach().to_local().clone() for p in a.parameters()]
+        try:
+            opt.step()
+        except ValueError as e:
+            assert "differ in " + name in str(e), e
+        else:
+            raise AssertionError(f"{name}: ranks of different settings stepped")
+        assert all(torch.equal(p.detach().to_local(), q) for p, q in zip(a.parameters(), before)), name
+        assert not opt.state and int(opt.schedule_steps()[0]) == 0, name
+        a.zero_grad()
+    opt = fusedlr.AdamW(a.parameters(), lr=0.01, max_grad_norm=0.5, skip_nonfinite=True)
+    for step in range(2):  # alike: checked once, then stepped
+        x, y = same_batches(True)(step)
+        ((a(x) - y) ** 2).mean().backward()
+        opt.step()
+        a.zero_grad()
+    assert int(opt.schedule_steps()[0]) == 2
 
 
 def case_bad_tensors():

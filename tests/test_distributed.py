@@ -57,7 +57,7 @@ def run_ranks(case: str, world: int, folder: pathlib.Path) -> None:
 
 @pytest.mark.parametrize("case, world", [
     ("ddp", 2), ("fsdp2", 2), ("tp", 2), ("fsdp_tp", 4), ("zero", 2), ("skip_agrees", 2), ("dcp", 2),
-    ("state_init_step", 2), ("grad_placements", 2), ("grad_scaler", 2), ("bad_tensors", 2),
+    ("state_init_step", 2), ("grad_placements", 2), ("grad_scaler", 2), ("settings_agree", 2), ("bad_tensors", 2),
     ("compile", 2),
 ])
 def test_distributed(case, world, tmp_path):

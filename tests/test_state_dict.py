@@ -1,5 +1,6 @@
 """Checkpoint and resume: bitwise identical to an uninterrupted run; torch checkpoints in and out."""
 
+import copy
 import io
 import warnings
 
@@ -213,3 +214,80 @@ def test_optimizer_counter_exact_near_2_pow_40():
         assert float(opt.last_lr()[0]) == 0.1 * 0.5 ** (k // 2 ** 38)
         opt.step()
     assert int(opt.state[p]["step"]) == big + 3
+
+
+def write_like_zero(opt, params, saved):
+    """What torch's ZeroRedundancyOptimizer.load_state_dict does to the optimizer it wraps: each
+    parameter's saved state put into opt.state, the saved groups' values into opt.param_groups."""
+    for group, saved_group in zip(opt.param_groups, saved["param_groups"]):
+        for index, p in zip(saved_group["params"], group["params"]):
+            if index in saved["state"]:
+                opt.state[p] = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                for k, v in saved["state"][index].items()}
+        for key, value in saved_group.items():
+            if key != "params":
+                group[key] = value
+
+
+@pytest.mark.parametrize("optimizer", list(REGISTRY))
+def test_state_written_into_opt_state_is_taken_as_loaded(optimizer):
+    """A trained optimizer whose state and groups a wrapper overwrote with an earlier checkpoint's
+    (ZeRO's load_state_dict) continues from that checkpoint, bitwise as an optimizer that never went
+    further, its schedule resumed at its parameters' step counts."""
+    params, opt = trained(optimizer)
+    saved = opt.state_dict()
+    # ZeRO saves its own groups, copies of the optimizer's live ones: no schedule state in them
+    saved = {"state": {i: {k: v.clone() for k, v in s.items()} for i, s in saved["state"].items()},
+             "param_groups": [dict({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in g.items()
+                                    if k != "params"}, params=s["params"])
+                              for g, s in zip(opt.param_groups, saved["param_groups"])]}
+    twin_params, twin = copy.deepcopy((params, opt))
+    values = [p.detach().clone() for p in params]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(5)]
+    for step_grads in grads[:3]:  # further than the checkpoint
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    write_like_zero(opt, params, saved)
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+    assert torch.equal(opt.schedule_steps(), twin.schedule_steps())
+    for step_grads in grads:
+        for ps, o in ((params, opt), (twin_params, twin)):
+            for p, g in zip(ps, step_grads):
+                p.grad = g.clone()
+            o.step()
+        for p, q in zip(params, twin_params):
+            assert torch.equal(p, q)
+    assert torch.equal(opt.last_lr(), twin.last_lr())
+
+
+def test_bad_state_written_into_opt_state_raises_and_changes_nothing():
+    params, opt = trained_adam()
+    values = [p.detach().clone() for p in params]
+    steps = opt._group_steps.clone()
+    kept = {k: v.clone() for k, v in opt.state[params[1]].items()}
+    opt.state[params[0]] = {"step": torch.tensor(3), "exp_avg": torch.zeros(2), "exp_avg_sq": torch.zeros(2)}
+    for p in params:
+        p.grad = torch.randn_like(p)
+    for _ in range(2):  # and again: the written entry is still to take
+        with pytest.raises(ValueError, match="exp_avg of parameter 0 has shape"):
+            opt.step()
+        assert all(torch.equal(p, v) for p, v in zip(params, values))
+        assert torch.equal(opt._group_steps, steps)
+        assert all(torch.equal(opt.state[params[1]][k], v) for k, v in kept.items())
+    opt.state[params[0]] = {}  # an empty entry is no state: the parameter starts afresh
+    opt.step()
+    assert not any(torch.equal(p, v) for p, v in zip(params, values))
+
+
+def test_a_replaced_lr_equal_to_the_schedules_is_no_conflict():
+    params, opt = trained_adam()
+    expected = float(opt.last_lr()[0])
+    opt.param_groups[0]["lr"] = expected  # as ZeRO copies its groups back, once after a load
+    opt.step()
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)  # the optimizer's own view again
+    opt.param_groups[0]["lr"] = float(opt.last_lr()[0]) * 2
+    with pytest.raises(fusedlr.lr.LRConflictError, match="was replaced"):
+        opt.step()
