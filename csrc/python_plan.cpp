@@ -27,6 +27,7 @@
 #include "step_op.h"
 #include "storage_math.h"
 
+#include <algorithm>
 #include <iterator>
 #include <optional>
 #include <string>
@@ -67,6 +68,43 @@ at::Tensor join_master_cpu(const at::Tensor& param, const at::Tensor& remainder)
   float* out = master.mutable_data_ptr<float>();
   for (int64_t i = 0; i < p.numel(); ++i) out[i] = join_master(pp[i].x, rr[i]);
   return master;
+}
+
+// [note: 8-bit state] for checkpoints (storage_math.h): a float32 tensor's values in memory order
+// as e4m3 codes and block scales, and back, by the kernels' own functions.
+at::Tensor mx_encode_cpu(const at::Tensor& values) {
+  TORCH_CHECK(values.scalar_type() == at::kFloat && values.device().is_cpu(),
+              "fusedlr.mx_encode: a float32 CPU tensor is required, got ", values.scalar_type(), " on ",
+              values.device());
+  const at::Tensor v = values.contiguous();
+  const int64_t n = v.numel();
+  at::Tensor out = at::empty({mx_bytes(n)}, v.options().dtype(at::kByte));
+  const float* in = v.const_data_ptr<float>();
+  uint8_t* codes = out.mutable_data_ptr<uint8_t>();
+  uint8_t* scales = codes + n;
+  for (int64_t block = 0; block < mx_blocks(n); ++block) {
+    const int64_t begin = block * kMxBlock, end = std::min(begin + kMxBlock, n);
+    uint32_t largest = 0;
+    for (int64_t i = begin; i < end; ++i) largest = std::max(largest, finite_magnitude_bits(in[i]));
+    const uint8_t scale = mx_scale_byte(largest);
+    scales[block] = scale;
+    for (int64_t i = begin; i < end; ++i) codes[i] = mx_encode(in[i], scale);
+  }
+  return out;
+}
+
+at::Tensor mx_decode_cpu(const at::Tensor& bytes, int64_t numel) {
+  TORCH_CHECK(numel >= 0 && bytes.scalar_type() == at::kByte && bytes.device().is_cpu() && bytes.dim() == 1 &&
+                  bytes.numel() == mx_bytes(numel),
+              "fusedlr.mx_decode: a 1-D uint8 CPU tensor of ", numel, " codes and their ", mx_blocks(numel),
+              " block scales is required, got ", bytes.scalar_type(), " ", bytes.sizes(), " on ", bytes.device());
+  const at::Tensor b = bytes.contiguous();
+  at::Tensor out = at::empty({numel}, b.options().dtype(at::kFloat));
+  const uint8_t* codes = b.const_data_ptr<uint8_t>();
+  const uint8_t* scales = codes + numel;
+  float* values = out.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < numel; ++i) values[i] = mx_decode(codes[i], scales[i / kMxBlock]);
+  return out;
 }
 
 // [note: DTensor gradients] The local shards of a step's gradients, one per parameter (None for
@@ -353,6 +391,10 @@ PYBIND11_MODULE(_C, m) {
         "A float32 CPU tensor as its bfloat16 rounding (to nearest, ties away) and the int16 remainder.");
   m.def("join_master", &join_master_cpu, pybind11::arg("param"), pybind11::arg("remainder"),
         "The float32 master of a bfloat16 CPU tensor and its int16 remainder.");
+  m.def("mx_encode", &mx_encode_cpu, pybind11::arg("values"),
+        "A float32 CPU tensor's values as e4m3 codes and a power-of-two scale per block of 32 ([note: 8-bit state]).");
+  m.def("mx_decode", &mx_decode_cpu, pybind11::arg("bytes"), pybind11::arg("numel"),
+        "The float32 values of `numel` e4m3 codes and their block scales (a 1-D uint8 CPU tensor).");
   m.def("local_grads", &local_grads, pybind11::arg("params"), pybind11::arg("dtensor_type"),
         pybind11::arg("fallback"), "The local shards of the parameters' gradients ([note: DTensor gradients]).");
   m.def("packed_state_buffer", &packed_state_buffer, pybind11::arg("numel"), pybind11::arg("dtype"),

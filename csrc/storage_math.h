@@ -313,6 +313,71 @@ FUSEDLR_HD float join_master(uint16_t param, int16_t remainder) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// [note: 8-bit state]
+// State kept in 8 bits per value is a float8 e4m3 code (OCP's e4m3fn: a sign, 4 exponent bits of
+// bias 7, 3 mantissa bits; no infinities, 0x7f and 0xff are NaN; the largest finite is 448) times
+// a power of two that a block of kMxBlock consecutive elements shares (OCP's MX scaling, a byte of
+// exponent, E8M0). A block's scale is 2^(e - 8), where e is the exponent of the largest finite
+// magnitude in it (1 at least: the scale is a normal float32), so that the largest value divided
+// by the scale lies in [256, 512). Each value is divided by the scale (exactly: a power of two)
+// and rounded to the nearest e4m3, ties to even, its magnitude clamped at 448 first (so a value
+// within 1/8 of the next power of two loses up to an eighth); NaN and infinities become NaN (e4m3
+// has no infinity), and do not enter the block's largest magnitude. Decoding multiplies exactly.
+// A decoded block encodes to the same codes and scale: its largest value decodes into [256, 448]
+// times the scale, of the same exponent. So state saved decoded (as float32) loads back bit for
+// bit. benchmarks/moment_formats.py compares this format with others on AdamW's moments.
+//
+// A tensor of n values keeps its codes, then its ceil(n / kMxBlock) scale bytes, in one uint8
+// tensor (mx_bytes): the blocks run over the tensor's elements in memory order.
+inline constexpr int64_t kMxBlock = 32;
+
+FUSEDLR_HD constexpr int64_t mx_blocks(int64_t numel) { return (numel + kMxBlock - 1) / kMxBlock; }
+FUSEDLR_HD constexpr int64_t mx_bytes(int64_t numel) { return numel + mx_blocks(numel); }
+
+// The magnitude of x as bits where x is finite, else 0: what a block's largest magnitude is the
+// maximum of (as unsigned integers, which order non-negative floats as they are).
+FUSEDLR_HD uint32_t finite_magnitude_bits(float x) {
+  const uint32_t magnitude = float_bits(x) & 0x7fffffffu;
+  return select_bits(mask_at_least(magnitude, 0x7f800000u), 0u, magnitude);
+}
+
+// The scale byte of a block whose largest finite magnitude has the bits `largest`: its biased
+// exponent less 8, at least 1.
+FUSEDLR_HD uint8_t mx_scale_byte(uint32_t largest) {
+  const uint32_t exponent = largest >> 23;
+  return static_cast<uint8_t>(select_bits(mask_at_least(exponent, 9u), exponent - 8u, 1u));
+}
+
+// The e4m3 code of x divided by the scale of byte `scale`, rounded to nearest even.
+FUSEDLR_HD uint8_t mx_encode(float x, uint8_t scale) {
+  const uint32_t b = float_bits(x);
+  const uint32_t sign = (b >> 24) & 0x80u;
+  const float scaled = float_of_bits(b & 0x7fffffffu) * float_of_bits((254u - scale) << 23);  // |x| / 2^(scale-127)
+  const float clamped = scaled < 448.0f ? scaled : 448.0f;  // NaN: 448, replaced below
+  const uint32_t c = float_bits(clamped);
+  // normal e4m3 (from 2^-6): the float32's exponent and top 3 mantissa bits, rounded to nearest
+  // even, the exponent rebiased from 127 to 7
+  const uint32_t normal = ((c + 0x7ffffu + ((c >> 20) & 1u)) >> 20) - ((127u - 7u) << 3);
+  // subnormal e4m3 (steps of 2^-9): the count of steps, rounded to nearest even by an addition
+  // at 2^23, where a float32's steps are 1
+  const uint32_t subnormal = float_bits(clamped * 512.0f + 8388608.0f) - 0x4b000000u;
+  const uint32_t magnitude = select_bits(mask_at_least(c, 0x3c800000u), normal, subnormal);
+  const uint32_t finite = mask_at_least(0x7f7fffffu, b & 0x7fffffffu);
+  return static_cast<uint8_t>(sign | select_bits(finite, magnitude, 0x7fu));
+}
+
+// The value of e4m3 code `code` times the scale of byte `scale` (exact).
+FUSEDLR_HD float mx_decode(uint8_t code, uint8_t scale) {
+  const uint32_t magnitude = code & 0x7fu;
+  const float normal = float_of_bits((magnitude << 20) + ((127u - 7u) << 23));
+  const float subnormal = static_cast<float>(magnitude) * 0x1p-9f;
+  const float value = select_by_mask(mask_at_least(magnitude, 8u), normal, subnormal);
+  const float nan_or_value = select_by_mask(mask_at_least(magnitude, 0x7fu), float_of_bits(0x7fc00000u), value);
+  const float scaled = nan_or_value * float_of_bits(static_cast<uint32_t>(scale) << 23);  // times 2^(scale-127)
+  return float_of_bits(float_bits(scaled) | ((static_cast<uint32_t>(code) & 0x80u) << 24));
+}
+
+// ---------------------------------------------------------------------------------------------
 // A tensor's storage ([note: storage]), a template argument of the element loops
 
 enum class MasterKind : uint8_t { kNone, kFloat, kRemainder };
