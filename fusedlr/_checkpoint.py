@@ -35,6 +35,8 @@ def to_state_dict(opt, state_dict: dict) -> dict:
         # a process group (a group's copy of the optimizer's, as ZeRO's wrapper passes it) is no data:
         # it cannot be pickled, and the loading optimizer has its own
         saved.pop("partition_group", None)
+        for key, value in opt._TORCH_GROUP_KEYS.items():
+            saved.setdefault(key, value)
         if schedule is not None:
             saved["initial_lr"] = float(group["initial_lr"])
             saved["lr"] = next_lr

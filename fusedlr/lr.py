@@ -64,7 +64,8 @@ def is_own_lr(opt, g: int, value) -> bool:
 
 _ADVICE = ("fusedlr evaluates this group's schedule on the device at every step, and a second scheduler on top "
            "would schedule it twice. Give a framework's scheduler slot opt.as_lr_scheduler() (HF Trainer: "
-           "optimizers=(opt, opt.as_lr_scheduler()); Lightning: return it from configure_optimizers), drop the "
+           "optimizers=(opt, opt.as_lr_scheduler()), or under FSDP return it from Trainer.create_scheduler; Lightning: "
+           "return it from configure_optimizers), drop the "
            "torch LRScheduler (fusedlr.from_torch converts one), change the base lr through group['initial_lr'], "
            "or set group['schedule'] = None to set the lr yourself")
 

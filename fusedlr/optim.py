@@ -145,6 +145,12 @@ class _FusedOptimizer(Optimizer):
     _OPTIMIZER: str
     _DESCRIPTOR: _ops.OptimizerDescriptor
     _STATE_KEYS: tuple[str, ...]  # tensor state besides "step", in the op's argument order
+    # The keys the torch optimizer of the same name keeps in its groups and fusedlr's do not, with
+    # the values that say what fusedlr's step is to torch (a step of its own: neither torch's
+    # foreach nor its fused one, nor capturable or differentiable). Saved groups carry them, so
+    # that torch.distributed.checkpoint, which loads every key of torch's state_dict, loads a
+    # fusedlr checkpoint into torch's optimizer (fusedlr/_checkpoint.py, to_state_dict).
+    _TORCH_GROUP_KEYS: dict[str, Any] = {}
     _REQUIRED_KEYS: tuple[str, ...]  # what loaded state must hold
 
     def __init_subclass__(cls, **kwargs):
@@ -842,6 +848,7 @@ class SGD(_FusedOptimizer):
     """ + _SCHEDULE_DOC
 
     _OPTIMIZER = "sgd"
+    _TORCH_GROUP_KEYS = {"foreach": None, "differentiable": False, "fused": None}
 
     def _missing_step(self, saved: dict) -> int:
         # torch's SGD state is only the momentum buffer; a buffer means at least one step was taken.
@@ -905,6 +912,7 @@ class Adam(_FusedOptimizer):
     """ + _SCHEDULE_DOC
 
     _OPTIMIZER = "adam"
+    _TORCH_GROUP_KEYS = {"foreach": None, "capturable": False, "differentiable": False, "fused": None}
 
     def __init__(self, params: Iterable, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *,

@@ -357,6 +357,33 @@ def case_dcp():
             for p, q in zip(whole.parameters(), resumed.parameters()):
                 assert torch.equal(local(p.detach()), local(q.detach())), (wrap_name, k)
             torch.testing.assert_close(whole_opt.last_lr(), resumed_opt.last_lr(), rtol=0, atol=0)
+    # a fusedlr checkpoint resumed by torch's AdamW through DCP, which loads every key of torch's own
+    # state_dict: fusedlr's saved groups carry torch's (foreach, fused, ...), and torch goes on as
+    # fusedlr does
+    def run_plain(m, opt, steps):
+        for step in steps:
+            x, y = same_batches(True)(step)
+            ((m(x) - y) ** 2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    whole = fsdp(model())
+    whole_opt = fusedlr.AdamW(whole.parameters(), lr=0.01, weight_decay=0.1)
+    run_plain(whole, whole_opt, range(STEPS))
+    first = fsdp(model())
+    first_opt = fusedlr.AdamW(first.parameters(), lr=0.01, weight_decay=0.1)
+    run_plain(first, first_opt, range(STEPS // 2))
+    path = os.path.join(folder, "to-torch")
+    dcp.save({"model": get_model_state_dict(first), "optim": get_optimizer_state_dict(first, first_opt)},
+             checkpoint_id=path)
+    resumed = fsdp(model())
+    resumed_opt = torch.optim.AdamW(resumed.parameters(), lr=0.01, weight_decay=0.1, foreach=False)
+    state = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, resumed_opt)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(resumed, state["model"])
+    set_optimizer_state_dict(resumed, resumed_opt, state["optim"])
+    run_plain(resumed, resumed_opt, range(STEPS // 2, STEPS))
+    for p, q in zip(whole.parameters(), resumed.parameters()):
+        torch.testing.assert_close(local(p.detach()), local(q.detach()), **TOL)
 
 
 def case_state_init_step():

@@ -291,3 +291,16 @@ def test_a_replaced_lr_equal_to_the_schedules_is_no_conflict():
     opt.param_groups[0]["lr"] = float(opt.last_lr()[0]) * 2
     with pytest.raises(fusedlr.lr.LRConflictError, match="was replaced"):
         opt.step()
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_saved_groups_hold_every_key_of_torchs_groups(name):
+    """torch.distributed.checkpoint loads every key of the state_dict it loads into: a fusedlr
+    checkpoint resumes torch's optimizer only if its groups hold all of torch's keys."""
+    params = [torch.nn.Parameter(torch.randn(3))]
+    ours = getattr(fusedlr, name)(params, lr=0.1).state_dict()["param_groups"][0]
+    theirs = getattr(torch.optim, name)(params, lr=0.1).param_groups[0]
+    assert set(theirs) <= set(ours)
+    for key in ("foreach", "fused", "capturable", "differentiable"):
+        if key in theirs:
+            assert ours[key] == theirs[key], key  # torch's defaults
