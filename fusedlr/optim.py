@@ -117,14 +117,14 @@ def _check_max_grad_norm(value: Any) -> float | None:
 
 # The step's hot path reads these once per step: looked up once here.
 _is_compiling = torch.compiler.is_compiling
+_autograd_profiler = torch.autograd.profiler  # ._is_profiler_enabled: torch's flag for fast checks
+_global_pre_hooks = _torch_optimizer._global_optimizer_pre_hooks
+_global_post_hooks = _torch_optimizer._global_optimizer_post_hooks
 
 
 def _is_capturing(device: torch.device | None) -> bool:
     """Whether a CUDA graph is being captured on the current stream of `device` (a CUDA device)."""
     return device is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-_autograd_profiler = torch.autograd.profiler  # ._is_profiler_enabled: torch's flag for fast checks
-_global_pre_hooks = _torch_optimizer._global_optimizer_pre_hooks
-_global_post_hooks = _torch_optimizer._global_optimizer_post_hooks
 
 
 class _FusedOptimizer(Optimizer):
@@ -536,7 +536,7 @@ class _FusedOptimizer(Optimizer):
         """A step over local shards ([note: DTensor parameters]), its norm and inf flags reduced
         across ranks ([note: global norm]): one all-reduce, then the step with the clipping factor
         folded into the gradient scale and the skip decision in found_inf."""
-        if not self._ranks_agree and not torch.compiler.is_compiling() and not _is_capturing(self._device):
+        if not self._ranks_agree and not _is_compiling() and not _is_capturing(self._device):
             if lists.reduction is None:
                 lists.reduction = _dist.NormReduction(lists.owners or lists.params, self.partition_group)
             lists.reduction.check_settings(self.max_grad_norm, self.skip_nonfinite, found_inf is not None,
