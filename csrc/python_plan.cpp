@@ -72,11 +72,18 @@ at::Tensor join_master_cpu(const at::Tensor& param, const at::Tensor& remainder)
 
 // [note: 8-bit state] for checkpoints (storage_math.h): a float32 tensor's values in memory order
 // as e4m3 codes and block scales, and back, by the kernels' own functions.
-at::Tensor mx_encode_cpu(const at::Tensor& values) {
+// With `bits` (an int32 tensor of one value per element), each value rounds stochastically with
+// its element's bits (mx_encode_stochastic), else to nearest.
+at::Tensor mx_encode_cpu(const at::Tensor& values, const std::optional<at::Tensor>& bits) {
   TORCH_CHECK(values.scalar_type() == at::kFloat && values.device().is_cpu(),
               "fusedlr.mx_encode: a float32 CPU tensor is required, got ", values.scalar_type(), " on ",
               values.device());
+  TORCH_CHECK(!bits.has_value() || (bits->scalar_type() == at::kInt && bits->device().is_cpu() &&
+                                    bits->numel() == values.numel()),
+              "fusedlr.mx_encode: bits must be an int32 CPU tensor of one value per element");
   const at::Tensor v = values.contiguous();
+  const at::Tensor random = bits.has_value() ? bits->contiguous() : at::Tensor();
+  const int32_t* r = bits.has_value() ? random.const_data_ptr<int32_t>() : nullptr;
   const int64_t n = v.numel();
   at::Tensor out = at::empty({mx_bytes(n)}, v.options().dtype(at::kByte));
   const float* in = v.const_data_ptr<float>();
@@ -88,7 +95,9 @@ at::Tensor mx_encode_cpu(const at::Tensor& values) {
     for (int64_t i = begin; i < end; ++i) largest = std::max(largest, finite_magnitude_bits(in[i]));
     const uint8_t scale = mx_scale_byte(largest);
     scales[block] = scale;
-    for (int64_t i = begin; i < end; ++i) codes[i] = mx_encode(in[i], scale);
+    for (int64_t i = begin; i < end; ++i) {
+      codes[i] = r != nullptr ? mx_encode_stochastic(in[i], scale, static_cast<uint32_t>(r[i])) : mx_encode(in[i], scale);
+    }
   }
   return out;
 }
@@ -391,8 +400,9 @@ PYBIND11_MODULE(_C, m) {
         "A float32 CPU tensor as its bfloat16 rounding (to nearest, ties away) and the int16 remainder.");
   m.def("join_master", &join_master_cpu, pybind11::arg("param"), pybind11::arg("remainder"),
         "The float32 master of a bfloat16 CPU tensor and its int16 remainder.");
-  m.def("mx_encode", &mx_encode_cpu, pybind11::arg("values"),
-        "A float32 CPU tensor's values as e4m3 codes and a power-of-two scale per block of 32 ([note: 8-bit state]).");
+  m.def("mx_encode", &mx_encode_cpu, pybind11::arg("values"), pybind11::arg("bits") = pybind11::none(),
+        "A float32 CPU tensor's values as e4m3 codes and a power-of-two scale per block of 32 ([note: 8-bit state]), "
+        "rounded to nearest, or stochastically with `bits` (int32, one per element).");
   m.def("mx_decode", &mx_decode_cpu, pybind11::arg("bytes"), pybind11::arg("numel"),
         "The float32 values of `numel` e4m3 codes and their block scales (a 1-D uint8 CPU tensor).");
   m.def("local_grads", &local_grads, pybind11::arg("params"), pybind11::arg("dtensor_type"),

@@ -366,6 +366,30 @@ FUSEDLR_HD uint8_t mx_encode(float x, uint8_t scale) {
   return static_cast<uint8_t>(sign | select_bits(finite, magnitude, 0x7fu));
 }
 
+// The e4m3 code of x divided by the scale of byte `scale`, rounded stochastically with 20 random
+// bits (the low 20 of `bits`): a normal e4m3 by the 20 float32 mantissa bits it drops, which the
+// random bits carry into the kept ones with probability their fraction of a step (exactly); a
+// subnormal e4m3 (steps of 2^-9) by the value in steps with 20 bits of fraction, so that P(up) is
+// the fraction of a step rounded down to a multiple of 2^-20. The magnitude is clamped at 448
+// first, which is an e4m3 (so it never rounds past it); NaN and infinities become NaN.
+FUSEDLR_HD uint8_t mx_encode_stochastic(float x, uint8_t scale, uint32_t bits) {
+  const uint32_t b = float_bits(x);
+  const uint32_t sign = (b >> 24) & 0x80u;
+  const float scaled = float_of_bits(b & 0x7fffffffu) * float_of_bits((254u - scale) << 23);
+  const float clamped = scaled < 448.0f ? scaled : 448.0f;
+  const uint32_t c = float_bits(clamped);
+  const uint32_t random = bits & 0xfffffu;
+  const uint32_t normal = ((c + random) >> 20) - ((127u - 7u) << 3);
+  // below 2^-6 the value is under 8 steps: in steps times 2^20 it is below 2^23, an exact integer
+  // part of a float32 product, truncated by the conversion (NaN and larger values are clamped
+  // first, so that the conversion is defined)
+  const float fixed = (c < 0x3c800000u ? clamped : 0.0f) * 536870912.0f;  // times 2^9 steps, 2^20
+  const uint32_t subnormal = (static_cast<uint32_t>(static_cast<int32_t>(fixed)) + random) >> 20;
+  const uint32_t magnitude = select_bits(mask_at_least(c, 0x3c800000u), normal, subnormal);
+  const uint32_t finite = mask_at_least(0x7f7fffffu, b & 0x7fffffffu);
+  return static_cast<uint8_t>(sign | select_bits(finite, magnitude, 0x7fu));
+}
+
 // The value of e4m3 code `code` times the scale of byte `scale` (exact).
 FUSEDLR_HD float mx_decode(uint8_t code, uint8_t scale) {
   const uint32_t magnitude = code & 0x7fu;

@@ -121,7 +121,46 @@ def test_the_rounding_error_is_within_half_a_step():
     assert int(clamped.sum()) > 0 and int((~clamped).sum()) > n // 2  # both cases were seen
 
 
+def test_stochastic_rounding_is_unbiased_over_every_draw():
+    """Stochastic codes over all 2^20 values of the 20 random bits: the mean of the decoded values is
+    the value itself for a normal e4m3 (the carry's probability is the dropped bits' fraction,
+    exactly), and the value rounded down to 2^-20 of a step for a subnormal one. Exhaustive, so the
+    test has no false failures. A block's first value (300) fixes its scale at 1."""
+    g = torch.Generator().manual_seed(3)
+    normal = torch.rand(15, generator=g, dtype=torch.float64) * 400 + 2.0 ** -6  # [2^-6, 400]
+    subnormal = torch.rand(12, generator=g, dtype=torch.float64) * 2.0 ** -6
+    edges = torch.tensor([0.0, -3.3, 447.9, 500.0])  # 500 is clamped at 448
+    row = torch.cat([torch.tensor([300.0]), normal.float(), subnormal.float(), edges])
+    assert row.numel() == BLOCK
+    draws = 1 << 20
+    values = row.repeat(draws)
+    bits = torch.arange(draws, dtype=torch.int32).repeat_interleave(BLOCK)
+    out = _C.mx_encode(values, bits)
+    n = values.numel()
+    assert bool((out[n:] == 127).all())
+    decoded = _C.mx_decode(out, n).double().view(draws, BLOCK)
+    mean = decoded.sum(dim=0) / draws  # exact: sums of few-bit values
+    x = row.double()
+    is_subnormal = x.abs() < 2.0 ** -6
+    steps = x.abs() * 2.0 ** 9  # subnormal steps of 2^-9
+    expected = torch.where(is_subnormal, torch.sign(x) * torch.floor(steps * 2.0 ** 20) / 2.0 ** 20 / 2.0 ** 9, x)
+    expected[-1] = 448.0
+    assert torch.equal(mean, expected)
+    # each draw gives one of the two codes around the value
+    for k in range(BLOCK):
+        seen = torch.unique(decoded[:, k])
+        assert seen.numel() <= 2 and float(seen.min()) <= min(float(x[k]), 448.0) <= float(seen.max()), k
+
+
+def test_stochastic_rounding_keeps_nan_and_sign():
+    x = torch.tensor([math.nan, math.inf, -math.inf, -1e-12, -0.0] + [1.0] * 27)
+    out = _C.mx_encode(x, torch.full((32,), -1, dtype=torch.int32))
+    assert out[:3].tolist() == [0x7F, 0x7F, 0xFF] and out[3] == 0x80 and out[4] == 0x80
+
+
 @pytest.mark.parametrize("call,message", [
+    (lambda: _C.mx_encode(torch.ones(4), torch.zeros(3, dtype=torch.int32)), "one value per element"),
+    (lambda: _C.mx_encode(torch.ones(4), torch.zeros(4, dtype=torch.int64)), "one value per element"),
     (lambda: _C.mx_encode(torch.ones(4, dtype=torch.float64)), "float32 CPU tensor"),
     (lambda: _C.mx_decode(torch.zeros(5, dtype=torch.uint8), 3), "3 codes and their 1 block scales"),
     (lambda: _C.mx_decode(torch.zeros(4, dtype=torch.float32), 3), "uint8"),
