@@ -106,6 +106,19 @@ def dynamic8(block: int) -> Round:
     return round_
 
 
+def mx_codec(stochastic: bool) -> Round:
+    """fusedlr's own 8-bit state codec ([note: 8-bit state], csrc/storage_math.h): e4m3 with a
+    power-of-two scale per block of 32, rounded to nearest or stochastically (20 random bits)."""
+    from fusedlr import _C
+
+    def round_(x, signed, gen):
+        flat = x.detach().reshape(-1).float().contiguous()
+        bits = torch.randint(-2 ** 31, 2 ** 31, flat.shape, generator=gen, dtype=torch.int64).to(torch.int32) \
+            if stochastic else None
+        return _C.mx_decode(_C.mx_encode(flat, bits), flat.numel()).view_as(x)
+    return round_
+
+
 @dataclass
 class Format:
     name: str
@@ -124,6 +137,8 @@ FORMATS = [
     Format("e4m3, float32 scale per 256, sqrt(v)", e4m3(256, False, sqrt_v=True), 2 + 8 / 256),
     Format("e4m3, power-of-two scale per 32 (MX)", e4m3(32, True), 2 + 2 / 32),
     Format("e4m3, power-of-two scale per 32, sqrt(v)", e4m3(32, True, sqrt_v=True), 2 + 2 / 32),
+    Format("fusedlr MX codec, nearest", mx_codec(False), 2 + 2 / 32),
+    Format("fusedlr MX codec, stochastic", mx_codec(True), 2 + 2 / 32),
 ]
 
 
@@ -183,6 +198,7 @@ def mlp(steps: int, fmt: Format):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--only", default="", help="run the formats whose name holds this text (and float32)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     for problem in (regression, mlp):
@@ -195,6 +211,8 @@ def main():
         print(f"\n{problem.__name__}: {args.steps} steps, float32-state final loss {reference_losses[-1]:.4g}")
         print(f"{'format':<44} {'B/param':>7} {'final loss':>10} {'max curve gap':>13} {'weights off':>11}")
         for fmt in FORMATS:
+            if args.only not in fmt.name and fmt is not FORMATS[0]:
+                continue
             losses, weights = problem(args.steps, fmt)
             curve = smooth(losses)
             gap = float(((curve - ref_curve).abs() / ref_curve).max())
