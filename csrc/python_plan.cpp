@@ -102,6 +102,17 @@ at::Tensor mx_encode_cpu(const at::Tensor& values, const std::optional<at::Tenso
   return out;
 }
 
+// The random bits of stochastic rounding ([note: stochastic rounding]) of elements [0, numel) of
+// tensor `tensor` at step `step`, stream `stream`, as int32: what the kernels draw, for tests.
+at::Tensor rounding_bits_cpu(int64_t seed, int64_t tensor, int64_t step, int64_t stream, int64_t numel) {
+  TORCH_CHECK(seed >= 0 && numel >= 0 && stream >= 0, "fusedlr.rounding_bits: seed, stream and numel must be >= 0");
+  at::Tensor out = at::empty({numel}, at::TensorOptions().dtype(at::kInt));
+  int32_t* bits = out.mutable_data_ptr<int32_t>();
+  const uint64_t key = rounding_key(static_cast<uint64_t>(seed), tensor, step, static_cast<int>(stream));
+  for (int64_t e = 0; e < numel; ++e) bits[e] = static_cast<int32_t>(random_bits(key, e));
+  return out;
+}
+
 at::Tensor mx_decode_cpu(const at::Tensor& bytes, int64_t numel) {
   TORCH_CHECK(numel >= 0 && bytes.scalar_type() == at::kByte && bytes.device().is_cpu() && bytes.dim() == 1 &&
                   bytes.numel() == mx_bytes(numel),
@@ -405,6 +416,10 @@ PYBIND11_MODULE(_C, m) {
         "rounded to nearest, or stochastically with `bits` (int32, one per element).");
   m.def("mx_decode", &mx_decode_cpu, pybind11::arg("bytes"), pybind11::arg("numel"),
         "The float32 values of `numel` e4m3 codes and their block scales (a 1-D uint8 CPU tensor).");
+  m.def("rounding_bits", &rounding_bits_cpu, pybind11::arg("seed"), pybind11::arg("tensor"), pybind11::arg("step"),
+        pybind11::arg("stream"), pybind11::arg("numel"),
+        "The 32 random bits (int32) of elements [0, numel) that stochastic rounding draws for one tensor, step "
+        "and stream ([note: stochastic rounding]).");
   m.def("local_grads", &local_grads, pybind11::arg("params"), pybind11::arg("dtensor_type"),
         pybind11::arg("fallback"), "The local shards of the parameters' gradients ([note: DTensor gradients]).");
   m.def("packed_state_buffer", &packed_state_buffer, pybind11::arg("numel"), pybind11::arg("dtype"),

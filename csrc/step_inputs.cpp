@@ -278,14 +278,25 @@ TensorStorage check_param_tensors(const char* op, at::DeviceType device_type, co
                   dtype == at::kBFloat16 ? " (a master weight) or int16 (a remainder)" : "");
       storage.master = remainder ? MasterKind::kRemainder : MasterKind::kFloat;
     } else {
-      TORCH_CHECK(s.scalar_type() == math_type || (s.scalar_type() == at::kBFloat16 && math_type == at::kFloat), op,
-                  ": ", state.name, " of parameter ", i, " has dtype ", s.scalar_type(), ", expected ", math_type,
-                  math_type == at::kFloat ? " or bfloat16" : "");
+      const bool low = math_type == at::kFloat && (s.scalar_type() == at::kBFloat16 || s.scalar_type() == at::kByte);
+      TORCH_CHECK(s.scalar_type() == math_type || low, op, ": ", state.name, " of parameter ", i, " has dtype ",
+                  s.scalar_type(), ", expected ", math_type,
+                  math_type == at::kFloat ? ", bfloat16 or uint8 (8-bit state)" : "");
       TORCH_CHECK(!state_type.has_value() || *state_type == s.scalar_type(), op, ": ", state.name, " of parameter ",
                   i, " has dtype ", s.scalar_type(), " but its other state ", *state_type,
                   "; a parameter's optimizer state has one dtype");
       state_type = s.scalar_type();
       storage.bfloat16_state = s.scalar_type() == at::kBFloat16;
+      storage.mx_state = s.scalar_type() == at::kByte;
+    }
+    if (s.scalar_type() == at::kByte && !state.master) {
+      // [note: 8-bit state]: the codes of the parameter's elements in memory order, then the scales
+      TORCH_CHECK(s.dim() == 1 && s.is_contiguous() && s.numel() == mx_bytes(param.numel()), op, ": ", state.name,
+                  " of parameter ", i, " is 8-bit state, which must be a contiguous 1-D uint8 tensor of ",
+                  mx_bytes(param.numel()), " bytes (", param.numel(), " codes and ", mx_blocks(param.numel()),
+                  " block scales), got shape ", s.sizes(), " and strides ", s.strides());
+      TORCH_CHECK(fits_storage(s), op, ": ", state.name, " of parameter ", i, " lies outside its storage");
+      continue;
     }
     TORCH_CHECK(s.sizes() == param.sizes() && s.strides() == param.strides(), op, ": ", state.name, " of parameter ", i,
                 " has shape ", s.sizes(), " and strides ", s.strides(), " but the parameter has shape ", param.sizes(),

@@ -26,6 +26,7 @@ struct StateList {
 // How a parameter's tensors are stored (storage_math.h, [note: storage]), as its checks found them.
 struct TensorStorage {
   bool bfloat16_state = false;  // its optimizer state is bfloat16, not its math type
+  bool mx_state = false;        // its optimizer state is 8-bit ([note: 8-bit state]): uint8 codes and scales
   MasterKind master = MasterKind::kNone;
 };
 
@@ -167,6 +168,10 @@ void dispatch_storage(at::ScalarType dtype, TensorStorage storage, bool stochast
     if constexpr (std::is_same_v<math_t, float>) {
       if (storage.bfloat16_state) {
         with_state(TypeTag<c10::BFloat16>{});
+        return;
+      }
+      if (storage.mx_state) {
+        with_state(TypeTag<Mx8State>{});
         return;
       }
     }

@@ -329,6 +329,16 @@ FUSEDLR_HD float join_master(uint16_t param, int16_t remainder) {
 //
 // A tensor of n values keeps its codes, then its ceil(n / kMxBlock) scale bytes, in one uint8
 // tensor (mx_bytes): the blocks run over the tensor's elements in memory order.
+//
+// With state_dtype=torch.float8_e4m3fn every state list of a parameter is so kept (Storage's
+// state_t is then Mx8State). A step takes a block at a time: it decodes the block's states into
+// float32, updates each element as with float32 state (the same update, the same bits), and
+// encodes each state anew with the scale of its new largest magnitude (mx_encode_block), rounded
+// to nearest or, with stochastic rounding, with 20 of the 32 bits of stream mx_state_stream(list)
+// per value. So a step with 8-bit state is the float32-state step from the decoded state,
+// followed by an encoding; the CPU loops and the CUDA kernels (one thread per block) share every
+// function of it. The state_dict shows the decoded values (float32, shaped like the parameter),
+// and load_state_dict encodes what it loads to nearest: a saved state loads back bit for bit.
 inline constexpr int64_t kMxBlock = 32;
 
 FUSEDLR_HD constexpr int64_t mx_blocks(int64_t numel) { return (numel + kMxBlock - 1) / kMxBlock; }
@@ -401,6 +411,35 @@ FUSEDLR_HD float mx_decode(uint8_t code, uint8_t scale) {
   return float_of_bits(float_bits(scaled) | ((static_cast<uint32_t>(code) & 0x80u) << 24));
 }
 
+// The scale byte of the n values of a block (their largest finite magnitude's), and its codes.
+// With kStochastic, value j rounds with the bits random(j) (mx_encode_stochastic), else to nearest.
+// The CPU loops and the CUDA kernels encode every block of state through this one function.
+FUSEDLR_HD uint8_t mx_block_scale(const float* values, int n) {
+  uint32_t largest = 0;
+  for (int j = 0; j < n; ++j) {
+    const uint32_t magnitude = finite_magnitude_bits(values[j]);
+    largest = magnitude > largest ? magnitude : largest;
+  }
+  return mx_scale_byte(largest);
+}
+
+template <bool kStochastic, typename Random>
+FUSEDLR_HD uint8_t mx_encode_block(const float* values, int n, uint8_t* codes, const Random& random) {
+  const uint8_t scale = mx_block_scale(values, n);
+  for (int j = 0; j < n; ++j) {
+    if constexpr (kStochastic) {
+      codes[j] = mx_encode_stochastic(values[j], scale, random(j));
+    } else {
+      codes[j] = mx_encode(values[j], scale);
+    }
+  }
+  return scale;
+}
+
+// 8-bit state as a type of the element loops (Storage's state_t): the loops update each block in
+// float32 and encode it whole, so no element is ever stored alone.
+struct Mx8State {};
+
 // ---------------------------------------------------------------------------------------------
 // A tensor's storage ([note: storage]), a template argument of the element loops
 
@@ -416,8 +455,12 @@ struct Storage {
   using state_t = State;
   using master_t = std::conditional_t<kMaster == MasterKind::kRemainder, int16_t, Math>;
   static constexpr MasterKind master = kMaster;
+  static constexpr bool kMxState = std::is_same_v<State, Mx8State>;  // [note: 8-bit state]
   static constexpr bool kStochasticParam = kStochastic && kMaster == MasterKind::kNone && kIsLowPrecision<Param>;
-  static constexpr bool kStochasticState = kStochastic && kIsLowPrecision<State>;
+  static constexpr bool kStochasticState = kStochastic && (kIsLowPrecision<State> || kMxState);
+  // 8-bit state is updated in blocks of float32 values stored as these (update the block, then
+  // encode it): the same storage with float32 state
+  using BlockStorage = Storage<Param, Math, std::conditional_t<kMxState, Math, State>, kMaster, kStochastic>;
   static_assert(kMaster == MasterKind::kNone || kIsLowPrecision<Param>, "master weights are for low-precision parameters");
   static_assert(kMaster != MasterKind::kRemainder || std::is_same_v<Param, c10::BFloat16>,
                 "remainders complete bfloat16 parameters only");
@@ -469,10 +512,15 @@ struct Storage {
   }
 };
 
-// The keys of a tensor's random bits at one step: the parameter's, then each pair of state lists'.
+// 8-bit state rounds with 20 random bits per value: list k takes all 32 bits of stream 1 + k (a
+// tensor's state is either bfloat16 or 8-bit, so the two never share a stream).
+FUSEDLR_HD constexpr int mx_state_stream(int list) { return 1 + list; }
+
+// The keys of a tensor's random bits at one step: the parameter's, then one per state list (pairs
+// of bfloat16 lists share one, state_stream; each 8-bit list has its own, mx_state_stream).
 template <int kStates>
 struct RoundingKeys {
-  static constexpr int kStreams = 1 + (kStates + 1) / 2;
+  static constexpr int kStreams = 1 + kStates;
   uint64_t key[kStreams];
 
   FUSEDLR_HD static RoundingKeys of(uint64_t seed, int64_t tensor, int64_t step) {

@@ -24,6 +24,7 @@ def to_state_dict(opt, state_dict: dict) -> dict:
     """torch's state_dict of `opt` (Optimizer.state_dict) with its schedules as plain data, each
     scheduled group's lr and twin scheduler keys as a torch scheduler leaves them, and each group's
     schedule state ("schedule_step", "plateau_state")."""
+    decode_state(opt, state_dict)
     values = opt._schedule_values().tolist() if opt.param_groups else []
     group_steps = opt._group_steps.tolist()
     plateau_state = opt._plateau_state.tolist()
@@ -45,6 +46,19 @@ def to_state_dict(opt, state_dict: dict) -> dict:
         saved["schedule_step"] = group_steps[g]
         saved["plateau_state"] = plateau_state[g][:widths[g]]  # the row its schedule uses
     return state_dict
+
+
+def decode_state(opt, state_dict: dict) -> None:
+    """8-bit state ([note: 8-bit state]) in `state_dict` replaced by its float32 values, shaped like
+    its parameter (DTensors for DTensor parameters), which torch's optimizers and DCP take and which
+    load back bit for bit. The saved entries are new dicts: torch's state_dict shares the
+    optimizer's own."""
+    saved_ids = [index for saved in state_dict["param_groups"] for index in saved["params"]]
+    param_of = dict(zip(saved_ids, [p for group in opt.param_groups for p in group["params"]]))
+    for index, entry in state_dict["state"].items():
+        if index in param_of and any(isinstance(v, Tensor) and v.dtype == torch.uint8 for v in entry.values()):
+            state_dict["state"][index] = {key: _state.state_value(v, param_of[index]) if isinstance(v, Tensor) else v
+                                          for key, v in entry.items()}
 
 
 class Loaded(NamedTuple):

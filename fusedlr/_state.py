@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 import numbers
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -59,6 +59,11 @@ class StateTable(collections.defaultdict):
 # parameters).
 REMAINDER = "remainder"
 MASTER_KEYS = ("master_weight", "master_remainder")
+# state_dtype=MX8 keeps the optimizer state in 8 bits (csrc/storage_math.h, [note: 8-bit state]):
+# e4m3 codes and one power-of-two scale per block of MX_BLOCK elements, held in a 1-D uint8 tensor
+# per state (the codes of the parameter's local elements in memory order, then the scales)
+MX8 = torch.float8_e4m3fn
+MX_BLOCK = 32
 _SEED_LIMIT = 1 << 53  # the kernels read the seed from a double
 
 
@@ -77,6 +82,8 @@ def state_dtype(key: str, param: Tensor, group: dict) -> torch.dtype:
         return torch.int16
     if group.get("state_dtype") == torch.bfloat16:
         return torch.bfloat16
+    if group.get("state_dtype") == MX8:
+        return torch.uint8
     return math_dtype(param)
 
 
@@ -117,16 +124,66 @@ def check_storage_settings(group: dict) -> None:
     """Raise ValueError, naming the setting, for a group's state_dtype, stochastic_rounding or
     rounding_seed the kernels cannot take, or a state_dtype its parameters cannot have."""
     dtype = group["state_dtype"]
-    if dtype is not None and dtype != torch.bfloat16:
+    if not (dtype is None or dtype == torch.bfloat16 or dtype == MX8):
         raise ValueError(f"Invalid state_dtype: {dtype!r} (None keeps the state in float32, float64 for float64 "
-                         f"parameters; torch.bfloat16 in bfloat16)")
+                         f"parameters; torch.bfloat16 in bfloat16; torch.float8_e4m3fn in 8 bits: e4m3 codes "
+                         f"with a scale per block of {MX_BLOCK} elements)")
     check_rounding(group)
-    if dtype == torch.bfloat16 and any(p.dtype == torch.float64 for p in group["params"]):
-        raise ValueError("state_dtype=torch.bfloat16 is for float32, bfloat16 and float16 parameters; this group "
+    if dtype is not None and any(p.dtype == torch.float64 for p in group["params"]):
+        raise ValueError(f"state_dtype={dtype} is for float32, bfloat16 and float16 parameters; this group "
                          "holds a float64 one (its state is computed in float64)")
 
 
 DEFAULT_SEED = 0  # the same on every rank: replicas (DDP, replicated DTensors) round alike
+
+
+# -- 8-bit state ([note: 8-bit state]) ------------------------------------------------------------
+
+def mx_bytes(numel: int) -> int:
+    """The bytes of 8-bit state of `numel` elements: a code each and a scale per block."""
+    return numel + -(-numel // MX_BLOCK)
+
+
+def mx_encoded(value: Tensor, shard: Tensor) -> Tensor:
+    """The 8-bit state of a parameter's local shard `shard` holding `value` (shaped like it): the
+    codes of its elements in the shard's memory order (the order the kernels visit them), then the
+    block scales, each block rounded to nearest by the kernels' own encoder (on the CPU)."""
+    ordered = torch.empty_strided(shard.shape, shard.stride(), dtype=torch.float32)
+    ordered.copy_(value.detach())
+    codes = _C.mx_encode(ordered.as_strided((shard.numel(),), (1,)))
+    return codes.to(shard.device)
+
+
+def mx_decoded(codes: Tensor, shard: Tensor) -> Tensor:
+    """The float32 values of 8-bit state `codes` of the local shard `shard`, shaped and strided
+    like it (exact: a decoded block encodes to the same codes and scale again)."""
+    flat = _C.mx_decode(codes.detach().cpu(), shard.numel())
+    return flat.as_strided(shard.shape, shard.stride()).to(shard.device)
+
+
+def held(local: Tensor, param: Tensor) -> Tensor:
+    """A state tensor as the optimizer holds it: shaped like the parameter (a DTensor for a
+    DTensor parameter), or 8-bit state as the rank's local uint8 bytes."""
+    return local if local.dtype == torch.uint8 else _dist.like_parameter(local, param)
+
+
+def state_value(value: Tensor, param: Tensor) -> Tensor:
+    """A state tensor's values as torch keeps them, shaped like the parameter: 8-bit state decoded
+    (float32; a DTensor of the parameter's placements for a DTensor parameter)."""
+    if value.dtype != torch.uint8:
+        return value
+    return _dist.like_parameter(mx_decoded(value, local_of(param)), param)
+
+
+def _converted(value: Tensor, param: Tensor, dtype: torch.dtype) -> Tensor:
+    """State `value` of `param` as `dtype` (a group's state_dtype changed)."""
+    shard = local_of(param)
+    local = local_of(value)
+    if local.dtype == torch.uint8:
+        local = mx_decoded(local, shard)
+    if dtype == torch.uint8:
+        return mx_encoded(local, shard)
+    return _dist.like_parameter(local.to(dtype), param)
 
 
 # -- master weights as remainders ([note: remainders]) --------------------------------------------
@@ -163,6 +220,21 @@ def converted_master(param: Tensor, saved_key: str, saved: Tensor) -> Tensor:
 
 
 # -- packed buffers -------------------------------------------------------------------------------
+
+class _Flat(NamedTuple):
+    """The layout of 8-bit state for _packed_like: 1-D, `size` bytes."""
+    size: int
+    device: torch.device
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (self.size,)
+
+    def stride(self) -> tuple[int]:
+        return (1,)
+
+    def numel(self) -> int:
+        return self.size
 
 # [note: packed state]
 # The optimizer creates the state of many parameters at once (their first step, load_state_dict).
@@ -235,7 +307,9 @@ def _packed_state(params: Sequence[Tensor], dtypes: Sequence[torch.dtype]) -> li
     for i, dtype in enumerate(dtypes):
         by_dtype.setdefault(dtype, []).append(i)
     for dtype, indices in by_dtype.items():
-        for i, t in zip(indices, _packed_like([params[i] for i in indices], dtype)):
+        likes = [_Flat(mx_bytes(params[i].numel()), params[i].device) if dtype == torch.uint8 else params[i]
+                 for i in indices]
+        for i, t in zip(indices, _packed_like(likes, dtype)):
             out[i] = t
     return out
 
@@ -269,7 +343,7 @@ def new_states(keys: Sequence[str], has_state: HasState, fresh: Sequence[tuple[T
         for i, tensor in zip(holders, _packed_state([shards[i] for i in holders], dtypes)):
             if stored == "master_weight":
                 tensor.copy_(shards[i].detach())
-            states[i][stored] = _dist.like_parameter(tensor, fresh[i][0])
+            states[i][stored] = held(tensor, fresh[i][0])
     return states
 
 
@@ -290,14 +364,18 @@ def ensure_state(keys: Sequence[str], has_state: HasState, param: Tensor, group:
                 state[stored] = converted_master(param, other, state.pop(other))
                 continue
             shard = local_of(param)
-            tensor = torch.zeros_like(shard, dtype=state_dtype(stored, param, group))
+            dtype = state_dtype(stored, param, group)
+            if dtype == torch.uint8:
+                tensor = torch.zeros(mx_bytes(shard.numel()), dtype=dtype, device=shard.device)
+            else:
+                tensor = torch.zeros_like(shard, dtype=dtype)
             if stored == "master_weight":
                 tensor.copy_(shard.detach())
-            state[stored] = _dist.like_parameter(tensor, param)
+            state[stored] = held(tensor, param)
         value = state.get(stored)
         dtype = state_dtype(stored, param, group)
         if value is not None and value.dtype != dtype:
-            state[stored] = _dist.like_parameter(local_of(value).to(dtype), param)
+            state[stored] = _converted(value, param, dtype)
 
 
 def packed_copy(keys: Sequence[str], loaded: dict[Tensor, dict], groups: Sequence[dict],
@@ -316,8 +394,9 @@ def packed_copy(keys: Sequence[str], loaded: dict[Tensor, dict], groups: Sequenc
         dtypes = [state_dtype(stored, p, group_of[p]) for p in holders]
         with torch.no_grad():
             for p, tensor in zip(holders, _packed_state([local_of(p) for p in holders], dtypes)):
-                tensor.copy_(_dist.local_value(loaded[p][stored], p))
-                state[p][stored] = _dist.like_parameter(tensor, p)
+                value = _dist.local_value(loaded[p][stored], p)
+                tensor.copy_(mx_encoded(value, local_of(p)) if tensor.dtype == torch.uint8 else value)
+                state[p][stored] = held(tensor, p)
     mine = state_key("master_weight", master_weights)
     for p in params:
         for other in MASTER_KEYS:

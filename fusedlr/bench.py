@@ -87,15 +87,20 @@ SCHEDULES: dict[str, Callable[[float], S.Schedule | None]] = {
 
 
 def bytes_per_param(optimizer: str, dtype: torch.dtype, momentum: bool, state_dtype: torch.dtype | None = None,
-                    master: bool | str = False) -> int:
+                    master: bool | str = False) -> float:
     """What a step must move per parameter: read the gradient, the parameter (or its float32 master)
     and the state, write them back. fp32 Adam/AdamW: 28 (p, g, m, v read; p, m, v written); SGD
     with momentum: 20; plain SGD: 12. A bfloat16 parameter with a float32 master reads the master
     instead of the parameter (2 + 2 + 4 read, 2 + 4 written), with a remainder both (2 + 2 + 2 read,
-    2 + 2 written); bfloat16 state moves 2 bytes per value."""
+    2 + 2 written); bfloat16 state moves 2 bytes per value, 8-bit state 1 + 1/32 (a code, and a
+    scale per 32 values)."""
     p = torch.empty((), dtype=dtype).element_size()
-    state = (torch.empty((), dtype=state_dtype).element_size() if state_dtype is not None
-             else 8 if dtype == torch.float64 else 4)
+    if state_dtype == torch.float8_e4m3fn:
+        state = 1 + 1 / 32
+    elif state_dtype is not None:
+        state = torch.empty((), dtype=state_dtype).element_size()
+    else:
+        state = 8 if dtype == torch.float64 else 4
     if master is True:
         param = p + 4 + 4 + p  # the gradient and the master read, the master and the parameter written
     elif master == "remainder":
@@ -130,7 +135,7 @@ class Contender:
     samples: list[float] = field(default_factory=list)
     compile_s: float | None = None  # the first steps, which compile, are timed apart
     # where it moves other bytes than the preset's own step (another storage, a float32 model)
-    bytes_per_param: int | None = None
+    bytes_per_param: float | None = None
     optimizer: object = None  # for its memory (state_bytes), after the timed rounds
 
 
@@ -205,8 +210,8 @@ def make_contenders(optimizer: str, schedule_name: str, params, device: torch.de
 
 def storage_contenders(optimizer: str, schedule_name: str, params, device: torch.device) -> list[Contender]:
     """A bfloat16 model's ways to keep its optimizer state, each with the bytes its step moves:
-    float32 masters, int16 remainders (the same run in 2 bytes less), remainders with bfloat16
-    moments, and stochastic rounding with bfloat16 moments (no master at all); and torch's fused
+    float32 masters, int16 remainders (the same run in 2 bytes less), remainders with bfloat16 or
+    8-bit moments, and stochastic rounding with bfloat16 or 8-bit moments (no master at all); and torch's fused
     step on a float32 copy of the model, torch's way to float32 masters."""
     lr = 1e-3
     kwargs = optimizer_kwargs(optimizer, lr)
@@ -221,7 +226,11 @@ def storage_contenders(optimizer: str, schedule_name: str, params, device: torch
                           ("fusedlr, remainders + bf16 state", dict(master_weights="remainder",
                                                                     state_dtype=torch.bfloat16)),
                           ("fusedlr, stochastic + bf16 state", dict(stochastic_rounding=True,
-                                                                    state_dtype=torch.bfloat16))]:
+                                                                    state_dtype=torch.bfloat16)),
+                          ("fusedlr, remainders + 8-bit state", dict(master_weights="remainder",
+                                                                     state_dtype=torch.float8_e4m3fn)),
+                          ("fusedlr, stochastic + 8-bit state", dict(stochastic_rounding=True,
+                                                                     state_dtype=torch.float8_e4m3fn))]:
         opt = fused_cls(params, **kwargs, schedule=schedule, **options)
         step = (lambda o=opt: (o.step(), o.observe(metric))) if isinstance(schedule, S.ReduceLROnPlateau) else opt.step
         out.append(Contender(name, step, optimizer=opt,
@@ -475,7 +484,7 @@ def format_table(report: dict) -> str:
         spread = f"({r['min_s'] * 1e3:.3f}-{r['max_s'] * 1e3:.3f})"
         memory = "" if r["state_bytes_per_param"] is None else f"{r['state_bytes_per_param']:.2f}"
         lines.append(f"{r['contender']:<34} {r['median_s'] * 1e3:>10.3f} {spread:>19} "
-                     f"{r['params_per_s'] / 1e6:>10.1f} {r['bytes_per_param']:>8.0f} {r['achieved_gb_s']:>7.2f} "
+                     f"{r['params_per_s'] / 1e6:>10.1f} {r['bytes_per_param']:>8.1f} {r['achieved_gb_s']:>7.2f} "
                      f"{r['pct_of_floor']:>7.1f}% {r['speedup_vs_torch_fused']:>8.2f}x {memory:>14}")
     for r in report["results"]:
         if "compile_s" in r:

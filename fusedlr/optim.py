@@ -820,10 +820,13 @@ _SCHEDULE_DOC = """
         True (float16 parameters need True). Other dtypes need none. Default: False.
     state_dtype (torch.dtype, optional): torch.bfloat16 stores the optimizer state (exp_avg,
         exp_avg_sq, max_exp_avg_sq, momentum_buffer) in bfloat16, computed in float32 and rounded
-        when stored; None keeps it in float32 (float64 for float64 parameters). Per param group.
+        when stored; torch.float8_e4m3fn in 8 bits: an e4m3 code per value and a power-of-two
+        scale per block of 32 elements (OCP's MX format, 1.03 bytes per value), held as a 1-D
+        uint8 tensor per state and shown decoded (float32, shaped like the parameter) in
+        state_dict(); None keeps it in float32 (float64 for float64 parameters). Per param group.
     stochastic_rounding (bool): round stochastically (unbiased) where a value is stored in fewer
         bits than it is computed in: bfloat16 / float16 parameters without master weights, and
-        bfloat16 state. Per param group. Default: False (to nearest).
+        bfloat16 or 8-bit state. Per param group. Default: False (to nearest).
     rounding_seed (int, optional): the seed of the stochastic rounding, in [0, 2**53); with the
         step count and each element's index it decides every rounding, so runs, thread counts,
         devices and resumes agree. Per param group. Default: 0, on every rank alike.

@@ -306,7 +306,8 @@ def case_skip_agrees():
 def case_dcp():
     """dcp.save / dcp.load through get_/set_optimizer_state_dict resume bitwise equal to an
     uninterrupted run, under FSDP2 and DDP, for several schedules including ReduceLROnPlateau, and
-    with bfloat16 state rounded stochastically (its dtype and seed survive DCP's flattening)."""
+    with bfloat16 and 8-bit state rounded stochastically (its dtype and seed survive DCP's flattening;
+    8-bit state is saved decoded, as float32 DTensors, and encodes to the same bytes on load)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
@@ -316,7 +317,8 @@ def case_dcp():
                  S.SequentialLR([S.LinearLR(start_factor=0.1, total_iters=3), S.CosineAnnealingLR(T_max=9)],
                                 milestones=[3])]
     settings = [(schedule, {}) for schedule in schedules] + [
-        (schedules[0], dict(state_dtype=torch.bfloat16, stochastic_rounding=True, rounding_seed=5))]
+        (schedules[0], dict(state_dtype=dtype, stochastic_rounding=True, rounding_seed=5))
+        for dtype in (torch.bfloat16, torch.float8_e4m3fn)]
     for wrap_name, wrap in (("fsdp2", fsdp), ("ddp", DDP)):
         for k, (schedule, storage) in enumerate(settings):
             def make(storage=storage):
@@ -350,8 +352,9 @@ def case_dcp():
             set_optimizer_state_dict(resumed, resumed_opt, state["optim"])
             assert int(resumed_opt.schedule_steps()[0]) == STEPS // 2
             torch.testing.assert_close(resumed_opt.last_lr(), first_opt.last_lr(), rtol=0, atol=0)
-            if storage:
-                assert all(state["exp_avg"].dtype == torch.bfloat16 for state in resumed_opt.state.values())
+            if storage:  # 8-bit state is held as its codes and scales (uint8), saved decoded
+                held = torch.uint8 if storage["state_dtype"] == torch.float8_e4m3fn else torch.bfloat16
+                assert all(state["exp_avg"].dtype == held for state in resumed_opt.state.values())
                 assert resumed_opt.param_groups[0]["rounding_seed"] == 5
             run(resumed, resumed_opt, range(STEPS // 2, STEPS))
             for p, q in zip(whole.parameters(), resumed.parameters()):

@@ -484,15 +484,104 @@ FUSEDLR_LOOP_INLINE inline void update_elements(typename S::param_t* __restrict_
   }
 }
 
+// One block of n <= kMxBlock elements with 8-bit state ([note: 8-bit state]), from element b: its
+// states decoded into float32 on the stack, each element updated as with float32 state
+// (update_element), then each state encoded anew with the block's scale, its codes rounded as the
+// storage says (stochastically with 20 bits of stream mx_state_stream(k) per value).
+template <typename Optimizer, typename Flags, typename S, size_t... I>
+FUSEDLR_LOOP_INLINE inline void update_mx_block(typename S::param_t* __restrict__ param,
+                                                typename S::master_t* __restrict__ master,
+                                                const typename S::param_t* __restrict__ grad, int64_t b, int n,
+                                                int64_t numel,
+                                                const typename Optimizer::template Coefficients<float>& c,
+                                                const RandomStream& param_stream,
+                                                const RandomStream (&code_streams)[sizeof...(I)],
+                                                uint32_t spread_index, StatePointer<uint8_t, I> __restrict__... state) {
+  using Block = typename S::BlockStorage;
+  using master_t = typename S::master_t;
+  constexpr int kUsed = Optimizer::template states_used<Flags>();
+  constexpr bool kHasMaster = S::master != MasterKind::kNone;
+  constexpr int kLists = static_cast<int>(sizeof...(I));
+  uint8_t* const codes[] = {state...};
+  float values[kLists][kMxBlock];
+  for (int k = 0; k < kUsed; ++k) {
+    const uint8_t scale = codes[k][numel + b / kMxBlock];
+    for (int j = 0; j < n; ++j) values[k][j] = mx_decode(codes[k][b + j], scale);
+  }
+  const RandomStream no_streams[kLists] = {};
+  for (int j = 0; j < n; ++j) {
+    master_t no_master{};
+    float no_state = 0;
+    update_element<Optimizer, Flags, Block, I...>(param[b + j], kHasMaster ? master[b + j] : no_master, grad[b + j],
+                                                  c, param_stream, no_streams,
+                                                  spread_index + static_cast<uint32_t>(j) * kIndexSpread,
+                                                  (static_cast<int>(I) < kUsed ? values[I][j] : no_state)...);
+  }
+  for (int k = 0; k < kUsed; ++k) {
+    const RandomStream stream = code_streams[k];
+    codes[k][numel + b / kMxBlock] = mx_encode_block<S::kStochasticState>(
+        values[k], n, codes[k] + b,
+        [&](int j) { return random_bits_spread(stream, spread_index + static_cast<uint32_t>(j) * kIndexSpread); });
+  }
+}
+
+// The element loop of 8-bit state: block by block (a chunk starts on a block: kChunkSize is a
+// multiple of kMxBlock), the pages ahead asked for as update_elements asks.
+template <typename Optimizer, typename Flags, typename S, size_t... I>
+FUSEDLR_LOOP_INLINE inline void update_mx_elements(typename S::param_t* __restrict__ param,
+                                                   typename S::master_t* __restrict__ master,
+                                                   const typename S::param_t* __restrict__ grad, int64_t begin,
+                                                   int64_t end, int64_t numel,
+                                                   const typename Optimizer::template Coefficients<float>& c,
+                                                   const RoundingKeys<Optimizer::State::kCount>& keys,
+                                                   StatePointer<uint8_t, I>... state) {
+  static_assert(kChunkSize % kMxBlock == 0 && kPrefetchBlock % kMxBlock == 0, "loops start on 8-bit blocks");
+  constexpr int kUsed = Optimizer::template states_used<Flags>();
+  constexpr bool kHasMaster = S::master != MasterKind::kNone;
+  const RandomStream param_stream = random_stream(keys.key[0], begin);
+  const RandomStream code_streams[] = {random_stream(keys.key[mx_state_stream(I)], begin)...};
+  uint32_t spread_index = static_cast<uint32_t>(begin) * kIndexSpread;
+  for (int64_t block = begin; block < end; block += kPrefetchBlock) {
+    const int64_t block_end = std::min(block + kPrefetchBlock, end);
+    const int64_t ahead_begin = block + kPrefetchAhead, ahead_end = std::min(block_end + kPrefetchAhead, numel);
+    if (ahead_begin < ahead_end) {
+      prefetch_page_starts(param, ahead_begin, ahead_end);
+      prefetch_page_starts(grad, ahead_begin, ahead_end);
+      if constexpr (kHasMaster) prefetch_page_starts(master, ahead_begin, ahead_end);
+      ((static_cast<int>(I) < kUsed ? prefetch_page_starts(state, ahead_begin, ahead_end) : static_cast<void>(0)),
+       ...);
+    }
+    for (int64_t b = block; b < block_end; b += kMxBlock) {
+      const int n = static_cast<int>(std::min<int64_t>(kMxBlock, block_end - b));
+      if (n == kMxBlock) {  // a whole block: the loops' trip counts are constants
+        update_mx_block<Optimizer, Flags, S, I...>(param, master, grad, b, static_cast<int>(kMxBlock), numel, c,
+                                                   param_stream, code_streams, spread_index, state...);
+      } else {
+        update_mx_block<Optimizer, Flags, S, I...>(param, master, grad, b, n, numel, c, param_stream, code_streams,
+                                                   spread_index, state...);
+      }
+      spread_index += static_cast<uint32_t>(n) * kIndexSpread;
+    }
+  }
+}
+
 template <typename Optimizer, typename Flags, typename S, size_t... I>
 FUSEDLR_LOOP_INLINE inline void update_range(const OptimizerJob<Optimizer>& job, int64_t begin, int64_t end,
                                              std::index_sequence<I...>) {
   const typename Optimizer::template Coefficients<typename S::math_t> c(job.scalars);
-  update_elements<Optimizer, Flags, S, I...>(
-      static_cast<typename S::param_t*>(job.param),
-      static_cast<typename S::master_t*>(job.state[Optimizer::State::kCount]),
-      static_cast<const typename S::param_t*>(job.grad), begin, end, job.numel, c, job.keys,
-      static_cast<typename S::state_t*>(job.state[I])...);
+  if constexpr (S::kMxState) {
+    update_mx_elements<Optimizer, Flags, S, I...>(
+        static_cast<typename S::param_t*>(job.param),
+        static_cast<typename S::master_t*>(job.state[Optimizer::State::kCount]),
+        static_cast<const typename S::param_t*>(job.grad), begin, end, job.numel, c, job.keys,
+        static_cast<uint8_t*>(job.state[I])...);
+  } else {
+    update_elements<Optimizer, Flags, S, I...>(
+        static_cast<typename S::param_t*>(job.param),
+        static_cast<typename S::master_t*>(job.state[Optimizer::State::kCount]),
+        static_cast<const typename S::param_t*>(job.grad), begin, end, job.numel, c, job.keys,
+        static_cast<typename S::state_t*>(job.state[I])...);
+  }
 }
 
 template <typename Optimizer>

@@ -135,7 +135,7 @@ struct StepPlan {
 // The kind of launch a tensor joins: its dtype, its storage and whether its group rounds
 // stochastically, as one number below kLaunchKinds (kinds in ascending order give the launches'
 // order).
-constexpr int kLaunchKinds = 4 * 2 * 3 * 2;
+constexpr int kLaunchKinds = 4 * 3 * 3 * 2;
 
 inline int launch_kind(at::ScalarType dtype, TensorStorage storage, bool stochastic) {
   int d = 0;
@@ -145,7 +145,8 @@ inline int launch_kind(at::ScalarType dtype, TensorStorage storage, bool stochas
     case at::kHalf: d = 2; break;
     default: d = 3; break;
   }
-  return ((d * 2 + storage.bfloat16_state) * 3 + static_cast<int>(storage.master)) * 2 + stochastic;
+  const int state = storage.mx_state ? 2 : storage.bfloat16_state ? 1 : 0;
+  return ((d * 3 + state) * 3 + static_cast<int>(storage.master)) * 2 + stochastic;
 }
 
 template <typename Args, size_t kStates>
@@ -294,7 +295,7 @@ void step(const StepCall<Optimizer>& call) {
           call.hyper[g * kSlots + Optimizer::kMomentumSlot] != 0 || schedule_may_set_momentum(call.programs, g);
     }
     check_needed_states<Optimizer>(op, call.hyper, g, momentum_nonzero[g] != 0, static_cast<size_t>(i), [&](int k) {
-      return call.states[k][i].numel() == call.params[i].numel();
+      return call.states[k][i].numel() != 0 || call.params[i].numel() == 0;  // absent: empty (check_param_tensors)
     });
   }
   check_grad_options(op, call.group_steps.device(), call.options);

@@ -212,6 +212,52 @@ __device__ __forceinline__ void update_range(typename S::param_t* __restrict__ p
   }
 }
 
+// update(param, grad, states) on elements [begin, end) of one tensor with 8-bit state ([note:
+// 8-bit state]): each thread a strided share of the MX blocks, one block at a time as the CPU loop
+// takes it (decode the block's states into float32, update each element as with float32 state,
+// encode each state with the block's new scale), so the codes, scales and random bits are the
+// CPU's. `begin` is a multiple of kMxBlock (kChunkSize is); `numel` places the scales.
+template <typename S, int kStates, typename Update>
+__device__ __forceinline__ void update_mx_range(typename S::param_t* __restrict__ param,
+                                                const typename S::param_t* __restrict__ grad,
+                                                uint8_t* const* codes, typename S::master_t* __restrict__ master,
+                                                int64_t begin, int64_t end, int64_t numel, const uint64_t* keys,
+                                                const Update& update) {
+  using Block = typename S::BlockStorage;
+  using master_t = typename S::master_t;
+  constexpr bool kMaster = S::master != MasterKind::kNone;
+  static_assert(kChunkSize % kMxBlock == 0, "chunks start on 8-bit blocks");
+  for (int64_t b = begin + static_cast<int64_t>(threadIdx.x) * kMxBlock; b < end;
+       b += static_cast<int64_t>(blockDim.x) * kMxBlock) {
+    const int n = end - b < kMxBlock ? static_cast<int>(end - b) : static_cast<int>(kMxBlock);
+    float values[kMaxStates > 0 ? kMaxStates : 1][kMxBlock];
+#pragma unroll
+    for (int k = 0; k < kStates; ++k) {
+      const uint8_t scale = codes[k][numel + b / kMxBlock];
+      for (int j = 0; j < n; ++j) values[k][j] = mx_decode(codes[k][b + j], scale);
+    }
+    for (int j = 0; j < n; ++j) {
+      const int64_t e = b + j;
+      master_t no_master{};
+      master_t& m = kMaster ? master[e] : no_master;
+      float value = Block::param_value(param[e], m);
+      float lane_state[kMaxStates > 0 ? kMaxStates : 1];
+#pragma unroll
+      for (int k = 0; k < kStates; ++k) lane_state[k] = values[k][j];
+      update(value, math_of<float>(grad[e]), lane_state);
+      Block::set_param(param[e], m, value, Block::kStochasticParam ? random_bits(keys[0], e) : 0u);
+#pragma unroll
+      for (int k = 0; k < kStates; ++k) values[k][j] = lane_state[k];
+    }
+#pragma unroll
+    for (int k = 0; k < kStates; ++k) {
+      const uint64_t key = keys[mx_state_stream(k)];
+      codes[k][numel + b / kMxBlock] = mx_encode_block<S::kStochasticState>(
+          values[k], n, codes[k] + b, [&](int j) { return random_bits(key, b + j); });
+    }
+  }
+}
+
 // The sum of `value` over a block of kBlock threads (a power of two), in a fixed tree; every thread
 // gets it. scratch: kBlock doubles of shared memory.
 template <int kBlock>
@@ -361,17 +407,25 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) step_kernel(const __gr
         keys_step = step;
       }
     }
-    state_t* state[kMaxStates];
+    using stored_t = std::conditional_t<S::kMxState, uint8_t, state_t>;  // 8-bit state: its bytes
+    stored_t* state[kMaxStates];
 #pragma unroll
-    for (int k = 0; k < kStates; ++k) state[k] = static_cast<state_t*>(t.state[k][i]);
+    for (int k = 0; k < kStates; ++k) state[k] = static_cast<stored_t*>(t.state[k][i]);
     auto* const master = static_cast<typename S::master_t*>(t.state[kStates][i]);
     dispatch_flags(flags, [&](auto flag_set) {
       using Flags = decltype(flag_set);
-      update_range<S, Optimizer::template states_used<Flags>()>(
-          static_cast<param_t*>(t.param[i]), static_cast<const param_t*>(t.grad[i]), state, master, begin, end,
-          keys.key, [&](math_t& p, math_t grad, math_t* st) {
-            apply_update<Optimizer, Flags>(p, grad, st, c, std::make_index_sequence<kStates>{});
-          });
+      const auto update = [&](math_t& p, math_t grad, math_t* st) {
+        apply_update<Optimizer, Flags>(p, grad, st, c, std::make_index_sequence<kStates>{});
+      };
+      if constexpr (S::kMxState) {
+        update_mx_range<S, Optimizer::template states_used<Flags>()>(
+            static_cast<param_t*>(t.param[i]), static_cast<const param_t*>(t.grad[i]), state, master, begin, end,
+            t.numel[i], keys.key, update);
+      } else {
+        update_range<S, Optimizer::template states_used<Flags>()>(static_cast<param_t*>(t.param[i]),
+                                                                  static_cast<const param_t*>(t.grad[i]), state,
+                                                                  master, begin, end, keys.key, update);
+      }
     });
   });
 }
