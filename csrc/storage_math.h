@@ -358,13 +358,23 @@ FUSEDLR_HD uint8_t mx_scale_byte(uint32_t largest) {
   return static_cast<uint8_t>(select_bits(mask_at_least(exponent, 9u), exponent - 8u, 1u));
 }
 
+// The bits of min(scaled, 448) for a scaled magnitude (non-negative, or NaN: 448), by an integer
+// minimum: non-negative floats order as their bits. The encoders' arithmetic after the clamp then
+// is unconditional, which the compilers vectorize for AVX2 too (a conditional float product, which
+// may raise a floating-point exception, they would keep in a branch where AVX-512 masks it).
+FUSEDLR_HD uint32_t mx_clamped_bits(float scaled) {
+  const uint32_t bits = float_bits(scaled);
+  constexpr uint32_t kLargest = 0x43e00000u;  // 448.0f, the largest e4m3
+  return bits < kLargest ? bits : kLargest;
+}
+
 // The e4m3 code of x divided by the scale of byte `scale`, rounded to nearest even.
 FUSEDLR_HD uint8_t mx_encode(float x, uint8_t scale) {
   const uint32_t b = float_bits(x);
   const uint32_t sign = (b >> 24) & 0x80u;
   const float scaled = float_of_bits(b & 0x7fffffffu) * float_of_bits((254u - scale) << 23);  // |x| / 2^(scale-127)
-  const float clamped = scaled < 448.0f ? scaled : 448.0f;  // NaN: 448, replaced below
-  const uint32_t c = float_bits(clamped);
+  const uint32_t c = mx_clamped_bits(scaled);  // NaN: 448, replaced below
+  const float clamped = float_of_bits(c);
   // normal e4m3 (from 2^-6): the float32's exponent and top 3 mantissa bits, rounded to nearest
   // even, the exponent rebiased from 127 to 7
   const uint32_t normal = ((c + 0x7ffffu + ((c >> 20) & 1u)) >> 20) - ((127u - 7u) << 3);
@@ -386,14 +396,14 @@ FUSEDLR_HD uint8_t mx_encode_stochastic(float x, uint8_t scale, uint32_t bits) {
   const uint32_t b = float_bits(x);
   const uint32_t sign = (b >> 24) & 0x80u;
   const float scaled = float_of_bits(b & 0x7fffffffu) * float_of_bits((254u - scale) << 23);
-  const float clamped = scaled < 448.0f ? scaled : 448.0f;
-  const uint32_t c = float_bits(clamped);
+  const uint32_t c = mx_clamped_bits(scaled);
+  const float clamped = float_of_bits(c);
   const uint32_t random = bits & 0xfffffu;
   const uint32_t normal = ((c + random) >> 20) - ((127u - 7u) << 3);
   // below 2^-6 the value is under 8 steps: in steps times 2^20 it is below 2^23, an exact integer
   // part of a float32 product, truncated by the conversion (NaN and larger values are clamped
   // first, so that the conversion is defined)
-  const float fixed = (c < 0x3c800000u ? clamped : 0.0f) * 536870912.0f;  // times 2^9 steps, 2^20
+  const float fixed = select_by_mask(mask_at_least(0x3c7fffffu, c), clamped, 0.0f) * 536870912.0f;  // 2^9 steps, 2^20
   const uint32_t subnormal = (static_cast<uint32_t>(static_cast<int32_t>(fixed)) + random) >> 20;
   const uint32_t magnitude = select_bits(mask_at_least(c, 0x3c800000u), normal, subnormal);
   const uint32_t finite = mask_at_least(0x7f7fffffu, b & 0x7fffffffu);

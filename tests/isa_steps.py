@@ -9,6 +9,7 @@ import sys
 import torch
 
 import fusedlr
+from fusedlr import _state
 from fusedlr import schedules as S
 
 SIZES = (0, 1, 15, 17, 1000, 70_001)  # empty, tails, and more than one 65,536-element chunk
@@ -25,12 +26,13 @@ def inputs(dtype, gen):
 def storages(dtype):
     """Every storage mode of `dtype`'s parameters (storage_math.h, [note: storage]): the state's
     dtype, the master weight, and rounding to nearest or stochastically where something rounds
-    stochastically (bfloat16 state, or a low-precision parameter without a master weight)."""
+    stochastically (bfloat16 or 8-bit state, or a low-precision parameter without a master weight)."""
     if dtype == torch.float64:
         return [{}]
     masters = {torch.float32: [False], torch.bfloat16: [False, True, "remainder"], torch.float16: [False, True]}
     return [dict(state_dtype=state, master_weights=master, stochastic_rounding=stochastic, rounding_seed=7)
-            for state, master, stochastic in itertools.product((None, torch.bfloat16), masters[dtype], (False, True))
+            for state, master, stochastic in itertools.product((None, torch.bfloat16, torch.float8_e4m3fn), masters[dtype],
+                                                                (False, True))
             if not stochastic or state is not None or (dtype != torch.float32 and master is False)]
 
 
@@ -96,7 +98,9 @@ def run_special(saved: dict) -> None:
             opt.step()
         saved[f"{name}/special_param"] = param.detach().clone()
         for key, value in opt.state[param].items():
-            saved[f"{name}/special_{key}"] = value.clone()
+            # 8-bit state decoded: its NaN codes' signs are those of the NaNs the update made, which
+            # are not compared (above)
+            saved[f"{name}/special_{key}"] = _state.state_value(value, param).clone()
 
 
 def main(path: str) -> None:
