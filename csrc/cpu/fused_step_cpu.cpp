@@ -588,7 +588,7 @@ template <typename Optimizer>
 void update_chunk(const OptimizerJob<Optimizer>& job, int64_t begin, int64_t end) {
   dispatch_storage(job.dtype, job.storage, job.stochastic, [&](auto storage) {
     dispatch_flags(job.flags, [&](auto flags) {
-      run_for_cpu_isa([&]() FUSEDLR_LOOP_INLINE {
+      run_for_cpu_isa<decltype(storage)::kMxState>([&]() FUSEDLR_LOOP_INLINE {
         update_range<Optimizer, decltype(flags), decltype(storage)>(
             job, begin, end, std::make_index_sequence<Optimizer::State::kCount>{});
       });
