@@ -144,6 +144,17 @@ def mx_bytes(numel: int) -> int:
     return numel + -(-numel // MX_BLOCK)
 
 
+# The scale byte of a block of zeros (csrc/storage_math.h, mx_scale_byte: at least 1).
+_MX_ZERO_SCALE = 1
+
+
+def mx_zeros_(codes: Tensor, numel: int) -> Tensor:
+    """8-bit state of `numel` zeros in `codes` (zero bytes) as the encoder writes them: the scale
+    bytes set, so that a state no step has yet written saves and loads back byte for byte."""
+    codes[numel:].fill_(_MX_ZERO_SCALE)
+    return codes
+
+
 def mx_encoded(value: Tensor, shard: Tensor) -> Tensor:
     """The 8-bit state of a parameter's local shard `shard` holding `value` (shaped like it): the
     codes of its elements in the shard's memory order (the order the kernels visit them), then the
@@ -241,7 +252,8 @@ class _Flat(NamedTuple):
 # The state entries of those parameters ("exp_avg", "momentum_buffer", ...) that are small are then
 # views into shared buffers ("packs") of at most _PACK_BYTES, one set per dtype, and their step
 # counters are the elements of one int64 vector. The views have their parameter's shape and
-# strides, as torch's state does, and start on 64-byte boundaries. A step reads every state
+# strides, as torch's state does, and start on multiples of _PACK_ALIGN elements (64 bytes of
+# float32; 8-bit state, 1-D bytes, on 16). A step reads every state
 # tensor's storage: shared by thousands of small tensors, it is read once, not once per tensor from
 # wherever the allocator put it. An entry of _ALONE_BYTES or more has a storage of its own (it
 # gains nothing from sharing, and saving or copying it alone should not carry others along), as
@@ -310,7 +322,7 @@ def _packed_state(params: Sequence[Tensor], dtypes: Sequence[torch.dtype]) -> li
         likes = [_Flat(mx_bytes(params[i].numel()), params[i].device) if dtype == torch.uint8 else params[i]
                  for i in indices]
         for i, t in zip(indices, _packed_like(likes, dtype)):
-            out[i] = t
+            out[i] = mx_zeros_(t, params[i].numel()) if dtype == torch.uint8 else t
     return out
 
 
@@ -366,7 +378,7 @@ def ensure_state(keys: Sequence[str], has_state: HasState, param: Tensor, group:
             shard = local_of(param)
             dtype = state_dtype(stored, param, group)
             if dtype == torch.uint8:
-                tensor = torch.zeros(mx_bytes(shard.numel()), dtype=dtype, device=shard.device)
+                tensor = mx_zeros_(torch.zeros(mx_bytes(shard.numel()), dtype=dtype, device=shard.device), shard.numel())
             else:
                 tensor = torch.zeros_like(shard, dtype=dtype)
             if stored == "master_weight":

@@ -234,6 +234,28 @@ def test_the_state_dict_holds_decoded_state_that_loads_back_bit_for_bit():
     twin.step()
 
 
+def test_state_no_step_has_written_saves_and_loads_back_byte_for_byte():
+    """A skipped first step (a non-finite gradient under skip_nonfinite, as a GradScaler's first
+    steps often are) leaves the fresh state: zeros as the encoder writes them, their blocks' scale
+    bytes set, which a save and load give back byte for byte."""
+    params = make_params(torch.float32, seed=3)
+    opt = fusedlr.AdamW(params, lr=0.01, state_dtype=MX8, skip_nonfinite=True)
+    set_grads(params, 0)
+    params[0].grad[0] = float("nan")
+    opt.step()
+    for p in params:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert_bits_equal(opt.state[p][key], _C.mx_encode(torch.zeros(p.numel())), key)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = fusedlr.AdamW(params, lr=0.01, state_dtype=MX8, skip_nonfinite=True)
+    fresh.load_state_dict(torch.load(buffer))
+    for p in params:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert_bits_equal(fresh.state[p][key], opt.state[p][key], key)
+
+
 def test_a_torch_checkpoint_loads_into_8_bit_state():
     params, torch_opt = trained(lambda ps: torch.optim.AdamW(ps, lr=0.01))
     opt = fusedlr.AdamW(params, lr=0.01, state_dtype=MX8)
