@@ -32,7 +32,8 @@
 // so many small updates add up where round-to-nearest drops each one. The random bits of element
 // e of a tensor come from a counter-based generator, a hash of (key, e), where the key hashes the
 // group's rounding seed, the tensor's index in the step's lists, its step count and which value is
-// rounded (the parameter, or a pair of state lists: state_stream). The bits depend on nothing
+// rounded (the parameter, a pair of bfloat16 state lists: state_stream, or an 8-bit state list:
+// mx_state_stream). The bits depend on nothing
 // else: not the thread count, the chunking, the device or the order in which elements are
 // visited, so a run is reproducible, the same on the CPU and CUDA, and resumes from a checkpoint
 // (the seed is a group setting and the step count is state) as it would have gone on, in the same
@@ -88,7 +89,8 @@ FUSEDLR_HD uint64_t mix64(uint64_t x) {
 }
 
 // The key of the random bits of one value list of one tensor at one step: stream 0 rounds the
-// parameter, stream 1 + j state lists 2j and 2j + 1 (state_stream).
+// parameter, stream 1 + j bfloat16 state lists 2j and 2j + 1 (state_stream) or 8-bit state list j
+// (mx_state_stream).
 FUSEDLR_HD uint64_t rounding_key(uint64_t seed, int64_t tensor, int64_t step, int stream) {
   uint64_t key = mix64(seed + 0x9e3779b97f4a7c15ull);
   key = mix64(key ^ static_cast<uint64_t>(tensor));
@@ -338,7 +340,9 @@ FUSEDLR_HD float join_master(uint16_t param, int16_t remainder) {
 // per value. So a step with 8-bit state is the float32-state step from the decoded state,
 // followed by an encoding; the CPU loops and the CUDA kernels (one thread per block) share every
 // function of it. The state_dict shows the decoded values (float32, shaped like the parameter),
-// and load_state_dict encodes what it loads to nearest: a saved state loads back bit for bit.
+// and load_state_dict encodes what it loads to nearest: a saved state loads back bit for bit
+// into parameters laid out and sharded as they were (fresh state holds zeros as encoded, its
+// scale bytes 1: fusedlr/_state.py, mx_zeros_).
 inline constexpr int64_t kMxBlock = 32;
 
 FUSEDLR_HD constexpr int64_t mx_blocks(int64_t numel) { return (numel + kMxBlock - 1) / kMxBlock; }

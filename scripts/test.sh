@@ -11,7 +11,8 @@ if [ $# -eq 0 ]; then
     [ "$isa" = "$native" ] && continue
     echo "parity tests with the $isa version of the CPU loops (FUSEDLR_CPU_ISA=$isa)"
     FUSEDLR_CPU_ISA=$isa .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_optimizers.py \
-      tests/test_grad_options.py tests/test_amp.py tests/test_review_cases.py tests/test_rounding.py
+      tests/test_grad_options.py tests/test_amp.py tests/test_review_cases.py tests/test_rounding.py \
+      tests/test_mx_state.py
   done
 fi
 .venv/bin/python -m pytest -q tests "$@"

@@ -346,6 +346,22 @@ FUSEDLR_LOOP_INLINE inline void prefetch_page_starts(const T* data, int64_t begi
 #endif
 }
 
+// [note: page prefetch]: before the block [block, block_end) of an element loop, the pages its
+// streams enter kPrefetchAhead elements on, within the tensor (a page's first lines may lie past
+// its end: a prefetch does not fault); of the state lists, the first kUsed.
+template <int kUsed, bool kHasMaster, typename Param, typename Master, typename... State>
+FUSEDLR_LOOP_INLINE inline void prefetch_ahead(const Param* param, const Param* grad, const Master* master,
+                                               int64_t block, int64_t block_end, int64_t numel,
+                                               const State*... state) {
+  const int64_t ahead_begin = block + kPrefetchAhead, ahead_end = std::min(block_end + kPrefetchAhead, numel);
+  if (ahead_begin >= ahead_end) return;
+  prefetch_page_starts(param, ahead_begin, ahead_end);
+  prefetch_page_starts(grad, ahead_begin, ahead_end);
+  if constexpr (kHasMaster) prefetch_page_starts(master, ahead_begin, ahead_end);
+  int list = 0;
+  ((list++ < kUsed ? prefetch_page_starts(state, ahead_begin, ahead_end) : static_cast<void>(0)), ...);
+}
+
 // One element's update: the parameter read from its master weight where it has one, the first
 // states_used() state values read, each converted to the math type, updated, and stored back as
 // the tensor's storage says (storage_math.h, [note: storage]). `spread_index` is the element's
@@ -443,16 +459,7 @@ FUSEDLR_LOOP_INLINE inline void update_elements(typename S::param_t* __restrict_
   uint32_t spread_index = static_cast<uint32_t>(begin) * kIndexSpread;
   for (int64_t block = begin; block < end; block += kPrefetchBlock) {
     const int64_t block_end = std::min(block + kPrefetchBlock, end);
-    // [note: page prefetch]: the pages entered kPrefetchAhead elements on, within the tensor (a
-    // page's first lines may lie past its end: a prefetch does not fault)
-    const int64_t ahead_begin = block + kPrefetchAhead, ahead_end = std::min(block_end + kPrefetchAhead, numel);
-    if (ahead_begin < ahead_end) {
-      prefetch_page_starts(param, ahead_begin, ahead_end);
-      prefetch_page_starts(grad, ahead_begin, ahead_end);
-      if constexpr (kHasMaster) prefetch_page_starts(master, ahead_begin, ahead_end);
-      ((static_cast<int>(I) < kUsed ? prefetch_page_starts(state, ahead_begin, ahead_end) : static_cast<void>(0)),
-       ...);
-    }
+    prefetch_ahead<kUsed, kHasMaster>(param, grad, master, block, block_end, numel, state...);
     int64_t i = block;
     if constexpr (kInPairs<S, kUsed>) {
       for (; i + 1 < block_end; i += 2, spread_index += 2 * kIndexSpread) {
@@ -543,14 +550,7 @@ FUSEDLR_LOOP_INLINE inline void update_mx_elements(typename S::param_t* __restri
   uint32_t spread_index = static_cast<uint32_t>(begin) * kIndexSpread;
   for (int64_t block = begin; block < end; block += kPrefetchBlock) {
     const int64_t block_end = std::min(block + kPrefetchBlock, end);
-    const int64_t ahead_begin = block + kPrefetchAhead, ahead_end = std::min(block_end + kPrefetchAhead, numel);
-    if (ahead_begin < ahead_end) {
-      prefetch_page_starts(param, ahead_begin, ahead_end);
-      prefetch_page_starts(grad, ahead_begin, ahead_end);
-      if constexpr (kHasMaster) prefetch_page_starts(master, ahead_begin, ahead_end);
-      ((static_cast<int>(I) < kUsed ? prefetch_page_starts(state, ahead_begin, ahead_end) : static_cast<void>(0)),
-       ...);
-    }
+    prefetch_ahead<kUsed, kHasMaster>(param, grad, master, block, block_end, numel, state...);
     for (int64_t b = block; b < block_end; b += kMxBlock) {
       const int n = static_cast<int>(std::min<int64_t>(kMxBlock, block_end - b));
       if (n == kMxBlock) {  // a whole block: the loops' trip counts are constants
